@@ -1,0 +1,145 @@
+"""Paired prompts (clean / counterfactual) and their tokenisation into aligned batches.
+
+A dataset is JSON lines ``{"clean_prefix", "patch_prefix", "clean_answer", "patch_answer"}``
+(answers carry their leading space, as in Marks et al.). Tokenisation checks what attribution
+relies on: each answer is one token, and the two prefixes of a pair have the same token length
+so that positions align. Pairs that fail the length check are dropped and reported, never
+silently misaligned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from circuit_tests.errors import SpecError
+
+FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+
+
+@dataclass(frozen=True)
+class PairedExample:
+    """One clean prompt and its counterfactual, each with the answer the model should give."""
+
+    clean_prefix: str
+    patch_prefix: str
+    clean_answer: str
+    patch_answer: str
+    source: str = "<inline>"  # "file.jsonl:12", for error messages
+
+
+def parse_example(record: object, source: str) -> PairedExample:
+    """Check one record's fields and build an example; errors name ``source`` and the field."""
+    if not isinstance(record, dict):
+        raise SpecError(f"{source}: expected an object with fields {', '.join(FIELDS)}, got {type(record).__name__}.")
+    missing = [name for name in FIELDS if name not in record]
+    if missing:
+        raise SpecError(f"{source}: missing field(s) {', '.join(missing)}; each example needs {', '.join(FIELDS)}.")
+    for name in FIELDS:
+        if not isinstance(record[name], str) or not record[name]:
+            raise SpecError(f"{source}: field {name!r} must be a non-empty string, got {record[name]!r}.")
+    return PairedExample(*(record[name] for name in FIELDS), source=source)
+
+
+def read_jsonl(path: Path) -> list[PairedExample]:
+    """Read a JSON-lines dataset of paired examples (blank lines are skipped)."""
+    if not path.is_file():
+        raise SpecError(f"Dataset {path} does not exist. Check the path (relative paths are relative to the spec).")
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SpecError(f"{path}:{number}: not valid JSON ({error.msg}). Each line must be one JSON object.") from None
+        examples.append(parse_example(record, f"{path}:{number}"))
+    if not examples:
+        raise SpecError(f"Dataset {path} has no examples. Add JSON lines with fields {', '.join(FIELDS)}.")
+    return examples
+
+
+@dataclass(frozen=True)
+class PairedBatch:
+    """Examples whose prefixes all have the same token length, as tensors."""
+
+    clean_ids: torch.Tensor  # [batch, positions]
+    patch_ids: torch.Tensor  # [batch, positions]
+    clean_answer: torch.Tensor  # [batch] token ids
+    patch_answer: torch.Tensor  # [batch] token ids
+    examples: tuple[PairedExample, ...]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @property
+    def n_positions(self) -> int:
+        return self.clean_ids.shape[1]
+
+    def to(self, device: torch.device | str) -> PairedBatch:
+        return PairedBatch(
+            self.clean_ids.to(device),
+            self.patch_ids.to(device),
+            self.clean_answer.to(device),
+            self.patch_answer.to(device),
+            self.examples,
+        )
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Batches grouped by prompt length, and the pairs dropped because their prefixes differ in length."""
+
+    batches: tuple[PairedBatch, ...]
+    dropped: tuple[PairedExample, ...] = field(default=())
+
+    @property
+    def n_examples(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+
+def answer_token(tokenizer: PreTrainedTokenizerBase, answer: str, source: str, name: str) -> int:
+    """The single token id of an answer; an answer of several tokens is an error naming its source."""
+    ids = tokenizer(answer, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise SpecError(
+            f"{source}: {name} {answer!r} is {len(ids)} tokens {pieces} for this tokenizer, but answers must be "
+            "one token. Pick a word that is a single token (with its leading space), or drop the example."
+        )
+    return ids[0]
+
+
+def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedTokenizerBase) -> Tokenized:
+    """Tokenise paired examples into batches of equal prompt length."""
+    groups: dict[int, list[tuple[list[int], list[int], int, int, PairedExample]]] = defaultdict(list)
+    dropped = []
+    for example in examples:
+        clean = tokenizer(example.clean_prefix).input_ids
+        patch = tokenizer(example.patch_prefix).input_ids
+        answers = (
+            answer_token(tokenizer, example.clean_answer, example.source, "clean_answer"),
+            answer_token(tokenizer, example.patch_answer, example.source, "patch_answer"),
+        )
+        if len(clean) != len(patch):
+            dropped.append(example)
+            continue
+        groups[len(clean)].append((clean, patch, *answers, example))
+    return Tokenized(tuple(_batch(rows) for _, rows in sorted(groups.items())), tuple(dropped))
+
+
+def _batch(rows: Sequence[tuple[list[int], list[int], int, int, PairedExample]]) -> PairedBatch:
+    clean, patch, clean_answer, patch_answer, examples = zip(*rows)
+    return PairedBatch(
+        torch.tensor(clean),
+        torch.tensor(patch),
+        torch.tensor(clean_answer),
+        torch.tensor(patch_answer),
+        tuple(examples),
+    )

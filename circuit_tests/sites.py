@@ -1,0 +1,209 @@
+"""Where a model's MLP neurons live, and hooks that read them.
+
+A neuron is one coordinate of the input to an MLP's output projection (``down_proj`` in gated
+MLPs, ``c_proj`` in GPT-2, ``dense_4h_to_h`` in GPT-NeoX), at one layer and one position.
+Sites are found by the classes of the model and its MLPs, and named after the model's own
+modules (``model.layers.3.mlp.down_proj``), as in nnsight and TransformerLens.
+
+Every hook is registered inside a context manager that removes it on exit, error included.
+Hooks on one module run in the order their context managers were entered, so RelP rules,
+interventions and captures compose by nesting.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers import PreTrainedModel
+
+from circuit_tests.errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one transformers model family lays out its MLP."""
+
+    model_type: str  # config.model_type
+    model_class: str  # the causal-LM class, "module:Class"
+    mlp_class: str  # the MLP class, "module:Class"
+    down_proj: str  # attribute of the MLP whose input is the neuron vector
+    activation: str  # attribute of the MLP's activation module
+    gated: bool  # neurons are act(gate(x)) * up(x)
+
+    def resolve(self, attribute: str) -> type:
+        module, _, name = getattr(self, attribute).partition(":")
+        return getattr(importlib.import_module(f"transformers.models.{module}"), name)
+
+
+def _gated(model_type: str, package: str, prefix: str, activation: str = "act_fn") -> Architecture:
+    module = f"{package}.modeling_{package}"
+    return Architecture(
+        model_type, f"{module}:{prefix}ForCausalLM", f"{module}:{prefix}MLP", "down_proj", activation, True
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch
+    for arch in (
+        _gated("llama", "llama", "Llama"),
+        _gated("mistral", "mistral", "Mistral"),
+        _gated("qwen2", "qwen2", "Qwen2"),
+        _gated("qwen3", "qwen3", "Qwen3"),
+        _gated("gemma", "gemma", "Gemma"),
+        _gated("gemma2", "gemma2", "Gemma2"),
+        _gated("gemma3_text", "gemma3", "Gemma3"),
+        _gated("phi3", "phi3", "Phi3", activation="activation_fn"),
+        _gated("olmo2", "olmo2", "Olmo2"),
+        Architecture("gpt2", "gpt2.modeling_gpt2:GPT2LMHeadModel", "gpt2.modeling_gpt2:GPT2MLP", "c_proj", "act", False),
+        Architecture(
+            "gpt_neox",
+            "gpt_neox.modeling_gpt_neox:GPTNeoXForCausalLM",
+            "gpt_neox.modeling_gpt_neox:GPTNeoXMLP",
+            "dense_4h_to_h",
+            "act",
+            False,
+        ),
+    )
+}
+
+
+def architecture_of(model: PreTrainedModel) -> Architecture:
+    """The registered architecture of a model, checked against the model's class."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+    if arch is None or not isinstance(model, arch.resolve("model_class")):
+        raise UnsupportedArchitectureError(
+            f"Architecture {type(model).__name__} (model_type {model.config.model_type!r}) is not supported: "
+            f"circuit-tests does not know where its MLP neurons are. Supported model types: "
+            f"{', '.join(ARCHITECTURES)}. Add an entry to circuit_tests.sites.ARCHITECTURES to support it."
+        )
+    return arch
+
+
+@dataclass(frozen=True)
+class Site:
+    """The neurons of one layer: the input of ``down_proj`` inside ``mlp``."""
+
+    layer: int
+    name: str  # e.g. "model.layers.3.mlp.down_proj"
+    mlp: nn.Module
+    down_proj: nn.Module
+    activation: nn.Module
+
+
+class NeuronSites:
+    """Every neuron site of a model, in layer order."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self.arch = architecture_of(model)
+        mlp_class = self.arch.resolve("mlp_class")
+        self.sites: tuple[Site, ...] = tuple(
+            Site(
+                layer,
+                f"{name}.{self.arch.down_proj}",
+                mlp,
+                getattr(mlp, self.arch.down_proj),
+                getattr(mlp, self.arch.activation),
+            )
+            for layer, (name, mlp) in enumerate(
+                (name, module) for name, module in model.named_modules() if isinstance(module, mlp_class)
+            )
+        )
+        if len(self.sites) != model.config.num_hidden_layers:
+            raise UnsupportedArchitectureError(
+                f"Found {len(self.sites)} {mlp_class.__name__} modules in a model with "
+                f"{model.config.num_hidden_layers} layers; circuit-tests cannot number its neuron sites."
+            )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.sites)
+
+    @property
+    def n_neurons(self) -> int:
+        """Neurons per layer and position (the MLP's intermediate width)."""
+        weight = self.sites[0].down_proj.weight
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+        return weight.shape[0] if type(self.sites[0].down_proj).__name__ == "Conv1D" else weight.shape[1]
+
+    @property
+    def names(self) -> list[str]:
+        return [site.name for site in self.sites]
+
+    def __repr__(self) -> str:
+        return f"NeuronSites({self.arch.model_type}: {self.n_layers} layers x {self.n_neurons} neurons)"
+
+
+PreHook = Callable[[int, torch.Tensor], torch.Tensor | None]
+
+
+@contextmanager
+def registered(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Register hooks and remove them on exit.
+
+    Pass a generator: it is consumed inside the ``try``, so a failure half-way through
+    registration still removes the hooks registered before it.
+    """
+    taken: list[RemovableHandle] = []
+    try:
+        taken.extend(handles)
+        yield
+    finally:
+        for handle in taken:
+            handle.remove()
+
+
+@contextmanager
+def on_neurons(sites: NeuronSites, fn: PreHook, layers: Iterable[int] | None = None) -> Iterator[None]:
+    """Call ``fn(layer, neurons)`` on the neuron vector entering each down projection.
+
+    ``neurons`` has shape ``[batch, positions, n_neurons]``; a returned tensor replaces it.
+    """
+
+    def hook_for(layer: int) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            out = fn(layer, args[0])
+            return None if out is None else (out, *args[1:])
+
+        return pre_hook
+
+    chosen = range(sites.n_layers) if layers is None else layers
+    with registered(sites.sites[layer].down_proj.register_forward_pre_hook(hook_for(layer)) for layer in chosen):
+        yield
+
+
+@contextmanager
+def gradients_enabled(model: PreTrainedModel) -> Iterator[None]:
+    """Make activations of a frozen model carry gradients, by marking the embedding output."""
+
+    def mark(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.requires_grad_(True)
+
+    with torch.enable_grad(), registered([model.get_input_embeddings().register_forward_hook(mark)]):
+        yield
+
+
+@contextmanager
+def capture(sites: NeuronSites, grad: bool = False, layers: Iterable[int] | None = None) -> Iterator[list[torch.Tensor | None]]:
+    """Record the neuron activations of every (or the chosen) layer during the forward passes inside.
+
+    Yields a list indexed by layer, filled as the model runs (the last forward pass wins). With
+    ``grad=True`` the tensors stay in the autograd graph, so ``torch.autograd.grad(metric, acts)``
+    gives every layer's gradient from one backward pass.
+    """
+    acts: list[torch.Tensor | None] = [None] * sites.n_layers
+
+    def record(layer: int, neurons: torch.Tensor) -> None:
+        acts[layer] = neurons if grad else neurons.detach()
+
+    with ExitStack() as stack:
+        if grad:
+            stack.enter_context(gradients_enabled(sites.model))
+        stack.enter_context(on_neurons(sites, record, layers))
+        yield acts

@@ -1,0 +1,151 @@
+"""Neuron sites and hooks on tiny random models of every supported architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from circuit_tests.errors import UnsupportedArchitectureError
+from circuit_tests.interventions import NodeSet, intervene, replace, scale
+from circuit_tests.sites import ARCHITECTURES, NeuronSites, capture, on_neurons
+from circuit_tests.tiny import TINY_ARCHITECTURES
+
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+def logits(sites: NeuronSites, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return sites.model(ids).logits
+
+
+def hook_count(sites: NeuronSites) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in sites.model.modules())
+
+
+def test_every_supported_architecture_has_a_tiny_model():
+    assert set(TINY_ARCHITECTURES) == set(ARCHITECTURES)
+
+
+def test_sites_are_named_after_the_models_modules(tiny_sites):
+    modules = dict(tiny_sites.model.named_modules())
+    assert tiny_sites.n_layers == tiny_sites.model.config.num_hidden_layers == 3
+    assert tiny_sites.n_neurons == 96
+    for site in tiny_sites.sites:
+        assert modules[site.name] is site.down_proj
+
+
+def test_captured_neurons_are_what_the_down_projection_receives(tiny_sites, tiny_ids):
+    outputs = {}
+    handles = [
+        site.mlp.register_forward_hook(lambda m, a, out, layer=site.layer: outputs.__setitem__(layer, out))
+        for site in tiny_sites.sites
+    ]
+    try:
+        with capture(tiny_sites) as acts:
+            logits(tiny_sites, tiny_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for site in tiny_sites.sites:
+        assert acts[site.layer].shape == (2, 7, tiny_sites.n_neurons)
+        with torch.no_grad():
+            torch.testing.assert_close(site.down_proj(acts[site.layer]), outputs[site.layer], rtol=0, atol=0)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_no_op_interventions_leave_logits_unchanged(tiny_sites, tiny_ids, data):
+    nodes = data.draw(node_sets(tiny_sites, seq_len=7))
+    base = logits(tiny_sites, tiny_ids)
+    with capture(tiny_sites) as own:
+        logits(tiny_sites, tiny_ids)
+    with intervene(tiny_sites, [scale(nodes, 1.0), replace(nodes, own)]):
+        assert torch.equal(logits(tiny_sites, tiny_ids), base)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_edits_touch_exactly_the_chosen_nodes(tiny_sites, tiny_ids, data):
+    nodes = data.draw(node_sets(tiny_sites, seq_len=7, max_layers=1))
+    layer = nodes.layers[0]
+    with capture(tiny_sites) as before:
+        logits(tiny_sites, tiny_ids)
+    with intervene(tiny_sites, [replace(nodes, 7.0)]), capture(tiny_sites) as after:
+        logits(tiny_sites, tiny_ids)
+    mask = nodes.mask(layer, 7, tiny_sites.n_neurons, torch.device("cpu"))
+    assert torch.equal(after[layer], torch.where(mask, torch.tensor(7.0), before[layer]))
+    for earlier in range(layer):
+        assert torch.equal(after[earlier], before[earlier])
+
+
+def test_zeroing_a_layer_removes_its_mlp_contribution(tiny_sites, tiny_ids):
+    for site in tiny_sites.sites:
+        bias = getattr(site.down_proj, "bias", None)
+
+        def without_mlp(module, args, out):
+            return torch.zeros_like(out) if bias is None else torch.zeros_like(out) + bias
+
+        handle = site.mlp.register_forward_hook(without_mlp)
+        try:
+            removed = logits(tiny_sites, tiny_ids)
+        finally:
+            handle.remove()
+        with intervene(tiny_sites, [scale(NodeSet.of([(site.layer, None, None)]), 0.0)]):
+            torch.testing.assert_close(logits(tiny_sites, tiny_ids), removed)
+
+
+def test_hooks_are_removed_on_exit_and_on_error(tiny_sites, tiny_ids):
+    base = logits(tiny_sites, tiny_ids)
+    before = hook_count(tiny_sites)
+    nodes = NodeSet.of([(0, None, None)])
+    with intervene(tiny_sites, [replace(nodes, 3.0)]), capture(tiny_sites, grad=True):
+        assert hook_count(tiny_sites) > before
+    assert hook_count(tiny_sites) == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with intervene(tiny_sites, [replace(nodes, 3.0)]), capture(tiny_sites):
+            raise RuntimeError("boom")
+    assert hook_count(tiny_sites) == before
+    assert torch.equal(logits(tiny_sites, tiny_ids), base)
+
+
+def test_a_failing_hook_is_removed_too(tiny_sites, tiny_ids):
+    before = hook_count(tiny_sites)
+
+    def explode(layer, neurons):
+        raise ValueError("hook failed")
+
+    with pytest.raises(ValueError, match="hook failed"), on_neurons(tiny_sites, explode):
+        logits(tiny_sites, tiny_ids)
+    assert hook_count(tiny_sites) == before
+
+
+def test_gradient_capture_gives_every_layer_in_one_backward(tiny_sites, tiny_ids):
+    with capture(tiny_sites, grad=True) as acts:
+        out = tiny_sites.model(tiny_ids).logits[:, -1, 0].sum()
+    grads = torch.autograd.grad(out, acts)
+    assert all(g.shape == a.shape for g, a in zip(grads, acts))
+    assert grads[0].abs().sum() > 0
+
+
+def test_unsupported_architecture_names_itself_and_the_supported_list():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=16, n_head=2, vocab_size=32))
+    with pytest.raises(UnsupportedArchitectureError) as error:
+        NeuronSites(model)
+    assert "BloomForCausalLM" in str(error.value)
+    assert all(model_type in str(error.value) for model_type in ARCHITECTURES)
+
+
+@st.composite
+def node_sets(draw, sites: NeuronSites, seq_len: int, max_layers: int = 3) -> NodeSet:
+    """Random (layer, position or None, neuron or None) node sets within the model's shape."""
+    layers = draw(st.lists(st.integers(0, sites.n_layers - 1), min_size=1, max_size=max_layers, unique=True))
+    node = st.tuples(
+        st.sampled_from(layers),
+        st.none() | st.integers(-seq_len, seq_len - 1),
+        st.none() | st.integers(0, sites.n_neurons - 1),
+    )
+    return NodeSet.of(draw(st.lists(node, min_size=1, max_size=20)))

@@ -1,0 +1,96 @@
+"""Spec and dataset checks: every problem is a SpecError naming the file, the field and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from circuit_tests.data import PairedExample, read_jsonl, tokenize_pairs
+from circuit_tests.errors import SpecError
+from circuit_tests.spec import load_spec
+
+GOOD_EXAMPLE = {"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is", "patch_answer": " are"}
+
+
+def write(tmp_path: Path, text: str, name: str = "circuit_x.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_good_spec_reads_its_dataset_relative_to_itself(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d.jsonl").write_text(json.dumps(GOOD_EXAMPLE) + "\n\n")
+    spec = load_spec(write(tmp_path, "name: x\nmodels: [m]\ntask: {dataset: data/d.jsonl}\nexpect:\n  - behaves: {min_accuracy: 1}\n"))
+    assert spec.examples[0].clean_prefix == "The author"
+    assert spec.examples[0].source.endswith("d.jsonl:1")
+    assert [e.kind for e in spec.expectations] == ["behaves"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: [unclosed\n", "not valid YAML"),
+        ("- 1\n", "a spec is a mapping"),
+        ("name: x\nmodels: [m]\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\nextra: 1\n", "unknown key(s) extra in the top level"),
+        ("models: [m]\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\n", "field 'name' must be a non-empty string"),
+        ("name: x\nmodels: m\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\n", "field 'models' must be a non-empty list"),
+        ("name: x\nmodels: [m]\ntask: {}\nexpect: [{behaves: {}}]\n", "field 'task' needs 'dataset'"),
+        ("name: x\nmodels: [m]\ntask: {dataset: nope.jsonl}\nexpect: [{behaves: {}}]\n", "nope.jsonl, which does not exist"),
+        ("name: x\nmodels: [m]\ntask: {examples: []}\nexpect: [{behaves: {}}]\n", "'task.examples' must be a non-empty list"),
+        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a}]}\nexpect: [{behaves: {}}]\n", "task.examples[0]: missing field(s) patch_prefix"),
+        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: 3, patch_answer: c}]}\nexpect: [{behaves: {}}]\n", "field 'clean_answer' must be a non-empty string"),
+        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: []\n", "field 'expect' must be a non-empty list"),
+        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: [{wobbles: {}}]\n", "unknown kind 'wobbles'"),
+        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: [{behaves: 3}]\n", "'expect[0].behaves' must be a mapping"),
+    ],
+)
+def test_broken_specs_name_file_and_field(tmp_path, text, message):
+    with pytest.raises(SpecError) as error:
+        load_spec(write(tmp_path, text))
+    assert "circuit_x.yaml" in str(error.value)
+    assert message in str(error.value)
+
+
+def test_bad_json_line_is_named(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD_EXAMPLE) + "\n{not json\n")
+    with pytest.raises(SpecError, match=r"d.jsonl:2: not valid JSON"):
+        read_jsonl(path)
+
+
+def test_empty_dataset_is_an_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n")
+    with pytest.raises(SpecError, match="has no examples"):
+        read_jsonl(path)
+
+
+class CharTokenizer:
+    """One token per character (a space included), no special tokens: enough to test alignment."""
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def example(clean: str, patch: str, clean_answer: str = "s", patch_answer: str = "p") -> PairedExample:
+    return PairedExample(clean, patch, clean_answer, patch_answer, source="d.jsonl:7")
+
+
+def test_pairs_of_different_lengths_are_dropped_and_reported():
+    data = tokenize_pairs([example("ab", "cd"), example("abc", "ab"), example("xyz", "uvw")], CharTokenizer())
+    assert data.n_examples == 2
+    assert [len(batch) for batch in data.batches] == [1, 1]
+    assert [e.clean_prefix for e in data.dropped] == ["abc"]
+    for batch in data.batches:
+        assert batch.clean_ids.shape == batch.patch_ids.shape
+
+
+def test_multi_token_answer_names_the_line():
+    with pytest.raises(SpecError, match=r"d.jsonl:7: patch_answer 'pq' is 2 tokens"):
+        tokenize_pairs([example("ab", "cd", patch_answer="pq")], CharTokenizer())
