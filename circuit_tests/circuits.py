@@ -6,14 +6,14 @@ import torch
 
 from circuit_tests.data import Tokenized
 from circuit_tests.interventions import NodeSet, intervene, patch
-from circuit_tests.metrics import logit_diff
+from circuit_tests.metrics import logit_diff, run
 from circuit_tests.sites import NeuronSites, capture
 
 
 @torch.no_grad()
 def clean_logit_diffs(sites: NeuronSites, data: Tokenized) -> torch.Tensor:
     """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt."""
-    return torch.cat([logit_diff(sites.model(batch.clean_ids.to(_device(sites))).logits, batch) for batch in data.batches])
+    return torch.cat([logit_diff(run(sites.model, batch.clean_ids.to(_device(sites))), batch) for batch in data.batches])
 
 
 @torch.no_grad()
@@ -23,9 +23,9 @@ def patched_logit_diffs(sites: NeuronSites, data: Tokenized, nodes: NodeSet) -> 
     for batch in data.batches:
         batch = batch.to(_device(sites))
         with capture(sites, layers=nodes.layers) as counterfactual:
-            sites.model(batch.patch_ids)
+            run(sites.model, batch.patch_ids)
         with intervene(sites, [patch(nodes, counterfactual)]):
-            diffs.append(logit_diff(sites.model(batch.clean_ids).logits, batch))
+            diffs.append(logit_diff(run(sites.model, batch.clean_ids), batch))
     return torch.cat(diffs)
 
 

@@ -82,6 +82,11 @@ class PairedBatch:
     def n_positions(self) -> int:
         return self.clean_ids.shape[1]
 
+    def rows(self, rows: slice) -> PairedBatch:
+        return PairedBatch(
+            self.clean_ids[rows], self.patch_ids[rows], self.clean_answer[rows], self.patch_answer[rows], self.examples[rows]
+        )
+
     def to(self, device: torch.device | str) -> PairedBatch:
         return PairedBatch(
             self.clean_ids.to(device),
@@ -102,6 +107,14 @@ class Tokenized:
     @property
     def n_examples(self) -> int:
         return sum(len(batch) for batch in self.batches)
+
+    @property
+    def examples(self) -> list[PairedExample]:
+        return [example for batch in self.batches for example in batch.examples]
+
+    def chunks(self, size: int) -> list[PairedBatch]:
+        """The batches cut into pieces of at most ``size`` examples (memory scales with ``size``)."""
+        return [batch.rows(slice(start, start + size)) for batch in self.batches for start in range(0, len(batch), size)]
 
 
 def answer_token(tokenizer: PreTrainedTokenizerBase, answer: str, source: str, name: str) -> int:

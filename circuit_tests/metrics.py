@@ -1,10 +1,31 @@
-"""Metrics read off the model's next-token logits at the last position of each prompt."""
+"""Metrics read off the next-token logits at the last position of each prompt.
+
+A :data:`Metric` maps ``[batch, positions, vocab]`` logits and the batch to one value per
+example. :data:`METRICS` names the ones attribution can use; the orientation follows
+``shared/METHOD.md`` section 3: attribution measures ``logit(patch_answer) - logit(clean_answer)``
+(how far a patch pushes towards the counterfactual), evaluation reports the reverse.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from transformers import PreTrainedModel
 
 from circuit_tests.data import PairedBatch
+
+Metric = Callable[[torch.Tensor, PairedBatch], torch.Tensor]
+TOP_K = 5
+
+
+def run(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the last position only, ``[batch, 1, vocab]``.
+
+    Metrics read nothing else, and skipping the vocabulary projection at the other positions
+    is the largest saving for small models with big vocabularies.
+    """
+    return model(ids, logits_to_keep=1).logits
 
 
 def last_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -12,8 +33,40 @@ def last_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1, :].float()
 
 
+def _pick(last: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return last.gather(1, tokens.to(last.device).view(-1, 1)).squeeze(1)
+
+
 def logit_diff(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
-    """Per example, ``logit(clean_answer) - logit(patch_answer)`` at the last position (> 0: the model is right)."""
+    """``logit(clean_answer) - logit(patch_answer)`` (> 0: the model gives the clean answer)."""
     last = last_logits(logits)
-    rows = torch.arange(last.shape[0], device=last.device)
-    return last[rows, batch.clean_answer.to(last.device)] - last[rows, batch.patch_answer.to(last.device)]
+    return _pick(last, batch.clean_answer) - _pick(last, batch.patch_answer)
+
+
+def counterfactual_logit_diff(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """``logit(patch_answer) - logit(clean_answer)``: the attribution metric of paired tasks."""
+    return -logit_diff(logits, batch)
+
+
+def target_logit(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """The logit of the clean answer."""
+    return _pick(last_logits(logits), batch.clean_answer)
+
+
+def target_prob(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """The probability of the clean answer."""
+    return _pick(last_logits(logits).softmax(-1), batch.clean_answer)
+
+
+def top_k_logits(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """The sum of the model's own top-5 next-token logits (unpaired case studies, zero baseline)."""
+    last = last_logits(logits)
+    return last.gather(1, last.detach().topk(TOP_K).indices).sum(1)
+
+
+METRICS: dict[str, Metric] = {
+    "logit_diff": counterfactual_logit_diff,
+    "target_logit": target_logit,
+    "target_prob": target_prob,
+    "top_k_logits": top_k_logits,
+}

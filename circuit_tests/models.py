@@ -233,6 +233,17 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    @property
+    def revision(self) -> str:
+        """What identifies these weights: the shipping package, the hub commit, or the files' size and time."""
+        if self.ref.kind == "registered":
+            return ",".join(REGISTRY[self.ref.location].pip_specs)
+        if self.ref.kind == "hub":
+            return getattr(self.model.config, "_commit_hash", None) or self.ref.revision or "main"
+        files = sorted(Path(self.ref.location).glob("*.safetensors")) or [Path(self.ref.location)]
+        stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
 
 def load_model(name: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Load a model by name (see the module docstring) with the given options."""

@@ -1,0 +1,290 @@
+"""Attribution: score every MLP neuron node by its effect on a metric when patched.
+
+A node is (layer, position, neuron). Its score estimates ``m(a -> a') - m(a)``, the change in
+the metric ``m`` when the node moves from its clean value ``a`` to a baseline value ``a'``
+(the counterfactual prompt's value, zero, or a mean). Methods:
+
+- ``atp``: attribution patching, ``grad_a m * (a' - a)``;
+- ``relp`` (default): the same with the LRP rules of :mod:`circuit_tests.relp` in the backward;
+- ``ig``: integrated gradients, a left Riemann sum over ``steps`` points between ``a`` and ``a'``,
+  one layer interpolated at a time as in Marks et al. (``steps x layers`` backward passes);
+- ``exact``: real activation patching of each candidate node, the ground truth.
+
+``atp`` and ``relp`` take two forward passes and one backward pass per batch for every node of
+every layer at once. Scores are summed over examples as batches go, so memory holds one
+``[layers, positions, neurons]`` accumulator, never per-example copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import circuit_tests
+from circuit_tests.data import PairedBatch, PairedExample, Tokenized, tokenize_pairs
+from circuit_tests.errors import SpecError
+from circuit_tests.metrics import METRICS, Metric, run
+from circuit_tests.models import LoadedModel
+from circuit_tests.relp import RelPRules, relp_rules
+from circuit_tests.sites import NeuronSites, capture, on_neurons
+
+METHODS = ("relp", "atp", "ig", "exact")
+BASELINES = ("counterfactual", "zero", "mean")
+Node = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class AttributionOptions:
+    """How to attribute: method, RelP rule variants, IG steps, baseline and metric."""
+
+    method: str = "relp"
+    steps: int = 10  # ig only
+    half_rule: bool = True  # relp only: the rules below are RelP's, named so a deviation says so
+    norm_rule: bool = True  # relp only
+    activation_rule: bool = True  # relp only
+    detach_attention: bool = False  # relp only
+    baseline: str = "counterfactual"
+    metric: str = "logit_diff"
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("method", self.method, METHODS), ("baseline", self.baseline, BASELINES)):
+            if value not in allowed:
+                raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(allowed)}.")
+        if self.metric not in METRICS:
+            raise ValueError(f"Unknown metric {self.metric!r}; use one of {', '.join(METRICS)}.")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1.")
+
+    def rules(self) -> RelPRules:
+        if self.method != "relp":
+            return RelPRules.none()
+        return RelPRules(self.norm_rule, self.activation_rule, self.half_rule, self.detach_attention)
+
+
+@dataclass
+class Scores:
+    """Signed mean attribution scores, ``[layers, positions, neurons]``, and where they came from."""
+
+    scores: torch.Tensor
+    n_examples: int
+    metadata: dict = field(default_factory=dict)
+
+    def by_neuron(self) -> torch.Tensor:
+        """Scores summed over positions: ``[layers, neurons]``."""
+        return self.scores.sum(dim=1)
+
+    def top(self, k: int) -> list[tuple[Node, float]]:
+        """The ``k`` nodes of largest ``|score|``, each with its signed score, largest first."""
+        flat = self.scores.flatten()
+        values, indices = flat.abs().topk(min(k, flat.numel()))
+        layers, positions, neurons = torch.unravel_index(indices, self.scores.shape)
+        return [
+            ((int(layer), int(position), int(neuron)), float(flat[index]))
+            for layer, position, neuron, index in zip(layers, positions, neurons, indices)
+        ]
+
+    def save(self, path: Path) -> None:
+        """Write one safetensors file; the metadata travels as JSON in its header."""
+        header = {"n_examples": self.n_examples, **self.metadata}
+        save_file({"scores": self.scores.contiguous()}, str(path), metadata={"circuit_tests": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: Path) -> Scores:
+        with safe_open(str(path), "pt") as handle:
+            header = json.loads(handle.metadata()["circuit_tests"])
+        n_examples = header.pop("n_examples")
+        return cls(load_file(str(path))["scores"], n_examples, header)
+
+
+def data_hash(examples: Iterable[PairedExample]) -> str:
+    """A short content hash of a dataset, independent of where its examples were read from."""
+    digest = hashlib.sha256()
+    for example in examples:
+        record = [example.clean_prefix, example.patch_prefix, example.clean_answer, example.patch_answer]
+        digest.update(json.dumps(record).encode())
+    return digest.hexdigest()[:16]
+
+
+def attribute(
+    sites: NeuronSites,
+    batches: Sequence[PairedBatch],
+    options: AttributionOptions = AttributionOptions(),
+    candidates: Sequence[Node] | None = None,
+) -> Scores:
+    """Score every node over all batches (``exact`` scores only the ``candidates``)."""
+    if not batches:
+        raise ValueError("No examples to attribute.")
+    device = sites.model.get_input_embeddings().weight.device
+    batches = [batch.to(device) for batch in batches]
+    n_positions = max(batch.n_positions for batch in batches)
+    total = torch.zeros(sites.n_layers, n_positions, sites.n_neurons, dtype=torch.float64, device=device)
+    mean = _mean_baseline(sites, batches) if options.baseline == "mean" else None
+    metric = METRICS[options.metric]
+    for batch in batches:
+        baseline = _baseline(sites, batch, options.baseline, mean)
+        if options.method == "exact":
+            if candidates is None:
+                raise ValueError("method 'exact' needs candidate nodes: patching every node one by one is too slow.")
+            _add_exact(total, sites, batch, baseline, metric, candidates)
+        elif options.method == "ig":
+            _add_integrated_gradients(total, sites, batch, baseline, metric, options.steps)
+        else:
+            _add_gradient_times_delta(total, sites, batch, baseline, metric, options.rules())
+    n_examples = sum(len(batch) for batch in batches)
+    return Scores((total / n_examples).float().cpu(), n_examples, {"library_version": circuit_tests.__version__, **asdict(options)})
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@torch.no_grad()
+def neuron_values(sites: NeuronSites, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's neurons on ``ids``: a list of ``[batch, positions, neurons]`` tensors."""
+    with capture(sites) as acts:
+        run(sites.model, ids)
+    return acts
+
+
+def _mean_baseline(sites: NeuronSites, batches: Sequence[PairedBatch]) -> list[torch.Tensor]:
+    """Per layer and position, the mean counterfactual activation over all examples."""
+    lengths = {batch.n_positions for batch in batches}
+    if len(lengths) != 1:
+        raise ValueError(f"The mean baseline needs prompts of one token length; got lengths {sorted(lengths)}.")
+    sums = None
+    for batch in batches:
+        acts = [a.sum(0, dtype=torch.float64) for a in neuron_values(sites, batch.patch_ids)]
+        sums = acts if sums is None else [s + a for s, a in zip(sums, acts)]
+    n = sum(len(batch) for batch in batches)
+    return [s / n for s in sums]
+
+
+def _baseline(sites: NeuronSites, batch: PairedBatch, kind: str, mean: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    if kind == "counterfactual":
+        return neuron_values(sites, batch.patch_ids)
+    shape = (len(batch), batch.n_positions, sites.n_neurons)
+    dtype = sites.model.dtype
+    if kind == "zero":
+        return [torch.zeros(shape, dtype=dtype, device=batch.clean_ids.device) for _ in range(sites.n_layers)]
+    return [m.to(dtype).expand(shape) for m in mean]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def _add_gradient_times_delta(
+    total: torch.Tensor,
+    sites: NeuronSites,
+    batch: PairedBatch,
+    baseline: list[torch.Tensor],
+    metric: Metric,
+    rules: RelPRules,
+) -> None:
+    """AtP / RelP: one forward with gradients and one backward for every layer at once."""
+    with relp_rules(sites, rules), capture(sites, grad=True) as acts:
+        value = metric(run(sites.model, batch.clean_ids), batch).sum()
+    grads = torch.autograd.grad(value, acts)
+    for layer, (act, grad) in enumerate(zip(acts, grads)):
+        total[layer, : batch.n_positions] += ((baseline[layer] - act.detach()) * grad).sum(0, dtype=torch.float64)
+
+
+def _add_integrated_gradients(
+    total: torch.Tensor,
+    sites: NeuronSites,
+    batch: PairedBatch,
+    baseline: list[torch.Tensor],
+    metric: Metric,
+    steps: int,
+) -> None:
+    """IG: for each layer, the mean gradient at ``a + alpha (a' - a)``, ``alpha = 0, 1/steps, ...``, times ``a' - a``."""
+    clean = neuron_values(sites, batch.clean_ids)
+    for layer in range(sites.n_layers):
+        delta = baseline[layer] - clean[layer]
+        grad_sum = torch.zeros_like(delta, dtype=torch.float64)
+        for step in range(steps):
+            point = (clean[layer] + (step / steps) * delta).requires_grad_(True)
+            with torch.enable_grad(), on_neurons(sites, lambda _, __: point, layers=[layer]):
+                value = metric(run(sites.model, batch.clean_ids), batch).sum()
+            grad_sum += torch.autograd.grad(value, point)[0]
+        total[layer, : batch.n_positions] += (grad_sum / steps * delta).sum(0)
+
+
+@torch.no_grad()
+def _add_exact(
+    total: torch.Tensor,
+    sites: NeuronSites,
+    batch: PairedBatch,
+    baseline: list[torch.Tensor],
+    metric: Metric,
+    candidates: Sequence[Node],
+    max_rows: int = 512,
+) -> None:
+    """Exact patching: move each candidate node alone to its baseline value and measure the metric."""
+    clean_value = metric(run(sites.model, batch.clean_ids), batch)
+    chunk = max(1, max_rows // len(batch))
+    for start in range(0, len(candidates), chunk):
+        nodes = list(candidates[start : start + chunk])
+        effects = _patched_metric(sites, batch, baseline, metric, nodes) - clean_value.repeat(len(nodes))
+        for node, effect in zip(nodes, effects.view(len(nodes), len(batch)).sum(1, dtype=torch.float64)):
+            total[node] += effect
+
+
+def _patched_metric(
+    sites: NeuronSites, batch: PairedBatch, baseline: list[torch.Tensor], metric: Metric, nodes: list[Node]
+) -> torch.Tensor:
+    """The metric on copies of the batch, copy ``i`` with node ``i`` patched: ``[len(nodes) * batch]``."""
+    n, b = len(nodes), len(batch)
+
+    def patch_one_node_per_copy(layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        neurons = neurons.clone().view(n, b, *neurons.shape[1:])
+        for copy, (node_layer, position, neuron) in enumerate(nodes):
+            if node_layer == layer:
+                neurons[copy, :, position, neuron] = baseline[layer][:, position, neuron]
+        return neurons.view(n * b, *neurons.shape[2:])
+
+    layers = sorted({node[0] for node in nodes})
+    with on_neurons(sites, patch_one_node_per_copy, layers):
+        logits = run(sites.model, batch.clean_ids.repeat(n, 1))
+    return metric(logits, _repeat(batch, n))
+
+
+def _repeat(batch: PairedBatch, n: int) -> PairedBatch:
+    return PairedBatch(
+        batch.clean_ids.repeat(n, 1),
+        batch.patch_ids.repeat(n, 1),
+        batch.clean_answer.repeat(n),
+        batch.patch_answer.repeat(n),
+        batch.examples * n,
+    )
+
+
+
+def trace(
+    loaded: LoadedModel,
+    examples: Sequence[PairedExample],
+    options: AttributionOptions = AttributionOptions(),
+    batch_size: int = 32,
+) -> tuple[Scores, Tokenized]:
+    """Tokenise paired examples for a loaded model and attribute them; scores carry full provenance."""
+    data = tokenize_pairs(examples, loaded.tokenizer)
+    if not data.n_examples:
+        raise SpecError(
+            f"All {len(data.dropped)} examples were dropped: their clean and counterfactual prefixes "
+            f"tokenize to different lengths for {loaded.ref.name}."
+        )
+    scores = attribute(NeuronSites(loaded.model), data.chunks(batch_size), options)
+    scores.metadata.update(
+        model=loaded.ref.name,
+        revision=loaded.revision,
+        data_hash=data_hash(data.examples),
+        n_dropped=len(data.dropped),
+        dtype=str(loaded.model.dtype).removeprefix("torch."),
+        device=str(loaded.device),
+    )
+    return scores, data
