@@ -1,32 +1,282 @@
-"""Measure behaviours of a model and of its neurons on paired prompts: accuracy and flip rate."""
+"""Circuits: node sets chosen from attribution scores, and what they do when others are ablated.
+
+A :class:`Circuit` is a set of (layer, position, neuron) nodes (``position`` may be ``None`` for
+every position), usually the top of a :class:`~circuit_tests.attribution.Scores` ranking.
+``shared/METHOD.md`` section 4 defines the measures, with ``F(X)`` the mean metric on held-out
+examples when every neuron outside ``X`` is ablated:
+
+- faithfulness ``(F(C) - F(empty)) / (F(M) - F(empty))``: the circuit alone reproduces the model;
+- completeness ``(F(M \\ C) - F(empty)) / (F(M) - F(empty))``: near 0 when the circuit is necessary;
+- flip rate: the share of examples whose preferred answer flips when the circuit's nodes take
+  their counterfactual values.
+
+Circuits of several sizes are evaluated together: each size is one copy of the batch, with its
+own mask, in a single forward pass.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 
-from circuit_tests.data import Tokenized
-from circuit_tests.interventions import NodeSet, intervene, patch
+from circuit_tests.attribution import Scores, neuron_values
+from circuit_tests.data import PairedBatch, Tokenized
+from circuit_tests.interventions import NodeSet
 from circuit_tests.metrics import logit_diff, run
-from circuit_tests.sites import NeuronSites, capture
+from circuit_tests.sites import NeuronSites, on_neurons
+
+ABLATIONS = ("mean", "zero", "resample", "patch")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """Nodes with the |score| that selected them (weights for overlap), strongest first."""
+
+    nodes: tuple[tuple[int, int | None, int | None], ...]
+    weights: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def node_set(self) -> NodeSet:
+        return NodeSet(self.nodes)
+
+    def neurons(self) -> set[tuple[int, int]]:
+        """The (layer, neuron) pairs, positions dropped."""
+        return {(layer, neuron) for layer, _, neuron in self.nodes}
+
+    @classmethod
+    def from_neurons(cls, neurons: Sequence[Sequence[int]], position: int | None = None) -> Circuit:
+        """An explicit circuit of (layer, neuron) pairs at one position (``None``: every position)."""
+        nodes = tuple((int(layer), position, int(neuron)) for layer, neuron in neurons)
+        return cls(nodes, (1.0,) * len(nodes))
+
+
+def ranked(scores: Scores, aggregate: bool = False, layers: range | None = None) -> list[tuple[tuple[int, int | None, int], float]]:
+    """Every node (or every (layer, neuron) summed over positions) by decreasing |score|."""
+    table = scores.by_neuron().unsqueeze(1) if aggregate else scores.scores
+    if layers is not None:
+        outside = torch.ones(table.shape[0], dtype=torch.bool)
+        outside[list(layers)] = False
+        table = table.masked_fill(outside.view(-1, 1, 1), 0.0)
+    order = table.flatten().abs().argsort(descending=True, stable=True)
+    order = order[table.flatten()[order] != 0]
+    layer, position, neuron = torch.unravel_index(order, table.shape)
+    return [
+        ((int(l), None if aggregate else int(p), int(n)), float(table[l, p, n]))
+        for l, p, n in zip(layer, position, neuron)
+    ]
+
+
+def _circuit(entries: list[tuple[tuple[int, int | None, int], float]]) -> Circuit:
+    return Circuit(tuple(node for node, _ in entries), tuple(abs(score) for _, score in entries))
+
+
+def top_k(scores: Scores, k: int, aggregate: bool = False, layers: range | None = None) -> Circuit:
+    """The ``k`` nodes of largest |score|."""
+    return _circuit(ranked(scores, aggregate, layers)[:k])
+
+
+def above(scores: Scores, threshold: float, aggregate: bool = False, layers: range | None = None) -> Circuit:
+    """Every node with |score| above ``threshold``."""
+    return _circuit([entry for entry in ranked(scores, aggregate, layers) if abs(entry[1]) > threshold])
+
+
+def share(scores: Scores, fraction: float, aggregate: bool = False, layers: range | None = None) -> Circuit:
+    """The fewest top nodes whose |score| adds up to ``fraction`` of the total |score|."""
+    entries = ranked(scores, aggregate, layers)
+    cumulative = torch.tensor([abs(score) for _, score in entries]).cumsum(0)
+    count = int((cumulative < fraction * cumulative[-1]).sum()) + 1 if entries else 0
+    return _circuit(entries[:count])
+
+
+def overlap(a: Circuit, b: Circuit) -> tuple[float, float]:
+    """Jaccard overlap of two circuits' (layer, neuron) sets, plain and weighted by |score|."""
+    weights_a, weights_b = _neuron_weights(a), _neuron_weights(b)
+    union = weights_a.keys() | weights_b.keys()
+    if not union:
+        return 1.0, 1.0
+    jaccard = len(weights_a.keys() & weights_b.keys()) / len(union)
+    low = sum(min(weights_a.get(n, 0.0), weights_b.get(n, 0.0)) for n in union)
+    high = sum(max(weights_a.get(n, 0.0), weights_b.get(n, 0.0)) for n in union)
+    return jaccard, low / high if high else 1.0
+
+
+def _neuron_weights(circuit: Circuit) -> dict[tuple[int, int], float]:
+    weights: dict[tuple[int, int], float] = {}
+    for (layer, _, neuron), weight in zip(circuit.nodes, circuit.weights):
+        weights[(layer, neuron)] = weights.get((layer, neuron), 0.0) + weight
+    return weights
+
+
+# --------------------------------------------------------------------------- ablation values
+
+
+def ablation_values(sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0) -> list[list[torch.Tensor]]:
+    """For each batch of ``data``, per layer, the ``[batch, positions, neurons]`` values that ablate.
+
+    ``mean``: the mean counterfactual activation per position over all examples of that length;
+    ``zero``; ``resample``: the counterfactual activation of another example of the same length,
+    drawn with ``seed``; ``patch``: the counterfactual activation of the same example.
+    """
+    if kind not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {kind!r}; use one of {', '.join(ABLATIONS)}.")
+    device = sites.model.get_input_embeddings().weight.device
+    counterfactual = [neuron_values(sites, batch.patch_ids.to(device)) for batch in data.batches]
+    if kind == "patch":
+        return counterfactual
+    if kind == "zero":
+        return [[torch.zeros_like(layer) for layer in values] for values in counterfactual]
+    by_length = _group_by_length(data.batches, counterfactual)
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for batch in data.batches:
+        pooled = by_length[batch.n_positions]  # per layer [examples of this length, T, N]
+        if kind == "mean":
+            out.append([layer.mean(0, keepdim=True).expand(len(batch), -1, -1) for layer in pooled])
+        else:
+            rows = torch.randint(len(pooled[0]), (len(batch),), generator=generator)
+            out.append([layer[rows.to(layer.device)] for layer in pooled])
+    return out
+
+
+def _group_by_length(batches: Sequence[PairedBatch], values: list[list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
+    groups: dict[int, list[list[torch.Tensor]]] = {}
+    for batch, layers in zip(batches, values):
+        groups.setdefault(batch.n_positions, []).append(layers)
+    return {length: [torch.cat(parts) for parts in zip(*runs)] for length, runs in groups.items()}
+
+
+# --------------------------------------------------------------------------- masked runs
+
+
+def node_ranks(sites: NeuronSites, circuit: Circuit, n_positions: int) -> torch.Tensor:
+    """``[layers, positions, neurons]``: each node's rank in the circuit, ``len(circuit)`` outside it."""
+    rank = torch.full((sites.n_layers, n_positions, sites.n_neurons), len(circuit), dtype=torch.long)
+    # Strongest last, so that a node listed twice (or covered by a whole-layer entry) keeps its best rank.
+    for index, (layer, position, neuron) in reversed(list(enumerate(circuit.nodes))):
+        if position is None or -n_positions <= position < n_positions:
+            rank[layer, _all_if_none(position), _all_if_none(neuron)] = index
+    return rank
+
+
+def _all_if_none(index: int | None) -> int | slice:
+    return slice(None) if index is None else index
+
+
+@torch.no_grad()
+def masked_logit_diffs(
+    sites: NeuronSites,
+    batch: PairedBatch,
+    chosen: torch.Tensor,
+    inside: list[torch.Tensor] | None,
+    outside: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[copies, batch]`` clean logit differences, one copy per mask in ``chosen``.
+
+    ``chosen`` is ``[copies, layers, positions, neurons]`` (bool). In copy ``k``, chosen neurons
+    take ``inside`` values and the others ``outside`` values; ``None`` keeps the model's own.
+    """
+    copies, b = chosen.shape[0], len(batch)
+    device = sites.model.get_input_embeddings().weight.device
+    chosen = chosen.to(device)
+
+    def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        neurons = neurons.view(copies, b, *neurons.shape[1:])
+        mask = chosen[:, layer].unsqueeze(1)
+        if inside is not None:
+            neurons = torch.where(mask, inside[layer].to(neurons.dtype), neurons)
+        if outside is not None:
+            neurons = torch.where(mask, neurons, outside[layer].to(neurons.dtype))
+        return neurons.reshape(copies * b, *neurons.shape[2:])
+
+    batch = batch.to(device)
+    with on_neurons(sites, mix):
+        logits = run(sites.model, batch.clean_ids.repeat(copies, 1))
+    return logit_diff(logits, _repeated(batch, copies)).view(copies, b)
+
+
+def _repeated(batch: PairedBatch, n: int) -> PairedBatch:
+    return PairedBatch(
+        batch.clean_ids.repeat(n, 1), batch.patch_ids.repeat(n, 1),
+        batch.clean_answer.repeat(n), batch.patch_answer.repeat(n), batch.examples * n,
+    )
+
+
+# --------------------------------------------------------------------------- measures
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Faithfulness and completeness of the top-``size`` circuits, with per-example values for bootstrapping."""
+
+    sizes: tuple[int, ...]
+    per_example: torch.Tensor  # [len(sizes) + 2, examples]: sizes..., then M (nothing ablated), then empty
+    complement: torch.Tensor  # [len(sizes), examples]: only the circuit ablated
+
+    @property
+    def faithfulness(self) -> list[float]:
+        return faithfulness_from(self.per_example[:-2], self.per_example[-2], self.per_example[-1]).tolist()
+
+    @property
+    def completeness(self) -> list[float]:
+        return faithfulness_from(self.complement, self.per_example[-2], self.per_example[-1]).tolist()
+
+    def nodes_for(self, target: float) -> float | None:
+        """The smallest circuit size reaching ``target`` faithfulness, interpolated linearly in log size."""
+        previous: tuple[int, float] | None = None
+        for size, value in zip(self.sizes, self.faithfulness):
+            if value >= target:
+                if previous is None:
+                    return float(size)
+                small, below = previous
+                t = (target - below) / (value - below)
+                return math.exp(math.log(small) + t * (math.log(size) - math.log(small)))
+            previous = (size, value)
+        return None
+
+
+def faithfulness_from(circuit: torch.Tensor, model: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``(F(C) - F(empty)) / (F(M) - F(empty))`` from per-example metrics (means over the last dim)."""
+    return (circuit.mean(-1) - empty.mean(-1)) / (model.mean(-1) - empty.mean(-1))
+
+
+def faithfulness_curve(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], ablation: str = "mean", seed: int = 0
+) -> Curve:
+    """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes."""
+    values = ablation_values(sites, data, ablation, seed)
+    kept, removed = [], []
+    bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
+    for batch, ablate in zip(data.batches, values):
+        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
+        kept.append(masked_logit_diffs(sites, batch, rank < bounds, None, ablate))
+        removed.append(masked_logit_diffs(sites, batch, rank < bounds[: len(sizes)], ablate, None))
+    return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu())
+
+
+def flip_rates(sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int]) -> torch.Tensor:
+    """``[len(sizes), examples]``: whether each example flips when the top nodes take counterfactual values."""
+    values = ablation_values(sites, data, "patch")
+    flips = []
+    bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
+    for batch, counterfactual in zip(data.batches, values):
+        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
+        flips.append(masked_logit_diffs(sites, batch, rank < bounds, counterfactual, None) < 0)
+    return torch.cat(flips, 1).float().cpu()
 
 
 @torch.no_grad()
 def clean_logit_diffs(sites: NeuronSites, data: Tokenized) -> torch.Tensor:
     """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt."""
-    return torch.cat([logit_diff(run(sites.model, batch.clean_ids.to(_device(sites))), batch) for batch in data.batches])
-
-
-@torch.no_grad()
-def patched_logit_diffs(sites: NeuronSites, data: Tokenized, nodes: NodeSet) -> torch.Tensor:
-    """The clean logit difference when ``nodes`` take their values from each example's counterfactual prompt."""
-    diffs = []
-    for batch in data.batches:
-        batch = batch.to(_device(sites))
-        with capture(sites, layers=nodes.layers) as counterfactual:
-            run(sites.model, batch.patch_ids)
-        with intervene(sites, [patch(nodes, counterfactual)]):
-            diffs.append(logit_diff(run(sites.model, batch.clean_ids), batch))
-    return torch.cat(diffs)
+    device = sites.model.get_input_embeddings().weight.device
+    return torch.cat([logit_diff(run(sites.model, batch.clean_ids.to(device)), batch) for batch in data.batches]).cpu()
 
 
 def accuracy(sites: NeuronSites, data: Tokenized) -> float:
@@ -35,10 +285,22 @@ def accuracy(sites: NeuronSites, data: Tokenized) -> float:
 
 
 def flip_rate(sites: NeuronSites, data: Tokenized, nodes: NodeSet) -> float:
-    """Fraction of examples whose preferred answer becomes the counterfactual one when ``nodes`` are patched."""
-    return (patched_logit_diffs(sites, data, nodes) < 0).float().mean().item()
+    """Fraction of examples whose preferred answer flips when ``nodes`` take their counterfactual values."""
+    return flip_rates(sites, data, Circuit(nodes.nodes, (1.0,) * len(nodes)), [len(nodes)]).mean().item()
 
 
-def _device(sites: NeuronSites) -> torch.device:
-    return sites.model.get_input_embeddings().weight.device
+# --------------------------------------------------------------------------- uncertainty
+
+
+def bootstrap(
+    statistic: Callable[..., torch.Tensor | float],
+    samples: Sequence[torch.Tensor], n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """A percentile confidence interval for ``statistic(*samples)``, resampling examples (the last dim) with ``seed``."""
+    n = samples[0].shape[-1]
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(n, (n_resamples, n), generator=generator)
+    values = torch.tensor([float(statistic(*(s[..., rows] for s in samples))) for rows in draws])
+    tail = (1 - level) / 2
+    return float(values.quantile(tail)), float(values.quantile(1 - tail))
 

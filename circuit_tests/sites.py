@@ -12,7 +12,6 @@ interventions and captures compose by nesting.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -36,9 +35,15 @@ class Architecture:
     activation: str  # attribute of the MLP's activation module
     gated: bool  # neurons are act(gate(x)) * up(x)
 
-    def resolve(self, attribute: str) -> type:
+    def is_instance(self, obj: object, attribute: str) -> bool:
+        """Whether ``obj`` is an instance of the class named by ``attribute``, compared by qualified name.
+
+        Names, not class identity: a module re-imported (as pytest's ``pytester`` does) holds new
+        class objects, and importing every supported family's modeling code would be slow.
+        """
         module, _, name = getattr(self, attribute).partition(":")
-        return getattr(importlib.import_module(f"transformers.models.{module}"), name)
+        wanted = (f"transformers.models.{module}", name)
+        return any((cls.__module__, cls.__name__) == wanted for cls in type(obj).__mro__)
 
 
 def _gated(model_type: str, package: str, prefix: str, activation: str = "act_fn") -> Architecture:
@@ -76,7 +81,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture_of(model: PreTrainedModel) -> Architecture:
     """The registered architecture of a model, checked against the model's class."""
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
-    if arch is None or not isinstance(model, arch.resolve("model_class")):
+    if arch is None or not arch.is_instance(model, "model_class"):
         raise UnsupportedArchitectureError(
             f"Architecture {type(model).__name__} (model_type {model.config.model_type!r}) is not supported: "
             f"circuit-tests does not know where its MLP neurons are. Supported model types: "
@@ -102,7 +107,6 @@ class NeuronSites:
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self.arch = architecture_of(model)
-        mlp_class = self.arch.resolve("mlp_class")
         self.sites: tuple[Site, ...] = tuple(
             Site(
                 layer,
@@ -112,12 +116,12 @@ class NeuronSites:
                 getattr(mlp, self.arch.activation),
             )
             for layer, (name, mlp) in enumerate(
-                (name, module) for name, module in model.named_modules() if isinstance(module, mlp_class)
+                (name, module) for name, module in model.named_modules() if self.arch.is_instance(module, "mlp_class")
             )
         )
         if len(self.sites) != model.config.num_hidden_layers:
             raise UnsupportedArchitectureError(
-                f"Found {len(self.sites)} {mlp_class.__name__} modules in a model with "
+                f"Found {len(self.sites)} {self.arch.mlp_class} modules in a model with "
                 f"{model.config.num_hidden_layers} layers; circuit-tests cannot number its neuron sites."
             )
 
