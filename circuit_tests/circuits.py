@@ -171,14 +171,14 @@ def _all_if_none(index: int | None) -> int | slice:
 
 
 @torch.no_grad()
-def masked_logit_diffs(
+def masked_last_logits(
     sites: NeuronSites,
     batch: PairedBatch,
     chosen: torch.Tensor,
     inside: list[torch.Tensor] | None,
     outside: list[torch.Tensor] | None,
 ) -> torch.Tensor:
-    """``[copies, batch]`` clean logit differences, one copy per mask in ``chosen``.
+    """``[copies, batch, vocab]`` next-token logits on the clean prompts, one copy per mask in ``chosen``.
 
     ``chosen`` is ``[copies, layers, positions, neurons]`` (bool). In copy ``k``, chosen neurons
     take ``inside`` values and the others ``outside`` values; ``None`` keeps the model's own.
@@ -196,10 +196,22 @@ def masked_logit_diffs(
             neurons = torch.where(mask, neurons, outside[layer].to(neurons.dtype))
         return neurons.reshape(copies * b, *neurons.shape[2:])
 
-    batch = batch.to(device)
     with on_neurons(sites, mix):
-        logits = run(sites.model, batch.clean_ids.repeat(copies, 1))
-    return logit_diff(logits, _repeated(batch, copies)).view(copies, b)
+        logits = run(sites.model, batch.clean_ids.to(device).repeat(copies, 1))
+    return logits.float().view(copies, b, -1)
+
+
+def masked_logit_diffs(
+    sites: NeuronSites,
+    batch: PairedBatch,
+    chosen: torch.Tensor,
+    inside: list[torch.Tensor] | None,
+    outside: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[copies, batch]`` clean logit differences under :func:`masked_last_logits`."""
+    logits = masked_last_logits(sites, batch, chosen, inside, outside)
+    copies = logits.shape[0]
+    return logit_diff(logits.flatten(0, 1).unsqueeze(1), _repeated(batch, copies)).view(copies, -1)
 
 
 def _repeated(batch: PairedBatch, n: int) -> PairedBatch:

@@ -156,3 +156,13 @@ def _batch(rows: Sequence[tuple[list[int], list[int], int, int, PairedExample]])
         torch.tensor(patch_answer),
         tuple(examples),
     )
+
+
+def split(examples: Sequence[PairedExample], test_fraction: float, seed: int = 0) -> tuple[list[PairedExample], list[PairedExample]]:
+    """A seeded train/test split; attribution sees only the train part."""
+    if not 0 < test_fraction < 1:
+        raise SpecError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_test = max(1, round(test_fraction * len(examples)))
+    test = set(order[:n_test])
+    return [e for i, e in enumerate(examples) if i not in test], [e for i, e in enumerate(examples) if i in test]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.data import PairedExample, read_jsonl, tokenize_pairs
+from circuit_tests.data import PairedExample, read_jsonl, split, tokenize_pairs
 from circuit_tests.errors import SpecError
 from circuit_tests.spec import load_spec
 
@@ -94,3 +94,14 @@ def test_pairs_of_different_lengths_are_dropped_and_reported():
 def test_multi_token_answer_names_the_line():
     with pytest.raises(SpecError, match=r"d.jsonl:7: patch_answer 'pq' is 2 tokens"):
         tokenize_pairs([example("ab", "cd", patch_answer="pq")], CharTokenizer())
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    examples = [example(f"a{i}", f"b{i}") for i in range(20)]
+    train, test = split(examples, 0.25, seed=3)
+    assert (len(train), len(test)) == (15, 5)
+    assert set(train) | set(test) == set(examples) and not set(train) & set(test)
+    assert split(examples, 0.25, seed=3) == (train, test)
+    assert split(examples, 0.25, seed=4) != (train, test)
+    with pytest.raises(SpecError, match="test_fraction"):
+        split(examples, 1.5)
