@@ -21,6 +21,7 @@ import importlib.util
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from circuit_tests.errors import ModelNotAvailableError, UnknownModelError
 
@@ -247,6 +249,8 @@ class LoadedModel:
 
 def load_model(name: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Load a model by name (see the module docstring) with the given options."""
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()  # progress bars on a terminal, quiet in CI logs
     ref = parse_model_ref(name)
     _check_device(options.device)
     source, hub_kwargs = _source(ref)
