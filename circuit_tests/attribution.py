@@ -121,7 +121,7 @@ def attribute(
     """Score every node over all batches (``exact`` scores only the ``candidates``)."""
     if not batches:
         raise ValueError("No examples to attribute.")
-    device = sites.model.get_input_embeddings().weight.device
+    device = sites.device
     batches = [batch.to(device) for batch in batches]
     n_positions = max(batch.n_positions for batch in batches)
     total = torch.zeros(sites.n_layers, n_positions, sites.n_neurons, dtype=torch.float64, device=device)
@@ -251,17 +251,7 @@ def _patched_metric(
     layers = sorted({node[0] for node in nodes})
     with on_neurons(sites, patch_one_node_per_copy, layers):
         logits = run(sites.model, batch.clean_ids.repeat(n, 1))
-    return metric(logits, _repeat(batch, n))
-
-
-def _repeat(batch: PairedBatch, n: int) -> PairedBatch:
-    return PairedBatch(
-        batch.clean_ids.repeat(n, 1),
-        batch.patch_ids.repeat(n, 1),
-        batch.clean_answer.repeat(n),
-        batch.patch_answer.repeat(n),
-        batch.examples * n,
-    )
+    return metric(logits, batch.repeat(n))
 
 
 

@@ -127,7 +127,7 @@ def ablation_values(sites: NeuronSites, data: Tokenized, kind: str, seed: int = 
     """
     if kind not in ABLATIONS:
         raise ValueError(f"Unknown ablation {kind!r}; use one of {', '.join(ABLATIONS)}.")
-    device = sites.model.get_input_embeddings().weight.device
+    device = sites.device
     counterfactual = [neuron_values(sites, batch.patch_ids.to(device)) for batch in data.batches]
     if kind == "patch":
         return counterfactual
@@ -184,7 +184,7 @@ def masked_last_logits(
     take ``inside`` values and the others ``outside`` values; ``None`` keeps the model's own.
     """
     copies, b = chosen.shape[0], len(batch)
-    device = sites.model.get_input_embeddings().weight.device
+    device = sites.device
     chosen = chosen.to(device)
 
     def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:
@@ -211,14 +211,7 @@ def masked_logit_diffs(
     """``[copies, batch]`` clean logit differences under :func:`masked_last_logits`."""
     logits = masked_last_logits(sites, batch, chosen, inside, outside)
     copies = logits.shape[0]
-    return logit_diff(logits.flatten(0, 1).unsqueeze(1), _repeated(batch, copies)).view(copies, -1)
-
-
-def _repeated(batch: PairedBatch, n: int) -> PairedBatch:
-    return PairedBatch(
-        batch.clean_ids.repeat(n, 1), batch.patch_ids.repeat(n, 1),
-        batch.clean_answer.repeat(n), batch.patch_answer.repeat(n), batch.examples * n,
-    )
+    return logit_diff(logits.flatten(0, 1).unsqueeze(1), batch.repeat(copies)).view(copies, -1)
 
 
 # --------------------------------------------------------------------------- measures
@@ -287,7 +280,7 @@ def flip_rates(sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Seq
 @torch.no_grad()
 def clean_logit_diffs(sites: NeuronSites, data: Tokenized) -> torch.Tensor:
     """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt."""
-    device = sites.model.get_input_embeddings().weight.device
+    device = sites.device
     return torch.cat([logit_diff(run(sites.model, batch.clean_ids.to(device)), batch) for batch in data.batches]).cpu()
 
 

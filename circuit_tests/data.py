@@ -87,6 +87,16 @@ class PairedBatch:
             self.clean_ids[rows], self.patch_ids[rows], self.clean_answer[rows], self.patch_answer[rows], self.examples[rows]
         )
 
+    def repeat(self, copies: int) -> PairedBatch:
+        """The batch stacked ``copies`` times (copy-major), for evaluating several variants in one pass."""
+        return PairedBatch(
+            self.clean_ids.repeat(copies, 1),
+            self.patch_ids.repeat(copies, 1),
+            self.clean_answer.repeat(copies),
+            self.patch_answer.repeat(copies),
+            self.examples * copies,
+        )
+
     def to(self, device: torch.device | str) -> PairedBatch:
         return PairedBatch(
             self.clean_ids.to(device),

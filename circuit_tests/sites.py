@@ -137,6 +137,11 @@ class NeuronSites:
         return weight.shape[0] if type(self.sites[0].down_proj).__name__ == "Conv1D" else weight.shape[1]
 
     @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (the first shard under ``device_map``)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
     def names(self) -> list[str]:
         return [site.name for site in self.sites]
 

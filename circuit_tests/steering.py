@@ -39,7 +39,7 @@ def multiplier_sweep(
     sites: NeuronSites, ids: torch.Tensor, circuit: Circuit, factors: Sequence[float], tokens: Sequence[int]
 ) -> torch.Tensor:
     """``[len(factors), batch, len(tokens)]``: next-token probabilities of ``tokens`` with the circuit scaled."""
-    device = sites.model.get_input_embeddings().weight.device
+    device = sites.device
     probabilities = []
     for factor in factors:
         with intervene(sites, [scale(circuit.node_set(), factor)]):
