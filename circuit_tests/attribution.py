@@ -254,7 +254,6 @@ def _patched_metric(
     return metric(logits, batch.repeat(n))
 
 
-
 def trace(
     loaded: LoadedModel,
     examples: Sequence[PairedExample],
