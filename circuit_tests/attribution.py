@@ -261,6 +261,12 @@ def trace(
     batch_size: int = 32,
 ) -> tuple[Scores, Tokenized]:
     """Tokenise paired examples for a loaded model and attribute them; scores carry full provenance."""
+    if options.baseline == "counterfactual" and not all(example.paired for example in examples):
+        unpaired = next(example for example in examples if not example.paired)
+        raise SpecError(
+            f"{unpaired.source}: an unpaired prompt has no counterfactual to patch from. "
+            "Use baseline 'zero' or 'mean' (--baseline zero), or give clean and patch prefixes."
+        )
     data = tokenize_pairs(examples, loaded.tokenizer)
     if not data.n_examples:
         raise SpecError(

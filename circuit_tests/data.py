@@ -1,7 +1,9 @@
 """Paired prompts (clean / counterfactual) and their tokenisation into aligned batches.
 
 A dataset is JSON lines ``{"clean_prefix", "patch_prefix", "clean_answer", "patch_answer"}``
-(answers carry their leading space, as in Marks et al.). Tokenisation checks what attribution
+(answers carry their leading space, as in Marks et al.). Unpaired prompts for case studies,
+``{"prompt", "answer"}``, become examples whose counterfactual is the prompt itself; attribute
+them against a ``zero`` or ``mean`` baseline. Tokenisation checks what attribution
 relies on: each answer is one token, and the two prefixes of a pair have the same token length
 so that positions align. Pairs that fail the length check are dropped and reported, never
 silently misaligned.
@@ -21,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from circuit_tests.errors import SpecError
 
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
+UNPAIRED_FIELDS = ("prompt", "answer")
 
 
 @dataclass(frozen=True)
@@ -33,18 +36,32 @@ class PairedExample:
     patch_answer: str
     source: str = "<inline>"  # "file.jsonl:12", for error messages
 
+    @property
+    def paired(self) -> bool:
+        return (self.clean_prefix, self.clean_answer) != (self.patch_prefix, self.patch_answer)
+
 
 def parse_example(record: object, source: str) -> PairedExample:
     """Check one record's fields and build an example; errors name ``source`` and the field."""
     if not isinstance(record, dict):
         raise SpecError(f"{source}: expected an object with fields {', '.join(FIELDS)}, got {type(record).__name__}.")
-    missing = [name for name in FIELDS if name not in record]
+    if "prompt" in record and not set(FIELDS) & record.keys():
+        prompt, answer = _strings(record, UNPAIRED_FIELDS, source)
+        return PairedExample(prompt, prompt, answer, answer, source=source)
+    return PairedExample(*_strings(record, FIELDS, source), source=source)
+
+
+def _strings(record: dict, fields: Sequence[str], source: str) -> list[str]:
+    missing = [name for name in fields if name not in record]
     if missing:
-        raise SpecError(f"{source}: missing field(s) {', '.join(missing)}; each example needs {', '.join(FIELDS)}.")
-    for name in FIELDS:
+        raise SpecError(
+            f"{source}: missing field(s) {', '.join(missing)}; each example needs {', '.join(FIELDS)} "
+            f"(or, unpaired, {', '.join(UNPAIRED_FIELDS)})."
+        )
+    for name in fields:
         if not isinstance(record[name], str) or not record[name]:
             raise SpecError(f"{source}: field {name!r} must be a non-empty string, got {record[name]!r}.")
-    return PairedExample(*(record[name] for name in FIELDS), source=source)
+    return [record[name] for name in fields]
 
 
 def read_jsonl(path: Path) -> list[PairedExample]:

@@ -61,3 +61,13 @@ def test_models_lists_the_registry(capsys):
 def test_fetch_rejects_unknown_models(capsys):
     assert main(["fetch", "gpt-17"]) == 2
     assert "unknown model(s) gpt-17" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trace_of_unpaired_prompts_needs_a_zero_or_mean_baseline(tmp_path, capsys):
+    dataset = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Fact: the capital of the country containing the Eiffel Tower is", "answer": " Paris"}])
+    assert main(["trace", "--dataset", str(dataset)]) == 2
+    assert "d.jsonl:1: an unpaired prompt has no counterfactual" in capsys.readouterr().err
+    out = tmp_path / "out.json"
+    assert main(["trace", "--dataset", str(dataset), "--baseline", "zero", "--metric", "top_k_logits", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["nodes"][0]["score"] != 0

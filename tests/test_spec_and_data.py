@@ -105,3 +105,14 @@ def test_split_is_seeded_disjoint_and_complete():
     assert split(examples, 0.25, seed=4) != (train, test)
     with pytest.raises(SpecError, match="test_fraction"):
         split(examples, 1.5)
+
+
+def test_unpaired_prompts_are_their_own_counterfactual(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "The capital of France is", "answer": " Paris"}) + "\n" + json.dumps(GOOD_EXAMPLE) + "\n")
+    unpaired, paired = read_jsonl(path)
+    assert (unpaired.clean_prefix, unpaired.patch_prefix, unpaired.clean_answer) == ("The capital of France is",) * 2 + (" Paris",)
+    assert not unpaired.paired and paired.paired
+    path.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(SpecError, match=r"d.jsonl:1: missing field\(s\) answer"):
+        read_jsonl(path)
