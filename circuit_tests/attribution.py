@@ -7,7 +7,7 @@ the metric ``m`` when the node moves from its clean value ``a`` to a baseline va
 - ``atp``: attribution patching, ``grad_a m * (a' - a)``;
 - ``relp`` (default): the same with the LRP rules of :mod:`circuit_tests.relp` in the backward;
 - ``ig``: integrated gradients, a left Riemann sum over ``steps`` points between ``a`` and ``a'``,
-  one layer interpolated at a time as in Marks et al. (``steps x layers`` backward passes);
+  one layer interpolated at a time as in Marks et al. (one pass per layer over ``steps`` copies);
 - ``exact``: real activation patching of each candidate node, the ground truth.
 
 ``atp`` and ``relp`` take two forward passes and one backward pass per batch for every node of
@@ -202,17 +202,21 @@ def _add_integrated_gradients(
     metric: Metric,
     steps: int,
 ) -> None:
-    """IG: for each layer, the mean gradient at ``a + alpha (a' - a)``, ``alpha = 0, 1/steps, ...``, times ``a' - a``."""
+    """IG: per layer, the mean gradient at ``a + alpha (a' - a)``, ``alpha = 0, 1/steps, ...``, times ``a' - a``.
+
+    The ``steps`` points of one layer run as one batch of ``steps x batch`` rows: one forward and
+    one backward per layer.
+    """
     clean = neuron_values(sites, batch.clean_ids)
+    alphas = torch.arange(steps, device=sites.device, dtype=clean[0].dtype).view(-1, 1, 1, 1) / steps
+    repeated = batch.repeat(steps)
     for layer in range(sites.n_layers):
         delta = baseline[layer] - clean[layer]
-        grad_sum = torch.zeros_like(delta, dtype=torch.float64)
-        for step in range(steps):
-            point = (clean[layer] + (step / steps) * delta).requires_grad_(True)
-            with torch.enable_grad(), on_neurons(sites, lambda _, __: point, layers=[layer]):
-                value = metric(run(sites.model, batch.clean_ids), batch).sum()
-            grad_sum += torch.autograd.grad(value, point)[0]
-        total[layer, : batch.n_positions] += (grad_sum / steps * delta).sum(0)
+        points = (clean[layer] + alphas * delta).requires_grad_(True)  # [steps, batch, positions, neurons]
+        with torch.enable_grad(), on_neurons(sites, lambda _, __: points.flatten(0, 1), layers=[layer]):
+            value = metric(run(sites.model, repeated.clean_ids), repeated).sum()
+        grad = torch.autograd.grad(value, points)[0]
+        total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0)
 
 
 @torch.no_grad()
