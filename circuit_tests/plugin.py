@@ -2,9 +2,14 @@
 
 Collection follows pytest's documented YAML example: :func:`pytest_collect_file` turns a spec
 file into a :class:`SpecFile`, which yields one :class:`SpecModel` collector per model, which
-yields one :class:`ExpectationItem` per expectation. Node ids read
-``specs/sva.yaml::sva-early-layers[smollm2-135m-instruct]::pinned``. Each model is loaded
-once per session and each (spec, model) is prepared once, however many items use it.
+yields one :class:`ExpectationItem` per expectation, with ids such as
+``specs/sva_simple.yaml::sva-simple[smollm2-135m-instruct]::sparse``. A spec that cannot be
+read is one failing :class:`BrokenSpecItem`; every other spec still runs.
+
+A :class:`CircuitSession` loads each model once and prepares each (spec, model) once, however
+many items use it; traces are also cached on disk. Baselines are written once at the end of
+the session (``--circuit-update``), and the report is built from the test reports, so all of
+this works under pytest-xdist (``-n 4 --dist loadfile`` keeps a spec's items on one worker).
 """
 
 from __future__ import annotations
@@ -12,13 +17,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from circuit_tests.baselines import BaselineStore, stale_entries
 from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError
-from circuit_tests.expectations import Subject, check
-from circuit_tests.models import LoadOptions, ModelCache
-from circuit_tests.spec import Expectation, Spec, load_spec
+from circuit_tests.evaluation import Subject, default_trace_cache
+from circuit_tests.expectations import Outcome, check
+from circuit_tests.models import LoadedModel, LoadOptions, ModelCache
+from circuit_tests.report import PROPERTY, Report
+from circuit_tests.spec import Expectation, Spec, load_spec, spec_from_mapping
 
 SESSION = pytest.StashKey["CircuitSession"]()
+OOM_ADVICE = ("out of GPU memory. Try a smaller `task.batch_size`, `--circuit-dtype bfloat16`, or "
+              "`--circuit-device auto` to shard the model over every visible GPU.")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -28,13 +39,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default: cpu)")
     group.addoption("--circuit-dtype", default=None, metavar="DTYPE",
                     help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
+    group.addoption("--circuit-update", action="store_true", help="record each spec's circuit and metrics as its baseline")
+    group.addoption("--circuit-report", metavar="PATH.html", help="write a self-contained HTML report")
+    group.addoption("--circuit-json", metavar="PATH.json", help="write the report's data as JSON")
+    group.addoption("--circuit-strict", action="store_true", help="a model that is not available fails instead of skipping")
+    group.addoption("--circuit-no-cache", action="store_true", help="trace again instead of reading cached traces")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "circuit: a test item collected from a YAML circuit spec")
+    for line in ("circuit: a test item collected from a YAML circuit spec",
+                 "gpu: needs a CUDA device (skipped with a reason when there is none)",
+                 "slow: loads a real model or runs long"):
+        config.addinivalue_line("markers", line)
     config.stash[SESSION] = CircuitSession(
-        LoadOptions(device=config.getoption("circuit_device"), dtype=config.getoption("circuit_dtype"))
+        LoadOptions(device=config.getoption("circuit_device"), dtype=config.getoption("circuit_dtype")),
+        BaselineStore(update=config.getoption("circuit_update")),
+        None if config.getoption("circuit_no_cache") else default_trace_cache(),
     )
+    config.pluginmanager.register(ReportCollector(config), "circuit-tests-report")
 
 
 def is_spec_path(path: Path) -> bool:
@@ -48,19 +70,47 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
     return SpecFile.from_parent(parent, path=file_path) if is_spec_path(file_path) else None
 
 
-class CircuitSession:
-    """What one pytest session shares: loaded models, and each (spec, model) prepared once."""
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("marked gpu and no CUDA device is visible")
 
-    def __init__(self, options: LoadOptions) -> None:
+
+class CircuitSession:
+    """What one pytest session shares: loaded models, prepared (spec, model) subjects, baselines."""
+
+    def __init__(self, options: LoadOptions, baselines: BaselineStore, trace_cache: Path | None) -> None:
         self.options = options
+        self.baselines = baselines
+        self.trace_cache = trace_cache
         self.models = ModelCache()
-        self._subjects: dict[tuple[Path, str], Subject] = {}
+        self._subjects: dict[tuple[Path, str, str], Subject | CircuitTestsError] = {}
+        self._recorded: set[tuple[Path, str]] = set()
+        self.written: list[Path] = []  # baseline files, once the session has finished
+        self.write_errors: list[str] = []
+
+    def model(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
+        options = LoadOptions(self.options.device, self.options.dtype, trust_remote_code=trust_remote_code)
+        return self.models.get(name, options)
 
     def subject(self, spec: Spec, model: str) -> Subject:
-        key = (spec.path, model)
+        """The prepared (spec, model); a failure to prepare is remembered, not retried per item."""
+        key = (spec.path, spec.model_dump_json(), model)
         if key not in self._subjects:
-            self._subjects[key] = Subject(spec, self.models.get(model, self.options))
-        return self._subjects[key]
+            try:
+                self._subjects[key] = Subject(spec, self.model(model, spec.trust_remote_code), self.trace_cache)
+            except CircuitTestsError as error:
+                self._subjects[key] = error
+        found = self._subjects[key]
+        if isinstance(found, CircuitTestsError):
+            raise found
+        return found
+
+    def record_baseline(self, subject: Subject) -> None:
+        key = (subject.spec.path, subject.loaded.ref.name)
+        if self.baselines.update and key not in self._recorded:
+            stable = [e.params.neurons for e in subject.spec.expectations if e.kind == "stable"]
+            self.baselines.record(subject.spec, subject.loaded.ref.name, subject.baseline_entry(max(stable, default=0)))
+            self._recorded.add(key)
 
 
 class SpecFile(pytest.File):
@@ -68,7 +118,7 @@ class SpecFile(pytest.File):
 
     def collect(self):
         try:
-            spec = load_spec(self.path)
+            spec = load_spec(self.path, self.config.rootpath)
         except CircuitTestsError as error:
             yield BrokenSpecItem.from_parent(self, name="spec", error=error)
             return
@@ -90,7 +140,8 @@ class SpecModel(pytest.Collector):
             counts[expectation.kind] = counts.get(expectation.kind, 0) + 1
             name = expectation.kind if counts[expectation.kind] == 1 else f"{expectation.kind}-{counts[expectation.kind]}"
             item = ExpectationItem.from_parent(self, name=name, expectation=expectation)
-            item.add_marker("circuit")
+            for marker in ("circuit", *self.spec.markers):
+                item.add_marker(marker)
             yield item
 
 
@@ -103,17 +154,27 @@ class ExpectationItem(pytest.Item):
 
     def runtest(self) -> None:
         session: CircuitSession = self.config.stash[SESSION]
+        spec, model = self.parent.spec, self.parent.model
+        payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": self.name}
+        self.user_properties.append((PROPERTY, payload))
         try:
-            subject = session.subject(self.parent.spec, self.parent.model)
+            subject = session.subject(spec, model)
+            outcome = check(subject, self.expectation, session.baselines)
+            session.record_baseline(subject)
         except ModelNotAvailableError as error:
+            if self.config.getoption("circuit_strict"):
+                raise
             pytest.skip(str(error))
-        outcome = check(subject, self.expectation)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise CircuitTestsError(f"{spec.path}: {model}: {OOM_ADVICE}") from None
+        payload.update(message=outcome.message, figures=subject.figures() | outcome.figures)
         if not outcome.passed:
-            raise ExpectationFailed(outcome.message)
+            raise ExpectationFailed(outcome)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
         if isinstance(excinfo.value, (ExpectationFailed, CircuitTestsError)):
-            return f"{self.nodeid}\n  {excinfo.value}"
+            return f"{self.parent.name}::{self.name}\n{_indent(str(excinfo.value))}"
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -139,3 +200,90 @@ class BrokenSpecItem(pytest.Item):
 
 class ExpectationFailed(Exception):
     """An expectation that did not hold; its message is the domain report."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.message)
+        self.outcome = outcome
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+class ReportCollector:
+    """Builds the report from test reports (on the xdist controller too) and writes it at the end."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.report = Report()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        payload = dict(report.user_properties).get(PROPERTY)
+        if payload is None or (report.when != "call" and not report.failed):
+            return
+        self.report.add(payload, report.outcome, payload.get("message") if report.passed else _failure_text(report))
+
+    def pytest_sessionfinish(self) -> None:
+        if hasattr(self.config, "workerinput"):
+            return  # the controller writes the reports
+        if self.config.getoption("circuit_report"):
+            self.report.write_html(Path(self.config.getoption("circuit_report")))
+        if self.config.getoption("circuit_json"):
+            self.report.write_json(Path(self.config.getoption("circuit_json")))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        session: CircuitSession = self.config.stash[SESSION]
+        for path in session.written:
+            terminalreporter.write_line(f"baseline written: {path}")
+        for error in session.write_errors:
+            terminalreporter.write_line(f"baseline NOT written: {error}", red=True)
+        if not self.report.rows:
+            return
+        terminalreporter.write_sep("=", "circuit specs")
+        for line in self.report.terminal_lines():
+            terminalreporter.write_line(line)
+        for path in sorted({row.path for row in self.report.rows.values()}):
+            stale = stale_entries(Path(path))
+            if stale:
+                terminalreporter.write_line(f"stale baseline entries in {path}: {', '.join(stale)} (models the spec no longer lists)")
+
+
+def _failure_text(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2])
+    lines = str(report.longrepr).splitlines()
+    return "\n".join(line.strip() for line in lines[1:]) or "\n".join(lines)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    circuit_session = session.config.stash[SESSION]
+    circuit_session.written, circuit_session.write_errors = circuit_session.baselines.flush()
+
+
+# --------------------------------------------------------------------------- fixtures for Python tests
+
+
+@pytest.fixture(scope="session")
+def circuit_model(pytestconfig: pytest.Config):
+    """``circuit_model(name)``: a loaded, frozen model, shared with the session's specs."""
+    session: CircuitSession = pytestconfig.stash[SESSION]
+    return session.model
+
+
+@pytest.fixture(scope="session")
+def circuit_trace(pytestconfig: pytest.Config):
+    """``circuit_trace(model, dataset=... or examples=..., trace={...})``: a traced
+    :class:`~circuit_tests.evaluation.Subject` (scores, circuit, curve, flip rates) built by the
+    same machinery as a YAML spec; ``dataset`` is relative to the rootdir."""
+    session: CircuitSession = pytestconfig.stash[SESSION]
+    root = pytestconfig.rootpath
+
+    def make(model: str, trace: dict | None = None, **task) -> Subject:
+        raw = {"name": "python", "models": [model], "task": task, "trace": trace or {},
+               "expect": [{"behaves": {"min_accuracy": 0.0}}]}
+        return session.subject(spec_from_mapping(raw, root / "python-api.yaml", root), model)
+
+    return make

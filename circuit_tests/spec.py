@@ -1,136 +1,332 @@
-"""YAML circuit specs: what to test, on which models, with which data.
+"""YAML circuit specs: what to test, on which models, with which data, and what must hold.
 
-A spec is read with ``yaml.safe_load`` and checked field by field; every problem is a
-:class:`~circuit_tests.errors.SpecError` naming the file, the field and the fix. Example::
+A spec is read with ``yaml.safe_load`` and validated by the pydantic models below, which are
+also the published JSON Schema (``circuit-tests schema``). Every problem is one
+:class:`~circuit_tests.errors.SpecError` paragraph naming the file, the field and the fix::
 
-    name: sva-early-layers
-    description: Grammatical number is written into early MLP neurons at the subject.
+    name: sva-simple
+    description: Subject-verb agreement after a bare noun is carried by about 100 MLP neurons.
     models: [smollm2-135m-instruct]
-    task:
-      dataset: ../fixtures/sva/smoke.jsonl      # or: examples: [{clean_prefix: ..., ...}]
+    task: {dataset: ../fixtures/sva/simple.jsonl, test_fraction: 0.25, seed: 0}
+    trace: {method: relp, ablation: mean}
     expect:
-      - behaves: {min_accuracy: 1.0}
-      - pinned: {layers: [0, 9], position: -1, min_flip_rate: 1.0}
+      - behaves: {min_accuracy: 0.9}
+      - sparse: {max_neurons: 100, min_faithfulness: 0.8}
+      - necessary: {neurons: 300, max_completeness: 0.2}
+      - flips: {neurons: 30, min_flip_rate: 0.9}
+      - pinned: {neurons: [[17, 1203], [22, 88]], min_flip_rate: 0.5}
+      - steers: {neurons: 30, min_success: 0.5}
+      - stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05}
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
 
 from circuit_tests.data import PairedExample, parse_example, read_jsonl
 from circuit_tests.errors import SpecError
 
-TOP_LEVEL = {"name", "description", "models", "task", "expect"}
-TASK_FIELDS = {"dataset", "examples"}
-EXPECTATIONS: dict[str, set[str]] = {
-    "behaves": {"min_accuracy"},
-    "pinned": {"layers", "neurons", "position", "min_flip_rate"},
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Count = Annotated[int, Field(ge=1)]
+Neuron = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors (a typo must never be silently ignored); values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- task and trace
+
+
+class Task(Strict):
+    """The paired prompts, and how they are split into attribution (train) and evaluation (test)."""
+
+    dataset: str | None = Field(None, description="JSON-lines file of paired examples, relative to the spec")
+    examples: list[dict[str, str]] | None = Field(None, description="inline examples, same fields as a dataset line")
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share, never seen by attribution")
+    seed: int = Field(0, description="seed of the train/test split, resampling and bootstraps")
+    max_train: Count = Field(128, description="attribute on at most this many training examples")
+    batch_size: Count = Field(32, description="examples per forward/backward pass")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Task:
+        if (self.dataset is None) == (self.examples is None):
+            raise ValueError("give exactly one of 'dataset' (a JSON-lines file) or 'examples' (a list)")
+        return self
+
+
+class Trace(Strict):
+    """How the circuit is found and how nodes outside it are ablated."""
+
+    method: Literal["relp", "atp", "ig"] = Field("relp", description="attribution method (see README, Attribution)")
+    steps: Count = Field(10, description="integrated-gradients steps")
+    half_rule: bool = Field(True, description="relp: halve the gradient through gate * up")
+    detach_attention: bool = Field(False, description="relp: treat attention patterns as constants")
+    ablation: Literal["mean", "zero", "resample"] = Field("mean", description="value of ablated nodes (mean over the test split)")
+    nodes: Literal["position", "neuron"] = Field(
+        "position", description="'position': nodes are (layer, position, neuron); 'neuron': summed over positions"
+    )
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+class Behaves(Strict):
+    """The model does the task at all: it prefers the clean answer on held-out prompts."""
+
+    min_accuracy: Fraction = Field(description="fraction of test prompts")
+
+
+class Sparse(Strict):
+    """A small circuit suffices: the top ``max_neurons`` nodes are at least this faithful."""
+
+    max_neurons: Count = Field(description="circuit size, in nodes")
+    min_faithfulness: float = Field(description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation")
+
+
+class Necessary(Strict):
+    """Ablating the top ``neurons`` nodes (and keeping the rest) destroys the behaviour."""
+
+    neurons: Count = Field(description="circuit size, in nodes")
+    max_completeness: float = Field(description="faithfulness of the model without the circuit")
+
+
+class Flips(Strict):
+    """Patching the top ``neurons`` nodes from the counterfactual flips the preferred answer."""
+
+    neurons: Count = Field(description="circuit size, in nodes")
+    min_flip_rate: Fraction = Field(description="fraction of test examples whose preferred answer flips")
+
+
+class Pinned(Strict):
+    """Explicit neurons (or whole layers) flip the answer when patched from the counterfactual."""
+
+    neurons: list[Neuron] | None = Field(None, description="[[layer, neuron], ...]")
+    layers: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="[first, last]: every neuron of these layers"
+    )
+    position: int | None = Field(None, description="one position (negative counts from the end); default every position")
+    min_flip_rate: Fraction = Field(description="fraction of test examples whose preferred answer flips")
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> Pinned:
+        if (self.neurons is None) == (self.layers is None):
+            raise ValueError("give exactly one of 'neurons' ([[layer, neuron], ...]) or 'layers' ([first, last])")
+        return self
+
+
+class Steers(Strict):
+    """Patching neurons with their values from the source (counterfactual) prompt makes the
+    model answer the source's answer, e.g. another landmark's capital."""
+
+    neurons: Count | list[Neuron] = Field(description="the top N (layer, neuron) pairs, or an explicit list")
+    min_success: Fraction = Field(description="fraction of test prompts whose top token becomes the source's answer")
+
+
+class Stable(Strict):
+    """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
+
+    vs: Literal["baseline"] = Field("baseline", description="what to compare with (the stored baseline file)")
+    model: str | None = Field(None, description="whose baseline: default this model's, else the spec's first model's")
+    neurons: Count = Field(100, description="circuit size compared")
+    min_overlap: Fraction = Field(0.5, description="Jaccard overlap of the two circuits' nodes")
+    faithfulness_tolerance: float = Field(0.05, ge=0.0, description="how far the stored circuit's faithfulness may drop")
+
+
+KINDS: dict[str, type[Strict]] = {
+    "behaves": Behaves, "sparse": Sparse, "necessary": Necessary, "flips": Flips,
+    "pinned": Pinned, "steers": Steers, "stable": Stable,
 }
+
+
+def _entry_model(kind: str, params: type[Strict]) -> type[Strict]:
+    return type(kind.capitalize() + "Entry", (Strict,), {"__annotations__": {kind: params}, "__doc__": params.__doc__})
+
+
+def _kind_of(entry: Any) -> str | None:
+    if isinstance(entry, BaseModel):
+        return next(iter(type(entry).model_fields))
+    if isinstance(entry, dict) and len(entry) == 1:
+        return next(iter(entry))
+    return None
+
+
+ExpectationEntry = Annotated[
+    Union[tuple(Annotated[_entry_model(k, m), Tag(k)] for k, m in KINDS.items())],  # type: ignore[misc]
+    Discriminator(_kind_of, custom_error_type="expectation_kind",
+                  custom_error_message=f"must be one mapping whose key is one of {', '.join(KINDS)}"),
+]
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+class Spec(Strict):
+    """A circuit spec: a named claim about models, checked as pytest items."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$", description="used in test ids")
+    description: str = Field("", description="what the circuit does, shown in reports")
+    models: list[Annotated[str, Field(min_length=1)]] = Field(
+        min_length=1, description="registered names, hub ids with optional @revision, local directories or .gguf files"
+    )
+    markers: list[Literal["gpu", "slow"]] = Field([], description="pytest markers for every item of this spec")
+    trust_remote_code: bool = Field(False, description="let transformers run code shipped with the checkpoint")
+    task: Task = Field(description="the data: see task below")
+    trace: Trace = Field(Trace(), description="how to find the circuit: see trace below")
+    expect: list[ExpectationEntry] = Field(min_length=1, description="claims, each a one-key mapping: see the kinds below")
+
+    _path: Path = PrivateAttr(Path("<spec>"))
+    _examples: tuple[PairedExample, ...] = PrivateAttr(())
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def examples(self) -> tuple[PairedExample, ...]:
+        return self._examples
+
+    @property
+    def expectations(self) -> list[Expectation]:
+        return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index) for index, entry in enumerate(self.expect)]
 
 
 @dataclass(frozen=True)
 class Expectation:
-    """One claim about a model, e.g. ``behaves: {min_accuracy: 0.9}``."""
+    """One claim of a spec, e.g. ``sparse: {max_neurons: 100, min_faithfulness: 0.8}``."""
 
     kind: str
-    params: dict[str, Any]
+    params: Strict
     index: int  # position in the spec's ``expect`` list
 
 
-@dataclass(frozen=True)
-class Spec:
-    """A parsed, checked circuit spec."""
-
-    path: Path
-    name: str
-    description: str
-    models: tuple[str, ...]
-    examples: tuple[PairedExample, ...]
-    expectations: tuple[Expectation, ...]
+def json_schema() -> dict:
+    """The JSON Schema of a spec file, for editors and ``circuit-tests schema``."""
+    schema = Spec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "circuit-tests spec"
+    return schema
 
 
-def load_spec(path: Path) -> Spec:
-    """Read and check a spec file."""
+def reference_markdown() -> str:
+    """Every field of a spec, with type, default and meaning: docs/spec-reference.md is this text."""
+    lines = ["# Spec reference", "", "Generated from the schema by `circuit-tests schema --markdown`; do not edit by hand.", ""]
+    sections = [("Top level", Spec), ("task", Task), ("trace", Trace)] + [(f"expect: `{k}`", m) for k, m in KINDS.items()]
+    for title, model in sections:
+        lines += [f"## {title}", "", " ".join((model.__doc__ or "").replace("``", "`").split()), "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, info in model.model_fields.items():
+            value = info.get_default(call_default_factory=True)
+            value = value.model_dump() if isinstance(value, BaseModel) else value
+            default = "required" if info.is_required() else f"`{json.dumps(value)}`"
+            kind = _type_name(info.annotation)
+            lines.append(f"| `{name}` | {kind} | {default} | {info.description or ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " or ".join(f"`{value}`" for value in args)
+    if origin in (Union, UnionType):
+        named = [_type_name(arg) for arg in args if arg is not type(None)]
+        return "an expectation" if len(named) > 2 else " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(path: Path, root: Path | None = None) -> Spec:
+    """Read and validate a spec file; data files must lie under ``root`` (the project) when given."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML ({_first_line(error)}). Fix the syntax at the line shown.") from None
-    where = _Where(path)
+        raise SpecError(f"{path}: not valid YAML ({' '.join(str(error).split())}). Fix the syntax at the line shown.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError(f"{path}: cannot be read ({error}).") from None
+    return spec_from_mapping(raw, path, root)
+
+
+def spec_from_mapping(raw: object, path: Path, root: Path | None = None) -> Spec:
+    """Validate a spec given as a mapping; ``path`` is where it came from (data paths are relative to it)."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a spec is a mapping with keys {', '.join(sorted(TOP_LEVEL))}.")
-    where.no_unknown(raw, TOP_LEVEL, "the top level")
-    return Spec(
-        path=path,
-        name=where.string(raw, "name"),
-        description=str(raw.get("description", "")),
-        models=tuple(where.string_list(raw, "models")),
-        examples=tuple(_examples(where, raw.get("task"))),
-        expectations=tuple(_expectations(where, raw.get("expect"))),
-    )
+        raise SpecError(f"{path}: a spec is a mapping with keys {', '.join(Spec.model_fields)}; got {type(raw).__name__}.")
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_describe(path, error)) from None
+    spec._path = path
+    spec._examples = tuple(_examples(spec, path, root))
+    return spec
 
 
-def _examples(where: _Where, task: object) -> list[PairedExample]:
-    if not isinstance(task, dict) or not (TASK_FIELDS & task.keys()):
-        raise SpecError(f"{where.path}: field 'task' needs 'dataset' (a JSON-lines file) or 'examples' (a list).")
-    where.no_unknown(task, TASK_FIELDS, "'task'")
-    if "dataset" in task:
-        dataset = where.path.parent / where.string(task, "dataset", "task.dataset")
-        if not dataset.is_file():
-            raise SpecError(
-                f"{where.path}: field 'task.dataset' names {dataset}, which does not exist. "
-                "Fix the path; it is relative to the spec file."
-            )
+def _examples(spec: Spec, path: Path, root: Path | None) -> list[PairedExample]:
+    if spec.task.examples is not None:
+        if not spec.task.examples:
+            raise SpecError(f"{path}: field 'task.examples' is empty. Give at least one example.")
+        return [parse_example(record, f"{path}: task.examples[{i}]") for i, record in enumerate(spec.task.examples)]
+    dataset = (path.parent / spec.task.dataset).resolve()
+    if root is not None and not dataset.is_relative_to(root.resolve()):
+        raise SpecError(
+            f"{path}: field 'task.dataset' points to {dataset}, outside the project {root}. "
+            "Keep data inside the project (copy the file under fixtures/) so a spec cannot read arbitrary files."
+        )
+    if not dataset.is_file():
+        raise SpecError(f"{path}: field 'task.dataset' names {dataset}, which does not exist. Fix the path; it is relative to the spec file.")
+    try:
         return read_jsonl(dataset)
-    if not isinstance(task["examples"], list) or not task["examples"]:
-        raise SpecError(f"{where.path}: field 'task.examples' must be a non-empty list of examples.")
-    return [parse_example(record, f"{where.path}: task.examples[{i}]") for i, record in enumerate(task["examples"])]
+    except SpecError as error:
+        raise SpecError(f"{path}: field 'task.dataset': {error}") from None
 
 
-def _expectations(where: _Where, expect: object) -> list[Expectation]:
-    if not isinstance(expect, list) or not expect:
-        raise SpecError(f"{where.path}: field 'expect' must be a non-empty list, e.g. '- behaves: {{min_accuracy: 0.9}}'.")
-    parsed = []
-    for index, entry in enumerate(expect):
-        field = f"expect[{index}]"
-        if not isinstance(entry, dict) or len(entry) != 1:
-            raise SpecError(f"{where.path}: field '{field}' must be one mapping such as 'behaves: {{min_accuracy: 0.9}}'.")
-        (kind, params), = entry.items()
-        if kind not in EXPECTATIONS:
-            raise SpecError(f"{where.path}: field '{field}' has unknown kind {kind!r}; known kinds: {', '.join(EXPECTATIONS)}.")
-        if not isinstance(params, dict):
-            raise SpecError(f"{where.path}: field '{field}.{kind}' must be a mapping of parameters.")
-        where.no_unknown(params, EXPECTATIONS[kind], f"'{field}.{kind}'")
-        parsed.append(Expectation(kind, params, index))
-    return parsed
+def _describe(path: Path, error: ValidationError) -> str:
+    """One paragraph for every problem pydantic found: where, what, and how to fix it."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        field = _field_name(problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"field '{field}': {message}{_fix(problem, field)}")
+    count = f"{len(problems)} problems" if len(problems) > 1 else "1 problem"
+    return f"{path}: {count}: " + "; ".join(problems) + "."
 
 
-@dataclass(frozen=True)
-class _Where:
-    """Field checks that name the spec file in their errors."""
-
-    path: Path
-
-    def no_unknown(self, mapping: dict, allowed: set[str], place: str) -> None:
-        unknown = sorted(set(mapping) - allowed)
-        if unknown:
-            raise SpecError(f"{self.path}: unknown key(s) {', '.join(unknown)} in {place}; allowed: {', '.join(sorted(allowed))}.")
-
-    def string(self, mapping: dict, key: str, field: str | None = None) -> str:
-        value = mapping.get(key)
-        if not isinstance(value, str) or not value:
-            raise SpecError(f"{self.path}: field '{field or key}' must be a non-empty string, got {value!r}.")
-        return value
-
-    def string_list(self, mapping: dict, key: str) -> list[str]:
-        value = mapping.get(key)
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise SpecError(f"{self.path}: field '{key}' must be a non-empty list of model names, e.g. [smollm2-135m-instruct].")
-        return value
+def _field_name(loc: tuple) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1] = f"{parts[-1]}[{part}]" if parts else f"[{part}]"
+        elif part in KINDS and parts and parts[-1] == part:
+            continue  # the discriminator's tag repeats the expectation's key
+        else:
+            parts.append(str(part))
+    return ".".join(parts) or "the top level"
 
 
-def _first_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+def _fix(problem: dict, field: str) -> str:
+    kind, leaf = problem["type"], field.rsplit(".", 1)[-1]
+    if kind == "extra_forbidden":
+        return f" (remove '{leaf}' or fix its spelling; see `circuit-tests schema` for the allowed keys)"
+    if kind == "missing":
+        return f" (add '{leaf}')"
+    if kind == "expectation_kind" and isinstance(problem["input"], dict):
+        return f" (got {', '.join(map(repr, problem['input']))})"
+    if kind == "literal_error":
+        return ""  # pydantic already lists the allowed values
+    if "input" in problem and not isinstance(problem["input"], (dict, list)):
+        return f" (got {problem['input']!r})"
+    return ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +72,53 @@ def test_trace_of_unpaired_prompts_needs_a_zero_or_mean_baseline(tmp_path, capsy
     out = tmp_path / "out.json"
     assert main(["trace", "--dataset", str(dataset), "--baseline", "zero", "--metric", "top_k_logits", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["nodes"][0]["score"] != 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_schema_prints_the_spec_json_schema(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "circuit-tests spec" and "expect" in schema["properties"]
+
+
+def test_new_scaffolds_a_valid_spec_next_to_its_data(tmp_path, capsys):
+    from circuit_tests.spec import load_spec
+
+    (tmp_path / "fixtures").mkdir()
+    dataset = write_jsonl(tmp_path / "fixtures" / "d.jsonl", [pair("author")])
+    out = tmp_path / "specs" / "mine.yaml"
+    assert main(["new", str(dataset), "--name", "mine", "--out", str(out)]) == 0
+    spec = load_spec(out, tmp_path)
+    assert spec.task.dataset == "../fixtures/d.jsonl" and spec.examples[0].clean_prefix == "The author"
+    assert [e.kind for e in spec.expectations] == ["behaves", "sparse", "necessary", "flips", "stable"]
+    assert main(["new", str(dataset), "--name", "mine", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+SPEC = """name: cli
+models: [smollm2-135m-instruct]
+task: {dataset: d.jsonl, test_fraction: 0.5}
+expect:
+  - behaves: {min_accuracy: 0.9}
+  - flips: {neurons: 30, min_flip_rate: 0.99}
+  - stable: {neurons: 20}
+"""
+
+
+@pytest.mark.slow
+def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("\n".join((ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:30]))
+    spec = tmp_path / "cli.yaml"
+    spec.write_text(SPEC)
+    assert main(["run", str(spec), "--update", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS cli[smollm2-135m-instruct]::flips" in out and f"baseline written: {tmp_path / 'cli.baseline.json'}" in out
+    assert main(["run", str(spec), "--model", "smollm2-135m-instruct"]) == 0  # stable against the stored baseline
+    assert main(["diff", str(spec), "--models", "smollm2-135m-instruct", "smollm2-135m-instruct", "--top", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "Jaccard overlap 1.000" in out and "gained (0): none" in out
+    assert main(["trace", "--spec", str(spec), "--top", "5", "--json", str(tmp_path / "t.json")]) == 0
+    traced = json.loads((tmp_path / "t.json").read_text())
+    assert (traced["model"], traced["n_examples"], len(traced["nodes"])) == ("smollm2-135m-instruct", 15, 5)

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
 
+ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = """\
     - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is", patch_answer: " are"}
     - {clean_prefix: "The authors", patch_prefix: "The author", clean_answer: " are", patch_answer: " is"}
 """
 
 
-def spec(name: str, expect: str, models: str = "[smollm2-135m-instruct]", examples: str = EXAMPLES) -> str:
-    return f"name: {name}\nmodels: {models}\ntask:\n  examples:\n{examples}expect:\n{textwrap.indent(expect, '  ')}"
+def spec(name: str, expect: str, models: str = "[smollm2-135m-instruct]", task: str | None = None) -> str:
+    task = task or f"task:\n  examples:\n{EXAMPLES}"
+    return f"name: {name}\nmodels: {models}\n{task}expect:\n{textwrap.indent(expect, '  ')}"
+
+
+@pytest.fixture
+def sva(pytester) -> pytest.Pytester:
+    """A project with 40 agreement pairs (half held out) and a spec making every kind of claim."""
+    lines = (ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:40]
+    pytester.path.joinpath("data.jsonl").write_text("\n".join(lines) + "\n")
+    pytester.mkdir("specs")
+    pytester.path.joinpath("specs", "sva.yaml").write_text(spec("sva", (
+        "- behaves: {min_accuracy: 0.9}\n"
+        "- sparse: {max_neurons: 300, min_faithfulness: 0.5}\n"
+        "- necessary: {neurons: 300, max_completeness: 0.5}\n"
+        "- flips: {neurons: 30, min_flip_rate: 0.8}\n"
+        "- stable: {neurons: 50, min_overlap: 0.9}\n"
+    ), task="task: {dataset: ../data.jsonl, test_fraction: 0.5}\n"))
+    return pytester
 
 
 def test_spec_files_are_collected_with_readable_ids(pytester):
@@ -36,6 +57,8 @@ def test_spec_files_are_collected_with_readable_ids(pytester):
             "*4 tests collected*",
         ]
     )
+    result = pytester.runpytest("--collect-only", "-q", "-k", "pinned and not pinned-2")
+    result.stdout.fnmatch_lines(["*agree*::pinned", "*1/4 tests collected (3 deselected)*"])
 
 
 def test_circuit_model_option_replaces_the_specs_models(pytester):
@@ -44,20 +67,33 @@ def test_circuit_model_option_replaces_the_specs_models(pytester):
     result.stdout.fnmatch_lines(["*a[[]org/new@v2[]]::behaves", "*a[[]./ckpt[]]::behaves", "*2 tests collected*"])
 
 
-def test_broken_spec_is_one_failed_item_and_others_still_run(pytester):
-    pytester.path.joinpath("circuit_bad.yaml").write_text("name: bad\nmodels: [x]\ntask: {examples: [1]}\nexpect: []\n")
-    pytester.path.joinpath("circuit_typo.yaml").write_text(spec("typo", "- behaves: {min_acuracy: 1.0}\n"))
+def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytester):
+    corpus = sorted((ROOT / "tests" / "bad_specs").glob("*.yaml"))
+    shutil.copytree(ROOT / "tests" / "bad_specs" / "data", pytester.path / "data")
+    for path in corpus:
+        pytester.path.joinpath(f"circuit_{path.name}").write_text(path.read_text())
     pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
-    result = pytester.runpytest("-rA")
-    result.assert_outcomes(failed=2, skipped=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*invalid circuit spec: *circuit_bad.yaml: task.examples[[]0[]]: expected an object*",
-            "*invalid circuit spec: *circuit_typo.yaml: unknown key(s) min_acuracy in 'expect[[]0[]].behaves'*",
-            "SKIPPED*not in the local Hugging Face cache*",
-        ]
-    )
+    result = pytester.runpytest("-rA", "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=len(corpus), skipped=1)
+    for path in corpus:
+        expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+        result.stdout.fnmatch_lines([f"*invalid circuit spec: *circuit_{path.name}*{expected.replace('[', '[[]')}*"])
+    result.stdout.fnmatch_lines(["SKIPPED*not in the local Hugging Face cache*"])
     assert "Traceback" not in result.stdout.str()
+
+
+def test_a_missing_model_fails_under_strict(pytester):
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
+    result = pytester.runpytest("--circuit-strict")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*not in the local Hugging Face cache*"])
+
+
+def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
+    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
+    result = pytester.runpytest("-rs", "-m", "gpu")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
 
 
 @pytest.mark.slow
@@ -68,19 +104,101 @@ def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     )
     result = pytester.runpytest("-rA")
     result.assert_outcomes(passed=2, failed=1)
-    result.stdout.fnmatch_lines(["*sva[[]smollm2-135m-instruct[]]::pinned-2*", "*flips 0.000 of 2 examples; expected at least 1.000*"])
+    result.stdout.fnmatch_lines([
+        "*sva[[]smollm2-135m-instruct[]]::pinned-2",
+        "*expected: patching 1 pinned neurons from the counterfactual flips >= 1.00 of answers",
+        "*measured: flip rate 0.000 on 1 held-out examples",
+    ])
     assert "Traceback" not in result.stdout.str()
 
 
 @pytest.mark.slow
-def test_model_is_loaded_once_for_all_items(pytester, monkeypatch):
-    from circuit_tests import models
+def test_model_is_loaded_and_traced_once_for_all_items(sva, monkeypatch):
+    from circuit_tests import evaluation, models
 
-    loads = []
-    real = models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
-    for name in ("circuit_one.yaml", "circuit_two.yaml"):
-        pytester.path.joinpath(name).write_text(spec(name[:-5], "- behaves: {min_accuracy: 1.0}\n- behaves: {min_accuracy: 0.5}\n"))
-    result = pytester.runpytest_inprocess()
-    result.assert_outcomes(passed=4)
-    assert loads == ["smollm2-135m-instruct"]
+    loads, traces = [], []
+    monkeypatch.setattr(models, "load_model", lambda *a, real=models.load_model, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(evaluation, "attribute", lambda *a, real=evaluation.attribute, **k: traces.append(1) or real(*a, **k))
+    result = sva.runpytest_inprocess("--circuit-no-cache", "--circuit-update", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    assert (loads, len(traces)) == (["smollm2-135m-instruct"], 1)
+
+
+@pytest.mark.slow
+def test_baselines_are_written_compared_and_never_corrupted(sva):
+    baseline = sva.path / "specs" / "sva.baseline.json"
+    result = sva.runpytest("-k", "stable")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*measured: none for smollm2-135m-instruct in *sva.baseline.json", "*--circuit-update*"])
+
+    sva.runpytest("--circuit-update").assert_outcomes(passed=5)
+    stored = json.loads(baseline.read_text())
+    entry = stored["models"]["smollm2-135m-instruct"]
+    assert len(entry["circuit"]) == 100 and entry["metrics"]["accuracy"] >= 0.9
+    assert entry["machine"]["device"] == "cpu" and entry["machine"]["dtype"] == "float32"
+
+    result = sva.runpytest("-k", "stable")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*circuit specs*", "sva*smollm2-135m-instruct*1.00*passed (1/1)"])
+
+    entry["circuit"] = entry["circuit"][50:]  # another circuit: the stored one left the top 50
+    stored["models"]["old-checkpoint"] = entry
+    baseline.write_text(json.dumps(stored))
+    result = sva.runpytest("-k", "stable")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*measured: overlap 0.000*", "*entered (50): L*", "*left (50): L*",
+                                 "*stale baseline entries in *sva.yaml: old-checkpoint*"])
+
+    baseline.write_text("{ damaged")
+    for args in (["-k", "stable"], ["--circuit-update"]):
+        result = sva.runpytest(*args)
+        result.stdout.fnmatch_lines(["*sva.baseline.json: the stored baseline cannot be read*left untouched*"])
+        assert baseline.read_text() == "{ damaged"
+
+
+@pytest.mark.slow
+def test_reports_junit_and_xdist(sva):
+    sva.path.joinpath("circuit_bad.yaml").write_text("name: [\n")
+    result = sva.runpytest("-n", "2", "--dist", "loadfile", "--circuit-report", "r.html", "--circuit-json", "r.json",
+                           "--junitxml", "j.xml", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, failed=2)  # stable has no baseline yet; the broken spec
+    rows = json.loads(sva.path.joinpath("r.json").read_text())["rows"]
+    assert [(row["spec"], row["status"]) for row in rows] == [("sva", "failed")]
+    assert rows[0]["figures"]["accuracy"] >= 0.9 and rows[0]["figures"]["curve"]["sizes"] == [10, 30, 50, 100, 300, 1000]
+    page = sva.path.joinpath("r.html").read_text()
+    assert "<svg" in page and "faithfulness" in page and "none for smollm2-135m-instruct" in page
+    assert 'testcase classname="specs.sva.yaml' in sva.path.joinpath("j.xml").read_text()
+
+
+@pytest.mark.slow
+def test_bad_input_found_at_run_time_fails_only_its_spec(pytester):
+    two_tokens = '    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is not", patch_answer: " are"}\n'
+    uneven = '    - {clean_prefix: "The baker", patch_prefix: "The bakers", clean_answer: " is", patch_answer: " are"}\n'
+    pytester.path.joinpath("circuit_tokens.yaml").write_text(
+        spec("tokens", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{two_tokens}"))
+    pytester.path.joinpath("circuit_uneven.yaml").write_text(
+        spec("uneven", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{uneven}{uneven}"))
+    pytester.path.joinpath("circuit_shape.yaml").write_text(spec("shape", "- pinned: {neurons: [[30, 0]], min_flip_rate: 0.5}\n"))
+    pytester.path.joinpath("circuit_fine.yaml").write_text(spec("fine", "- behaves: {min_accuracy: 0.5}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines([
+        "*neuron (layer 30, neuron 0) is outside smollm2-135m-instruct's 30 layers x 1536 neurons*",
+        "*task.examples[[]0[]]: clean_answer ' is not' is 2 tokens*must be one token*",
+        "*0 usable example(s) for smollm2-135m-instruct (2 dropped because their two prefixes tokenize to different lengths)*",
+    ])
+    assert "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.slow
+def test_python_tests_use_the_same_machinery_through_fixtures(pytester):
+    lines = (ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:20]
+    pytester.path.joinpath("data.jsonl").write_text("\n".join(lines) + "\n")
+    pytester.makepyfile(test_api="""
+        def test_circuit(circuit_model, circuit_trace):
+            subject = circuit_trace("smollm2-135m-instruct", dataset="data.jsonl", test_fraction=0.5)
+            assert subject.loaded is circuit_model("smollm2-135m-instruct")
+            assert subject.accuracy >= 0.9
+            assert subject.flip_rate(30)[0] >= 0.8
+    """)
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)

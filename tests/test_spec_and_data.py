@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from circuit_tests.data import PairedExample, read_jsonl, split, tokenize_pairs
 from circuit_tests.errors import SpecError
-from circuit_tests.spec import load_spec
+from circuit_tests.spec import KINDS, json_schema, load_spec, reference_markdown, spec_from_mapping
 
 GOOD_EXAMPLE = {"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is", "patch_answer": " are"}
 
@@ -29,29 +30,42 @@ def test_a_good_spec_reads_its_dataset_relative_to_itself(tmp_path):
     assert [e.kind for e in spec.expectations] == ["behaves"]
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("name: [unclosed\n", "not valid YAML"),
-        ("- 1\n", "a spec is a mapping"),
-        ("name: x\nmodels: [m]\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\nextra: 1\n", "unknown key(s) extra in the top level"),
-        ("models: [m]\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\n", "field 'name' must be a non-empty string"),
-        ("name: x\nmodels: m\ntask: {dataset: d.jsonl}\nexpect: [{behaves: {}}]\n", "field 'models' must be a non-empty list"),
-        ("name: x\nmodels: [m]\ntask: {}\nexpect: [{behaves: {}}]\n", "field 'task' needs 'dataset'"),
-        ("name: x\nmodels: [m]\ntask: {dataset: nope.jsonl}\nexpect: [{behaves: {}}]\n", "nope.jsonl, which does not exist"),
-        ("name: x\nmodels: [m]\ntask: {examples: []}\nexpect: [{behaves: {}}]\n", "'task.examples' must be a non-empty list"),
-        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a}]}\nexpect: [{behaves: {}}]\n", "task.examples[0]: missing field(s) patch_prefix"),
-        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: 3, patch_answer: c}]}\nexpect: [{behaves: {}}]\n", "field 'clean_answer' must be a non-empty string"),
-        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: []\n", "field 'expect' must be a non-empty list"),
-        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: [{wobbles: {}}]\n", "unknown kind 'wobbles'"),
-        ("name: x\nmodels: [m]\ntask: {examples: [{clean_prefix: a, patch_prefix: b, clean_answer: c, patch_answer: d}]}\nexpect: [{behaves: 3}]\n", "'expect[0].behaves' must be a mapping"),
-    ],
-)
-def test_broken_specs_name_file_and_field(tmp_path, text, message):
+BAD_SPECS = sorted((Path(__file__).parent / "bad_specs").glob("*.yaml"))
+
+
+def test_the_broken_spec_corpus_is_large_enough():
+    assert len(BAD_SPECS) >= 25
+
+
+@pytest.mark.parametrize("path", BAD_SPECS, ids=lambda path: path.stem)
+def test_each_broken_spec_gets_its_own_message_naming_file_and_field(path):
+    """Each file's first line, ``# expect: ...``, is a fragment its error message must contain."""
+    expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
     with pytest.raises(SpecError) as error:
-        load_spec(write(tmp_path, text))
-    assert "circuit_x.yaml" in str(error.value)
-    assert message in str(error.value)
+        load_spec(path, root=path.parents[2])
+    assert path.name in str(error.value)
+    assert expected in str(error.value)
+    assert "\n" not in str(error.value)  # one paragraph
+
+
+def test_the_json_schema_describes_every_expectation_kind():
+    schema = json.dumps(json_schema())
+    for kind in KINDS:
+        assert f'"{kind}"' in schema
+    assert json_schema()["additionalProperties"] is False
+
+
+def test_the_committed_spec_reference_is_generated_from_the_schema():
+    committed = Path(__file__).resolve().parent.parent / "docs" / "spec-reference.md"
+    assert committed.read_text() == reference_markdown() + "\n", "regenerate: circuit-tests schema --markdown > docs/spec-reference.md"
+
+
+def test_a_spec_built_from_a_mapping_matches_its_yaml_form(tmp_path):
+    text = "name: x\nmodels: [m]\ntask: {examples: [%s]}\nexpect:\n  - sparse: {max_neurons: 10, min_faithfulness: 0.8}\n"
+    from_yaml = load_spec(write(tmp_path, text % json.dumps(GOOD_EXAMPLE)))
+    from_dict = spec_from_mapping(yaml.safe_load(text % json.dumps(GOOD_EXAMPLE)), tmp_path / "circuit_x.yaml")
+    assert from_yaml == from_dict and from_yaml.examples == from_dict.examples
+    assert from_yaml.expectations[0].params.max_neurons == 10
 
 
 def test_bad_json_line_is_named(tmp_path):

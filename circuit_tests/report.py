@@ -1,0 +1,173 @@
+"""Reports of a run: a terminal table, a self-contained HTML page and the same data as JSON.
+
+Each spec item carries its result and its subject's figures as a ``circuit_tests`` user
+property, so the report is built from test reports alone and works the same under
+pytest-xdist (workers send their reports to the controller). One :class:`Row` per (spec, model).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROPERTY = "circuit_tests"
+
+
+@dataclass
+class Result:
+    """One expectation's result."""
+
+    expectation: str
+    outcome: str  # passed, failed, skipped
+    message: str
+
+
+@dataclass
+class Row:
+    """One spec on one model."""
+
+    spec: str
+    model: str
+    path: str
+    figures: dict = field(default_factory=dict)
+    results: list[Result] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        outcomes = {result.outcome for result in self.results}
+        return "failed" if "failed" in outcomes else "passed" if "passed" in outcomes else "skipped"
+
+
+class Report:
+    """Rows collected from item payloads, in the order they arrived."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Row] = {}
+
+    def add(self, payload: dict, outcome: str, message: str | None = None) -> None:
+        key = (payload["spec"], payload["model"])
+        row = self.rows.setdefault(key, Row(payload["spec"], payload["model"], payload["path"]))
+        row.figures.update(payload.get("figures", {}))
+        row.results.append(Result(payload["expectation"], outcome, message or payload.get("message", "")))
+
+    # ------------------------------------------------------------------ terminal
+
+    def terminal_lines(self) -> list[str]:
+        header = ("spec", "model", "acc", "n@0.8", "flip", "steer", "overlap", "result")
+        table = [header] + [
+            (row.spec, row.model, _number(row.figures.get("accuracy")), _number(row.figures.get("nodes_for_0.8"), "{:.0f}"),
+             _last(row.figures.get("flip_rate")), _last(row.figures.get("steering")), _number(row.figures.get("overlap")),
+             f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
+            for row in self.rows.values()
+        ]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+        return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+
+    # ------------------------------------------------------------------ files
+
+    def to_json(self) -> dict:
+        return {"rows": [asdict(row) | {"status": row.status} for row in self.rows.values()]}
+
+    def write_json(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+    def write_html(self, path: Path) -> None:
+        sections = "\n".join(_section(row) for row in self.rows.values()) or "<p>No circuit specs ran.</p>"
+        path.write_text(PAGE.format(style=STYLE, sections=sections), encoding="utf-8")
+
+
+def _number(value: float | None, form: str = "{:.2f}") -> str:
+    return "-" if value is None else form.format(value)
+
+
+def _last(rates: dict | None) -> str:
+    """The rate of the largest circuit measured, as 'rate@size'."""
+    if not rates:
+        return "-"
+    size = max(rates, key=int)
+    return f"{rates[size]:.2f}@{size}"
+
+
+# --------------------------------------------------------------------------- HTML
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>circuit-tests report</title>
+<style>{style}</style></head>
+<body><h1>circuit-tests report</h1>
+{sections}
+</body></html>
+"""
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+section { border: 1px solid #ddd; border-radius: 6px; padding: 0 1em 1em; margin-bottom: 1.5em; }
+h2 .passed, td.passed { color: #17803d; } h2 .failed, td.failed { color: #b42318; } h2 .skipped, td.skipped { color: #777; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; vertical-align: top; }
+.grid { display: flex; gap: 2em; flex-wrap: wrap; } pre { margin: 0; white-space: pre-wrap; font-size: 12px; }
+"""
+
+
+def _section(row: Row) -> str:
+    figures = row.figures
+    facts = [("checkpoint revision", figures.get("revision")), ("device / dtype", f"{figures.get('device')} / {figures.get('dtype')}"),
+             ("train / test / dropped", f"{figures.get('n_train')} / {figures.get('n_test')} / {figures.get('n_dropped')}"),
+             ("accuracy", _number(figures.get("accuracy"))), ("nodes for 0.8 faithfulness", _number(figures.get("nodes_for_0.8"), "{:.0f}")),
+             ("flip rate", _rates(figures.get("flip_rate"))), ("steering success", _rates(figures.get("steering"))),
+             ("overlap with baseline", _number(figures.get("overlap")))]
+    fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
+    results = "".join(
+        f"<tr><td>{html.escape(r.expectation)}</td><td class='{r.outcome}'>{r.outcome}</td><td><pre>{html.escape(r.message)}</pre></td></tr>"
+        for r in row.results
+    )
+    top = "".join(
+        f"<tr><td>{layer}</td><td>{'-' if position is None else position}</td><td>{neuron}</td><td>{score:+.4f}</td></tr>"
+        for layer, position, neuron, score in figures.get("top", [])
+    )
+    return (
+        f"<section><h2>{html.escape(row.spec)} [{html.escape(row.model)}] <span class='{row.status}'>{row.status}</span></h2>"
+        f"<p>{html.escape(row.path)}</p><div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.get('curve'))}</div>"
+        f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
+        + (f"<h3>Top nodes</h3><table><tr><th>layer</th><th>position</th><th>neuron</th><th>score</th></tr>{top}</table>" if top else "")
+        + "</section>"
+    )
+
+
+def _rates(rates: dict | None) -> str:
+    return ", ".join(f"{value:.2f} at {size}" for size, value in sorted((rates or {}).items(), key=lambda kv: int(kv[0]))) or "-"
+
+
+def _curve_svg(curve: dict | None, width: int = 420, height: int = 240) -> str:
+    """Faithfulness and completeness against circuit size (log scale), as inline SVG."""
+    if not curve:
+        return ""
+    left, bottom, right, top = 45, height - 30, width - 10, 10
+    sizes = curve["sizes"]
+    values = [v for v in curve["faithfulness"] + curve["completeness"] if math.isfinite(v)]
+    low, high = min(0.0, *values), max(1.0, *values)
+    span = math.log(sizes[-1] / sizes[0]) or 1.0
+
+    def x(size: float) -> float:
+        return left + (right - left) * math.log(size / sizes[0]) / span
+
+    def y(value: float) -> float:
+        return bottom - (bottom - top) * (value - low) / (high - low)
+
+    def line(series: list[float], colour: str) -> str:
+        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(sizes, series) if math.isfinite(v))
+        return f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{points}'/>"
+
+    ticks = "".join(f"<text x='{x(s):.1f}' y='{height - 12}' font-size='10' text-anchor='middle'>{s}</text>" for s in sizes)
+    levels = "".join(
+        f"<line x1='{left}' x2='{right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#ddd'/>"
+        f"<text x='{left - 5}' y='{y(v) + 3:.1f}' font-size='10' text-anchor='end'>{v:.1f}</text>"
+        for v in (0.0, 0.5, 0.8, 1.0)
+    )
+    legend = ("<text x='60' y='22' font-size='11' fill='#1f6feb'>faithfulness</text>"
+              "<text x='150' y='22' font-size='11' fill='#d1242f'>completeness</text>")
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+            f"aria-label='faithfulness curve'>{levels}{ticks}{line(curve['faithfulness'], '#1f6feb')}"
+            f"{line(curve['completeness'], '#d1242f')}{legend}"
+            f"<text x='{(left + right) / 2}' y='{height}' font-size='10' text-anchor='middle'>nodes</text></svg>")
