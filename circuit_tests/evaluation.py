@@ -171,8 +171,9 @@ class Subject:
             for node in circuit.nodes
         ]
 
-    def baseline_entry(self, size: int) -> dict:
+    def baseline_entry(self) -> dict:
         """What ``--circuit-update`` stores for this (spec, model): the circuit and the key metrics."""
+        size = max([e.params.neurons for e in self.spec.expectations if isinstance(e.params, Stable)], default=0)
         _ = self.accuracy, self.curve, self.flip_rate(30), self.flip_rate(100)  # what a baseline records
         figures = _rounded(self.figures())
         metrics = {key: figures[key] for key in ("accuracy", "n_test", "nodes_for_0.8", "flip_rate")}

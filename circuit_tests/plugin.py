@@ -108,8 +108,7 @@ class CircuitSession:
     def record_baseline(self, subject: Subject) -> None:
         key = (subject.spec.path, subject.loaded.ref.name)
         if self.baselines.update and key not in self._recorded:
-            stable = [e.params.neurons for e in subject.spec.expectations if e.kind == "stable"]
-            self.baselines.record(subject.spec, subject.loaded.ref.name, subject.baseline_entry(max(stable, default=0)))
+            self.baselines.record(subject.spec, subject.loaded.ref.name, subject.baseline_entry())
             self._recorded.add(key)
 
 
