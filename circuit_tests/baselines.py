@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
@@ -59,15 +60,21 @@ def write_baseline(path: Path, spec_name: str, models: dict[str, dict]) -> None:
     with FileLock(str(lock)):
         content = read_baseline(path)
         merged = {"spec": spec_name, "version": VERSION, "models": {**content["models"], **models}}
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(dumps(merged))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        replace_atomically(path, lambda temporary: temporary.write_text(dumps(merged), encoding="utf-8"))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``:
+    readers see the old file or the new one, never a partial write, even if the writer is killed."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 def dumps(content: dict) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 import circuit_tests
 from circuit_tests.attribution import AttributionOptions, Scores, attribute, data_hash
+from circuit_tests.baselines import replace_atomically
 from circuit_tests.circuits import Circuit, Curve, accuracy, bootstrap, faithfulness_curve, faithfulness_from, flip_rates, top_k
 from circuit_tests.data import Tokenized, split, tokenize_pairs
 from circuit_tests.errors import SpecError
@@ -77,7 +76,8 @@ class Subject:
         scores = attribute(self.sites, batches, self.options)
         scores.metadata.update(model=self.loaded.ref.name, revision=self.loaded.revision, data_hash=data_hash(self.train))
         if path is not None:
-            _save_atomically(scores, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, scores.save)
         return scores
 
     def _cache_path(self) -> Path | None:
@@ -195,17 +195,6 @@ def _rounded(value: object, digits: int = 6) -> object:
     if isinstance(value, list):
         return [_rounded(item, digits) for item in value]
     return value
-
-
-def _save_atomically(scores: Scores, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        scores.save(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def default_trace_cache() -> Path:
