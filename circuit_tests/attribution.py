@@ -32,6 +32,7 @@ from circuit_tests.data import PairedBatch, PairedExample, Tokenized, tokenize_p
 from circuit_tests.errors import SpecError
 from circuit_tests.metrics import METRICS, Metric, run
 from circuit_tests.models import LoadedModel
+from circuit_tests.progress import bar
 from circuit_tests.relp import RelPRules, relp_rules
 from circuit_tests.sites import NeuronSites, capture, on_neurons
 
@@ -127,7 +128,7 @@ def attribute(
     total = torch.zeros(sites.n_layers, n_positions, sites.n_neurons, dtype=torch.float64, device=device)
     mean = _mean_baseline(sites, batches) if options.baseline == "mean" else None
     metric = METRICS[options.metric]
-    for batch in batches:
+    for batch in bar(batches, f"{options.method} attribution"):
         baseline = _baseline(sites, batch, options.baseline, mean)
         if options.method == "exact":
             if candidates is None:

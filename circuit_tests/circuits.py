@@ -26,6 +26,7 @@ from circuit_tests.attribution import Scores, neuron_values
 from circuit_tests.data import PairedBatch, Tokenized
 from circuit_tests.interventions import NodeSet
 from circuit_tests.metrics import logit_diff, run
+from circuit_tests.progress import bar
 from circuit_tests.sites import NeuronSites, on_neurons
 
 ABLATIONS = ("mean", "zero", "resample", "patch")
@@ -259,7 +260,7 @@ def faithfulness_curve(
     values = ablation_values(sites, data, ablation, seed)
     kept, removed = [], []
     bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
-    for batch, ablate in zip(data.batches, values):
+    for batch, ablate in bar(zip(data.batches, values), "faithfulness curve", len(data.batches)):
         rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
         kept.append(masked_logit_diffs(sites, batch, rank < bounds, None, ablate))
         removed.append(masked_logit_diffs(sites, batch, rank < bounds[: len(sizes)], ablate, None))
@@ -271,7 +272,7 @@ def flip_rates(sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Seq
     values = ablation_values(sites, data, "patch")
     flips = []
     bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
-    for batch, counterfactual in zip(data.batches, values):
+    for batch, counterfactual in bar(zip(data.batches, values), "flip rates", len(data.batches)):
         rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
         flips.append(masked_logit_diffs(sites, batch, rank < bounds, counterfactual, None) < 0)
     return torch.cat(flips, 1).float().cpu()

@@ -25,6 +25,7 @@ from circuit_tests.evaluation import STANDARD_SIZES, Subject, default_trace_cach
 from circuit_tests.expectations import check
 from circuit_tests.metrics import METRICS
 from circuit_tests.models import DEFAULT_MODEL, REGISTRY, LoadOptions, cache_dir, load_model
+from circuit_tests.progress import on_terminal
 from circuit_tests.report import Report
 from circuit_tests.spec import Spec, json_schema, load_spec, reference_markdown
 
@@ -235,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("names", nargs="*", metavar="NAME", help="registered model names (default: all)")
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with on_terminal():
+            return COMMANDS[args.command](args)
     except CircuitTestsError as error:
         print(f"circuit-tests {args.command}: {error}", file=sys.stderr)
         return 2

@@ -102,7 +102,7 @@ PAGE = """<!doctype html>
 """
 
 STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; padding: 0 1em; max-width: 1100px; color: #222; }
 section { border: 1px solid #ddd; border-radius: 6px; padding: 0 1em 1em; margin-bottom: 1.5em; }
 h2 .passed, td.passed { color: #17803d; } h2 .failed, td.failed { color: #b42318; } h2 .skipped, td.skipped { color: #777; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; vertical-align: top; }
@@ -112,8 +112,9 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border-bottom: 1px
 
 def _section(row: Row) -> str:
     figures = row.figures
-    facts = [("checkpoint revision", figures.get("revision")), ("device / dtype", f"{figures.get('device')} / {figures.get('dtype')}"),
-             ("train / test / dropped", f"{figures.get('n_train')} / {figures.get('n_test')} / {figures.get('n_dropped')}"),
+    known = {key: "-" if value is None else value for key, value in figures.items()}
+    facts = [("checkpoint revision", known.get("revision", "-")), ("device / dtype", f"{known.get('device', '-')} / {known.get('dtype', '-')}"),
+             ("train / test / dropped", " / ".join(str(known.get(key, "-")) for key in ("n_train", "n_test", "n_dropped"))),
              ("accuracy", _number(figures.get("accuracy"))), ("nodes for 0.8 faithfulness", _number(figures.get("nodes_for_0.8"), "{:.0f}")),
              ("flip rate", _rates(figures.get("flip_rate"))), ("steering success", _rates(figures.get("steering"))),
              ("overlap with baseline", _number(figures.get("overlap")))]

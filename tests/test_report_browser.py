@@ -1,0 +1,51 @@
+"""The HTML report as a real browser shows it: headless Chromium (Debian's ``chromium``) via ci/screenshot.sh.
+
+Skipped where Chromium is not installed (``apt-get install chromium``; ``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from circuit_tests.report import Report
+
+SCRIPT = Path(__file__).resolve().parents[1] / "ci" / "screenshot.sh"
+pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+
+FAITHFULNESS_BLUE, COMPLETENESS_RED, PASSED_GREEN = (0x1F, 0x6F, 0xEB), (0xD1, 0x24, 0x2F), (0x17, 0x80, 0x3D)
+
+
+def _pixels_near(image: Image.Image, colour: tuple[int, int, int], tolerance: int = 40) -> int:
+    return sum(count for count, pixel in image.getcolors(1 << 24) if all(abs(a - b) <= tolerance for a, b in zip(pixel, colour)))
+
+
+def test_chromium_renders_the_curve_the_tables_and_the_outcomes(tmp_path):
+    report = Report()
+    figures = {"accuracy": 0.95, "nodes_for_0.8": 70.0, "flip_rate": {"30": 1.0}, "top": [[3, 1, 77, -0.5]],
+               "curve": {"sizes": [10, 30, 100, 300], "faithfulness": [0.2, 0.6, 0.9, 1.0], "completeness": [0.7, 0.4, 0.1, 0.0]}}
+    payload = {"spec": "sva-simple", "model": "m", "path": "specs/s.yaml", "expectation": "sparse", "figures": figures}
+    report.add(payload, "passed", "expected: ...")
+    report.add(payload | {"expectation": "flips"}, "failed", "expected: flips\nmeasured: 0.1")
+    page, png = tmp_path / "report.html", tmp_path / "report.png"
+    report.write_html(page)
+
+    dom = subprocess.run([str(SCRIPT), str(page), str(png), "900,700"], capture_output=True, text=True, check=True).stdout
+
+    assert dom.count("<polyline") == 2 and "sva-simple [m]" in dom
+    image = Image.open(png).convert("RGB")
+    assert image.size == (900, 700)
+    assert _pixels_near(image, FAITHFULNESS_BLUE) > 300  # the faithfulness line, drawn across the plot
+    assert _pixels_near(image, COMPLETENESS_RED) > 300  # the completeness line and the 'failed' labels
+    assert _pixels_near(image, PASSED_GREEN) > 20  # the 'passed' cell
+
+
+def test_an_empty_report_renders_its_notice(tmp_path):
+    page, png = tmp_path / "empty.html", tmp_path / "empty.png"
+    Report().write_html(page)
+    dom = subprocess.run([str(SCRIPT), str(page), str(png), "600,300"], capture_output=True, text=True, check=True).stdout
+    assert "No circuit specs ran." in dom and Image.open(png).size == (600, 300)
