@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -154,6 +154,22 @@ def answer_token(tokenizer: PreTrainedTokenizerBase, answer: str, source: str, n
             "one token. Pick a word that is a single token (with its leading space), or drop the example."
         )
     return ids[0]
+
+
+def in_chat(example: PairedExample, tokenizer: PreTrainedTokenizerBase, system: str | None, assistant_prefix: str) -> PairedExample:
+    """The example with both prefixes as the user turn of ``tokenizer``'s chat template, the assistant's turn begun."""
+    return replace(example, clean_prefix=chat_prompt(tokenizer, example.clean_prefix, system, assistant_prefix),
+                   patch_prefix=chat_prompt(tokenizer, example.patch_prefix, system, assistant_prefix))
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | None, assistant_prefix: str) -> str:
+    """The chat-formatted text; a BOS the template writes is dropped when the tokenizer adds its own."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + assistant_prefix
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos):]
+    return text
 
 
 def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedTokenizerBase) -> Tokenized:

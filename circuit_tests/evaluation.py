@@ -22,12 +22,12 @@ import circuit_tests
 from circuit_tests.attribution import AttributionOptions, Scores, attribute, data_hash
 from circuit_tests.baselines import replace_atomically
 from circuit_tests.circuits import Circuit, Curve, accuracy, bootstrap, faithfulness_curve, faithfulness_from, flip_rates, top_k
-from circuit_tests.data import Tokenized, split, tokenize_pairs
+from circuit_tests.data import PairedExample, Tokenized, in_chat, split, tokenize_pairs
 from circuit_tests.errors import SpecError
 from circuit_tests.models import LoadedModel, cache_dir
 from circuit_tests.sites import NeuronSites
 from circuit_tests.spec import Necessary, Sparse, Spec, Stable
-from circuit_tests.steering import patch_success
+from circuit_tests.steering import multiplier_sweep, patch_success
 
 STANDARD_SIZES = (10, 30, 100, 300, 1000)
 BASELINE_NODES = 100  # nodes of the circuit stored in a baseline, at least
@@ -42,7 +42,7 @@ class Subject:
         self.loaded = loaded
         self.sites = NeuronSites(loaded.model)
         self.trace_cache = trace_cache
-        kept = tokenize_pairs(spec.examples, loaded.tokenizer)  # one-token answers are checked here
+        kept = tokenize_pairs(self._prompts(), loaded.tokenizer)  # one-token answers are checked here
         if not all(example.paired for example in spec.examples):
             raise SpecError(f"{spec.path}: field 'task': every example needs a counterfactual (clean_prefix, "
                             "patch_prefix, clean_answer, patch_answer); unpaired prompts cannot be tested by a spec.")
@@ -58,6 +58,17 @@ class Subject:
         self.test: Tokenized = tokenize_pairs(test, loaded.tokenizer)
         self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
+        self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
+
+    def _prompts(self) -> list[PairedExample]:
+        """The spec's examples, wrapped in the chat template when ``task.chat`` asks for it."""
+        chat, tokenizer = self.spec.task.chat, self.loaded.tokenizer
+        if chat is None:
+            return list(self.spec.examples)
+        if not tokenizer.chat_template:
+            raise SpecError(f"{self.spec.path}: field 'task.chat': the tokenizer of {self.loaded.ref.name} has no chat "
+                            "template. Remove 'task.chat' for a base model, or test an instruction-tuned checkpoint.")
+        return [in_chat(example, tokenizer, chat.system, chat.assistant_prefix) for example in self.spec.examples]
 
     # ------------------------------------------------------------------ trace and circuit
 
@@ -133,6 +144,18 @@ class Subject:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
         return self._rate(self._steering, circuit.nodes, lambda: patch_success(self.sites, self.test, circuit, [len(circuit)])[0])
 
+    def sweep(self, circuit: Circuit, factors: tuple[float, ...], token: int | None) -> torch.Tensor:
+        """``[len(factors), test examples]``: P(``token``, else each clean answer) with ``circuit`` scaled by each factor."""
+        key = (circuit.nodes, factors, token)
+        if key not in self._sweeps:
+            rows = []
+            for batch in self.test.batches:
+                tokens = [token] if token is not None else batch.clean_answer.tolist()
+                probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens)
+                rows.append(probabilities[..., 0] if token is not None else probabilities.diagonal(dim1=1, dim2=2))
+            self._sweeps[key] = torch.cat(rows, 1)
+        return self._sweeps[key]
+
     def _rate(self, memo: dict, key: object, compute) -> tuple[float, Interval]:
         if key not in memo:
             memo[key] = compute()
@@ -159,6 +182,9 @@ class Subject:
             figures["flip_rate"] = {str(size): hits.mean().item() for size, hits in sorted(self._flips.items())}
         if self._steering:
             figures["steering"] = {str(len(nodes)): hits.mean().item() for nodes, hits in self._steering.items()}
+        if self._sweeps:
+            figures["sweep"] = {f"{len(nodes)} neurons": {f"{factor:g}": p.mean().item() for factor, p in zip(factors, probs)}
+                                for (nodes, factors, _), probs in self._sweeps.items()}
         if "scores" in done:
             figures["top"] = [[*node, score] for node, score in self.ranked(20)]
         return figures

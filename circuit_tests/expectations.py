@@ -7,15 +7,17 @@ circuit size or, for ``stable``, the neurons that entered and left the circuit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from circuit_tests.baselines import BaselineStore, baseline_path
-from circuit_tests.circuits import Circuit, faithfulness_curve, flip_rate, overlap
+from circuit_tests.circuits import Circuit, bootstrap, faithfulness_curve, flip_rate, overlap
+from circuit_tests.data import answer_token
 from circuit_tests.errors import SpecError
 from circuit_tests.evaluation import Interval, Subject
 from circuit_tests.interventions import NodeSet
-from circuit_tests.spec import Behaves, Expectation, Flips, Necessary, Pinned, Sparse, Stable, Steers
+from circuit_tests.spec import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,31 @@ def _steers(subject: Subject, params: Steers) -> Outcome:
     )
 
 
+def _scales(subject: Subject, params: Scales) -> Outcome:
+    _check_shape(subject, list(params.neurons))
+    tokenizer, source = subject.loaded.tokenizer, f"{subject.spec.path}: scales"
+    token = None if params.token is None else answer_token(tokenizer, params.token, source, "token")
+    factors = tuple(params.factors)
+    probabilities = subject.sweep(Circuit.from_neurons(params.neurons, params.position), factors, token)
+    low = -math.inf if params.min_change is None else params.min_change
+    high = math.inf if params.max_change is None else params.max_change
+    steps = []
+    for i, step in enumerate(probabilities[1:] - probabilities[:-1]):
+        interval = bootstrap(lambda d: d.mean(), [step], seed=subject.spec.task.seed)
+        steps.append((step.mean().item(), f"x{factors[i]:g} -> x{factors[i + 1]:g}: {_ci(step.mean().item(), interval)}"))
+    bounds = [f"{word} {bound:+.3f}" for word, bound in (("at least", params.min_change), ("at most", params.max_change))
+              if bound is not None]
+    what = "P(clean answer)" if params.token is None else f"P({params.token!r})"
+    at = "every position" if params.position is None else f"position {params.position}"
+    return Outcome(
+        all(low <= change <= high for change, _ in steps),
+        f"scaling {len(params.neurons)} neurons at {at} by {', '.join(f'x{f:g}' for f in factors)} changes {what} "
+        f"by {' and '.join(bounds)} at each step",
+        "; ".join(text for _, text in steps) + f" {_on_test(subject)}",
+        ("mean probability: " + ", ".join(f"x{f:g} {p.mean().item():.3f}" for f, p in zip(factors, probabilities)),),
+    )
+
+
 def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outcome:
     if baselines.update:
         return Outcome(True, "a baseline to compare with", f"recorded {subject.loaded.ref.name} (--circuit-update)")
@@ -170,4 +197,4 @@ def _nodes(nodes: list, shown: int = 12) -> str:
 
 
 CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Necessary: _necessary, Flips: _flips,
-                                Pinned: _pinned, Steers: _steers}
+                                Pinned: _pinned, Steers: _steers, Scales: _scales}

@@ -36,7 +36,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("circuit-tests", "MLP-neuron circuit specs")
     group.addoption("--circuit-model", action="append", default=[], metavar="NAME",
                     help="run every spec against this model instead of the spec's own list (repeatable)")
-    group.addoption("--circuit-device", default="cpu", metavar="DEVICE", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    group.addoption("--circuit-device", default=None, metavar="DEVICE",
+                    help="cpu, cuda, cuda:N or auto (default: cpu; given explicitly, specs marked gpu run there too)")
     group.addoption("--circuit-dtype", default=None, metavar="DTYPE",
                     help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
     group.addoption("--circuit-update", action="store_true", help="record each spec's circuit and metrics as its baseline")
@@ -52,7 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
                  "slow: loads a real model or runs long"):
         config.addinivalue_line("markers", line)
     config.stash[SESSION] = CircuitSession(
-        LoadOptions(device=config.getoption("circuit_device"), dtype=config.getoption("circuit_dtype")),
+        LoadOptions(device=config.getoption("circuit_device") or "cpu", dtype=config.getoption("circuit_dtype")),
         BaselineStore(update=config.getoption("circuit_update")),
         None if config.getoption("circuit_no_cache") else default_trace_cache(),
     )
@@ -71,8 +72,8 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
-        pytest.skip("marked gpu and no CUDA device is visible")
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available() and item.config.getoption("circuit_device") is None:
+        pytest.skip("marked gpu and no CUDA device is visible (--circuit-device cpu runs it on the CPU anyway)")
 
 
 class CircuitSession:

@@ -16,6 +16,7 @@ also the published JSON Schema (``circuit-tests schema``). Every problem is one
       - flips: {neurons: 30, min_flip_rate: 0.9}
       - pinned: {neurons: [[17, 1203], [22, 88]], min_flip_rate: 0.5}
       - steers: {neurons: 30, min_success: 0.5}
+      - scales: {neurons: [[28, 678], [9, 200]], factors: [0, 1, 2], min_change: 0.2}
       - stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05}
 """
 
@@ -48,6 +49,13 @@ class Strict(BaseModel):
 # --------------------------------------------------------------------------- task and trace
 
 
+class Chat(Strict):
+    """Each prefix becomes the user turn of the tokenizer's chat template, as instruction-tuned models are prompted."""
+
+    system: str | None = Field("", description="system message ('' for an empty one, null for the template's own default)")
+    assistant_prefix: str = Field("", description="text the assistant's turn starts with, e.g. 'Answer:'")
+
+
 class Task(Strict):
     """The paired prompts, and how they are split into attribution (train) and evaluation (test)."""
 
@@ -57,6 +65,7 @@ class Task(Strict):
     seed: int = Field(0, description="seed of the train/test split, resampling and bootstraps")
     max_train: Count = Field(128, description="attribute on at most this many training examples")
     batch_size: Count = Field(32, description="examples per forward/backward pass")
+    chat: Chat | None = Field(None, description="wrap prefixes in the model's chat template (default: plain text)")
 
     @model_validator(mode="after")
     def _one_source(self) -> Task:
@@ -133,6 +142,24 @@ class Steers(Strict):
     min_success: Fraction = Field(description="fraction of test prompts whose top token becomes the source's answer")
 
 
+class Scales(Strict):
+    """Multiplying explicit neurons by each factor in turn (0 ablates, 1 is the model as is) moves the
+    probability of a token, e.g. "say a capital" neurons and the capital's probability."""
+
+    neurons: list[Neuron] = Field(min_length=1, description="[[layer, neuron], ...]")
+    position: int | None = Field(-1, description="the position scaled (negative counts from the end); null for every position")
+    factors: list[float] = Field([0.0, 1.0, 2.0], min_length=2, description="multipliers, swept in this order")
+    token: str | None = Field(None, description="one-token string whose probability is read (default: each prompt's clean answer)")
+    min_change: float | None = Field(None, description="P(token) at each factor minus at the one before, mean over test prompts: at least")
+    max_change: float | None = Field(None, description="the same change at each step: at most (e.g. 0 for a sweep that must not raise it)")
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Scales:
+        if self.min_change is None and self.max_change is None:
+            raise ValueError("give 'min_change', 'max_change' or both: the allowed change of probability")
+        return self
+
+
 class Stable(Strict):
     """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
 
@@ -145,7 +172,7 @@ class Stable(Strict):
 
 KINDS: dict[str, type[Strict]] = {
     "behaves": Behaves, "sparse": Sparse, "necessary": Necessary, "flips": Flips,
-    "pinned": Pinned, "steers": Steers, "stable": Stable,
+    "pinned": Pinned, "steers": Steers, "scales": Scales, "stable": Stable,
 }
 
 
@@ -221,7 +248,7 @@ def json_schema() -> dict:
 def reference_markdown() -> str:
     """Every field of a spec, with type, default and meaning: docs/spec-reference.md is this text."""
     lines = ["# Spec reference", "", "Generated from the schema by `circuit-tests schema --markdown`; do not edit by hand.", ""]
-    sections = [("Top level", Spec), ("task", Task), ("trace", Trace)] + [(f"expect: `{k}`", m) for k, m in KINDS.items()]
+    sections = [("Top level", Spec), ("task", Task), ("task.chat", Chat), ("trace", Trace)] + [(f"expect: `{k}`", m) for k, m in KINDS.items()]
     for title, model in sections:
         lines += [f"## {title}", "", " ".join((model.__doc__ or "").replace("``", "`").split()), "", "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():

@@ -94,6 +94,9 @@ def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
     result = pytester.runpytest("-rs", "-m", "gpu")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
+    forced = pytester.runpytest("-rs", "-m", "gpu", "--circuit-device", "cpu")  # asked for: runs, here up to the model
+    forced.assert_outcomes(skipped=1)
+    forced.stdout.fnmatch_lines(["*org/absent*not in the local Hugging Face cache*"])
 
 
 @pytest.mark.slow
