@@ -90,3 +90,31 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> transformers.PreT
                 if param.is_floating_point():
                     param.add_(0.02 * torch.randn_like(param))
     return model.eval()
+
+
+# meta-llama/Llama-3.1-8B's config.json: the fields that shape the model and its neurons.
+LLAMA_31_8B: dict = {
+    "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+    "bos_token_id": 128000, "eos_token_id": 128001,
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+}
+
+
+def scaled_llama_31_8b(vocab_size: int, hidden_size: int = 16, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random Llama with Llama-3.1-8B's layers and neurons (32 x 14336) around a narrow residual stream.
+
+    Specs written for the real model (pinned neurons, layer numbers) run on it end to end on a CPU;
+    ``vocab_size`` is that of the tokenizer saved beside it.
+    """
+    heads = 2
+    config = AutoConfig.for_model(
+        "llama", attn_implementation="eager",
+        **{**LLAMA_31_8B, "vocab_size": vocab_size, "hidden_size": hidden_size, "num_attention_heads": heads,
+           "num_key_value_heads": heads, "head_dim": hidden_size // heads, "bos_token_id": None, "eos_token_id": None},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
