@@ -144,7 +144,7 @@ def _curve_svg(curve: dict | None, width: int = 420, height: int = 240) -> str:
     """Faithfulness and completeness against circuit size (log scale), as inline SVG."""
     if not curve:
         return ""
-    left, bottom, right, top = 45, height - 30, width - 10, 10
+    left, bottom, right, top = 45, height - 30, width - 25, 10
     sizes = curve["sizes"]
     values = [v for v in curve["faithfulness"] + curve["completeness"] if math.isfinite(v)]
     low, high = min(0.0, *values), max(1.0, *values)
