@@ -14,6 +14,7 @@ this works under pytest-xdist (``-n 4 --dist loadfile`` keeps a spec's items on 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,11 +54,19 @@ def pytest_configure(config: pytest.Config) -> None:
                  "slow: loads a real model or runs long"):
         config.addinivalue_line("markers", line)
     config.stash[SESSION] = CircuitSession(
-        LoadOptions(device=config.getoption("circuit_device") or "cpu", dtype=config.getoption("circuit_dtype")),
+        LoadOptions(device=worker_device(config.getoption("circuit_device") or "cpu", os.environ.get("PYTEST_XDIST_WORKER"),
+                                         torch.cuda.device_count()), dtype=config.getoption("circuit_dtype")),
         BaselineStore(update=config.getoption("circuit_update")),
         None if config.getoption("circuit_no_cache") else default_trace_cache(),
     )
     config.pluginmanager.register(ReportCollector(config), "circuit-tests-report")
+
+
+def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
+    """``cuda`` under pytest-xdist means one GPU per worker: worker ``gwN`` takes ``cuda:(N mod n_gpus)``."""
+    if device != "cuda" or worker is None or n_gpus < 2:
+        return device
+    return f"cuda:{int(worker.removeprefix('gw')) % n_gpus}"
 
 
 def is_spec_path(path: Path) -> bool:

@@ -205,3 +205,14 @@ def test_python_tests_use_the_same_machinery_through_fixtures(pytester):
             assert subject.flip_rate(30)[0] >= 0.8
     """)
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize("device, worker, n_gpus, expected", [
+    ("cuda", "gw0", 4, "cuda:0"), ("cuda", "gw5", 4, "cuda:1"),  # one GPU per xdist worker, round robin
+    ("cuda", None, 4, "cuda"), ("cuda", "gw3", 1, "cuda"),      # no xdist, or a single GPU: as given
+    ("cuda:2", "gw1", 4, "cuda:2"), ("cpu", "gw1", 4, "cpu"), ("auto", "gw1", 4, "auto"),  # explicit choices kept
+])
+def test_xdist_workers_take_one_gpu_each(device, worker, n_gpus, expected):
+    from circuit_tests.plugin import worker_device
+
+    assert worker_device(device, worker, n_gpus) == expected
