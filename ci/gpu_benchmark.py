@@ -1,0 +1,118 @@
+"""Time attribution at the paper's scale on one GPU: a random model with Llama-3.1-8B's exact config.
+
+    python ci/gpu_benchmark.py                      # bf16 on cuda, 300 paired examples, JSON to stdout
+    python ci/gpu_benchmark.py --device cpu --dtype float32 --hidden-size 16 --layers 2 --examples 16   # smoke test
+
+Real weights are not needed for timing: the model is built from ``circuit_tests.tiny.LLAMA_31_8B``
+(32 layers x 14336 neurons, hidden 4096) with random weights, and the prompts are random token ids
+of SVA length (8 tokens, the patch prompt differing at one position). Reported per stage: seconds
+and peak GPU memory. Stages: plain forward+backward over every example (the reference), RelP
+attribution over every example (goal: at most 1.4x the reference), a 10-point faithfulness curve
+of the top 1000 nodes, and top-30 flip rates; 'spec' is the three together (goal: under 60 s on one H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from circuit_tests.attribution import AttributionOptions, attribute  # noqa: E402
+from circuit_tests.circuits import faithfulness_curve, flip_rates, top_k  # noqa: E402
+from circuit_tests.data import PairedBatch, Tokenized  # noqa: E402
+from circuit_tests.metrics import logit_diff  # noqa: E402
+from circuit_tests.sites import NeuronSites  # noqa: E402
+from circuit_tests.tiny import LLAMA_31_8B  # noqa: E402
+
+SIZES = (10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000)
+
+
+def random_llama(args: argparse.Namespace) -> transformers.PreTrainedModel:
+    overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers}
+    if args.hidden_size != LLAMA_31_8B["hidden_size"]:
+        overrides |= {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": args.hidden_size // 2}
+    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, **overrides})
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    return model.eval().requires_grad_(False)
+
+
+def random_pairs(n: int, vocab: int, length: int, batch_size: int) -> list[PairedBatch]:
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randint(vocab, (n, length), generator=generator)
+    patch = clean.clone()
+    patch[:, 2] = torch.randint(vocab, (n,), generator=generator)  # the "subject" token differs
+    answers = torch.randint(vocab, (n, 2), generator=generator)
+    examples = tuple(range(n))
+    return [PairedBatch(clean[i:i + batch_size], patch[i:i + batch_size], answers[i:i + batch_size, 0],
+                        answers[i:i + batch_size, 1], examples[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def plain_forward_backward(model: transformers.PreTrainedModel, batches: list[PairedBatch]) -> None:
+    embed = model.get_input_embeddings()
+    for batch in batches:
+        batch = batch.to(model.device)
+        inputs = embed(batch.clean_ids).detach().requires_grad_(True)
+        logit_diff(model(inputs_embeds=inputs, logits_to_keep=1).logits, batch).sum().backward()
+
+
+def timed(stage: str, results: dict, device: str, work) -> object:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    value = work()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        results[stage] = {"seconds": time.perf_counter() - start, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    else:
+        results[stage] = {"seconds": time.perf_counter() - start}
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--examples", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--hidden-size", type=int, default=LLAMA_31_8B["hidden_size"])
+    parser.add_argument("--layers", type=int, default=LLAMA_31_8B["num_hidden_layers"])
+    args = parser.parse_args()
+
+    model = random_llama(args)
+    sites = NeuronSites(model)
+    batches = random_pairs(args.examples, model.config.vocab_size, 8, args.batch_size)
+    data = Tokenized(tuple(batches))
+    results: dict = {}
+    timed("warm-up", results, args.device, lambda: plain_forward_backward(model, batches[:1]))
+    timed("forward+backward", results, args.device, lambda: plain_forward_backward(model, batches))
+    scores = timed("relp attribution", results, args.device, lambda: attribute(sites, batches, AttributionOptions()))
+    circuit = top_k(scores, max(SIZES))
+    timed("faithfulness curve (10 sizes)", results, args.device, lambda: faithfulness_curve(sites, data, circuit, SIZES))
+    timed("top-30 flips", results, args.device, lambda: flip_rates(sites, data, circuit, [30]))
+    spec_seconds = sum(results[stage]["seconds"] for stage in ("relp attribution", "faithfulness curve (10 sizes)", "top-30 flips"))
+    report = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "dtype": args.dtype, "examples": args.examples, "batch_size": args.batch_size,
+        "layers x neurons": f"{sites.n_layers} x {sites.n_neurons}", "hidden_size": args.hidden_size,
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "stages": results,
+        "attribution / forward+backward": results["relp attribution"]["seconds"] / results["forward+backward"]["seconds"],
+        "spec seconds (attribution + curve + flips)": spec_seconds,
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
