@@ -15,6 +15,10 @@ class ModelNotAvailableError(CircuitTestsError):
     """A well-formed model reference whose weights are not on this machine (a skip, not a bug)."""
 
 
+class BadCheckpointError(CircuitTestsError):
+    """A checkpoint that is on this machine but cannot be used: non-finite weights, or pickle-only files."""
+
+
 class UnsupportedArchitectureError(CircuitTestsError):
     """A model whose MLP neurons circuit-tests does not know how to find."""
 

@@ -32,7 +32,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
-from circuit_tests.errors import ModelNotAvailableError, UnknownModelError
+from circuit_tests.errors import BadCheckpointError, ModelNotAvailableError, UnknownModelError
 
 CACHE_ENV = "CIRCUIT_TESTS_CACHE"
 ALLOW_DOWNLOAD_ENV = "CIRCUIT_TESTS_ALLOW_DOWNLOAD"
@@ -254,6 +254,8 @@ def load_model(name: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
     ref = parse_model_ref(name)
     _check_device(options.device)
     source, hub_kwargs = _source(ref)
+    if ref.kind == "local" and not options.allow_pickle:
+        _check_safetensors(Path(ref.location))
     kwargs = dict(
         dtype=options.torch_dtype(),
         attn_implementation="eager",
@@ -272,7 +274,29 @@ def load_model(name: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
         model.to(options.device)
     model.requires_grad_(False)
     model.eval()
+    _check_finite(model, name)
     return LoadedModel(ref, model, tokenizer, options)
+
+
+def _check_safetensors(path: Path) -> None:
+    """A local checkpoint with only pickle weight files is refused before anything is unpickled."""
+    if path.is_dir() and not any(path.glob("*.safetensors")) and (any(path.glob("*.bin")) or any(path.glob("*.pt"))):
+        raise BadCheckpointError(
+            f"{path} holds only pickle weight files (*.bin / *.pt), which can run code when loaded; circuit-tests "
+            "loads safetensors only. Convert it once where you trust it: "
+            "`AutoModelForCausalLM.from_pretrained(path).save_pretrained(path)` writes model.safetensors."
+        )
+
+
+def _check_finite(model: PreTrainedModel, name: str) -> None:
+    """Weights with NaN or infinite values would make every measurement NaN: refuse them by name."""
+    bad = [param_name for param_name, param in model.named_parameters() if not torch.isfinite(param).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise BadCheckpointError(
+            f"{name}: {len(bad)} weight tensor(s) hold NaN or infinite values ({shown}). The checkpoint is damaged "
+            "(a diverged run or a bad conversion); test an earlier one, or fix the training run."
+        )
 
 
 def _source(ref: ModelRef) -> tuple[str, dict]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from circuit_tests import models
-from circuit_tests.errors import ModelNotAvailableError, UnknownModelError
+from circuit_tests.errors import BadCheckpointError, ModelNotAvailableError, UnknownModelError
 from circuit_tests.models import LoadOptions, ModelCache, convert_gguf, load_model, parse_model_ref
 from circuit_tests.tiny import tiny_model
 
@@ -83,7 +83,7 @@ def test_local_checkpoint_loads_frozen_in_eval_mode(monkeypatch, local_checkpoin
 
 
 def test_pickle_only_checkpoint_needs_explicit_permission(monkeypatch, local_checkpoint):
-    with pytest.raises(ModelNotAvailableError):
+    with pytest.raises(BadCheckpointError, match="only pickle weight files"):
         _load_without_tokenizer(monkeypatch, local_checkpoint / "pickle")
     loaded = _load_without_tokenizer(monkeypatch, local_checkpoint / "pickle", LoadOptions(allow_pickle=True))
     assert loaded.model.config.model_type == "llama"
