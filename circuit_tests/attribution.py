@@ -191,8 +191,9 @@ def _add_gradient_times_delta(
     with relp_rules(sites, rules), capture(sites, grad=True) as acts:
         value = metric(run(sites.model, batch.clean_ids), batch).sum()
     grads = torch.autograd.grad(value, acts)
-    for layer, (act, grad) in enumerate(zip(acts, grads)):
-        total[layer, : batch.n_positions] += ((baseline[layer] - act.detach()) * grad).sum(0, dtype=torch.float64)
+    for layer, (act, grad) in enumerate(zip(acts, grads)):  # products in float32 at least, whatever the model's dtype
+        delta = baseline[layer].float() - act.detach().float()
+        total[layer, : batch.n_positions] += (delta * grad.float()).sum(0, dtype=torch.float64).to(total.device)
 
 
 def _add_integrated_gradients(

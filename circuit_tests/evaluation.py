@@ -197,6 +197,10 @@ class Subject:
             for node in circuit.nodes
         ]
 
+    @property
+    def shape(self) -> dict:
+        return {"layers": self.sites.n_layers, "neurons": self.sites.n_neurons}
+
     def baseline_entry(self) -> dict:
         """What ``--circuit-update`` stores for this (spec, model): the circuit and the key metrics."""
         size = max([e.params.neurons for e in self.spec.expectations if isinstance(e.params, Stable)], default=0)
@@ -205,6 +209,7 @@ class Subject:
         metrics = {key: figures[key] for key in ("accuracy", "n_test", "nodes_for_0.8", "flip_rate")}
         return {
             "revision": figures["revision"],
+            "shape": self.shape,
             "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": torch.__version__,
                         "circuit_tests": circuit_tests.__version__, "method": self.spec.trace.method},
             "metrics": metrics | {"faithfulness": dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))},

@@ -169,6 +169,11 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
         return Outcome(False, "a stored baseline", f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}",
                        ("record one with `pytest --circuit-update` and commit the file",))
     name, entry = found
+    if not _same_shape(subject, entry):
+        return Outcome(False, f"a stored baseline for a model of {subject.loaded.ref.name}'s shape",
+                       f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}; {name}'s baseline is for "
+                       "a model of another shape, so its circuit cannot be compared",
+                       ("record one for this model with `pytest --circuit-update` (with `--circuit-model` if the spec does not list it)",))
     stored_nodes = [tuple(row[:3]) for row in entry["circuit"][: params.neurons]]
     stored = Circuit(tuple(stored_nodes), tuple(abs(row[3]) for row in entry["circuit"][: params.neurons]))
     current = subject.circuit(params.neurons)
@@ -188,6 +193,13 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
         (f"entered ({len(entered)}): {_nodes(entered)}", f"left ({len(left)}): {_nodes(left)}"),
         {"overlap": jaccard, "baseline": name, "stored_circuit_faithfulness": now},
     )
+
+
+def _same_shape(subject: Subject, entry: dict) -> bool:
+    """Whether a stored circuit can be read on this model (entries written before shapes were stored: by range)."""
+    if "shape" in entry:
+        return entry["shape"] == subject.shape
+    return all(layer < subject.sites.n_layers and neuron < subject.sites.n_neurons for layer, _, neuron, _ in entry["circuit"])
 
 
 def _nodes(nodes: list, shown: int = 12) -> str:

@@ -49,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if (config.getoption("circuit_device") or "cpu") != "cpu":
+        deterministic_cuda()
     for line in ("circuit: a test item collected from a YAML circuit spec",
                  "gpu: needs a CUDA device (skipped with a reason when there is none)",
                  "slow: loads a real model or runs long"):
@@ -60,6 +62,13 @@ def pytest_configure(config: pytest.Config) -> None:
         None if config.getoption("circuit_no_cache") else default_trace_cache(),
     )
     config.pluginmanager.register(ReportCollector(config), "circuit-tests-report")
+
+
+def deterministic_cuda() -> None:
+    """Same spec, same checkpoint, same numbers on a GPU too: deterministic kernels where torch has them
+    (``warn_only``: an op without one warns instead of failing), and cuBLAS's fixed workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def worker_device(device: str, worker: str | None, n_gpus: int) -> str:

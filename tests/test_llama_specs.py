@@ -42,7 +42,7 @@ def scaled_llama(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_they_run_end_to_end_on_a_scaled_down_random_llama(pytester, scaled_llama):
     report = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(str(SPECS), "--circuit-model", str(scaled_llama), "--circuit-device", "cpu",
+    result = pytester.runpytest_subprocess(str(SPECS), f"--circuit-model={scaled_llama}", "--circuit-device", "cpu",
                                            "--circuit-json", str(report), "-p", "no:cacheprovider")
     outcomes = result.parseoutcomes()
     assert "errors" not in outcomes and "skipped" not in outcomes  # every expectation measured, none crashed

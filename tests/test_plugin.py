@@ -139,10 +139,16 @@ def test_baselines_are_written_compared_and_never_corrupted(sva):
     entry = stored["models"]["smollm2-135m-instruct"]
     assert len(entry["circuit"]) == 100 and entry["metrics"]["accuracy"] >= 0.9
     assert entry["machine"]["device"] == "cpu" and entry["machine"]["dtype"] == "float32"
+    assert entry["shape"] == {"layers": 30, "neurons": 1536}
 
     result = sva.runpytest("-k", "stable")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*circuit specs*", "sva*smollm2-135m-instruct*1.00*passed (1/1)"])
+
+    baseline.write_text(json.dumps({"models": {"smollm2-135m-instruct": entry | {"shape": {"layers": 18, "neurons": 2048}}}}))
+    result = sva.runpytest("-k", "stable")  # e.g. Gemma's baseline where SmolLM2's is expected: reported, not a crash
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*baseline is for a model of another shape, so its circuit cannot be compared*"])
 
     entry["circuit"] = entry["circuit"][50:]  # another circuit: the stored one left the top 50
     stored["models"]["old-checkpoint"] = entry
@@ -216,3 +222,12 @@ def test_xdist_workers_take_one_gpu_each(device, worker, n_gpus, expected):
     from circuit_tests.plugin import worker_device
 
     assert worker_device(device, worker, n_gpus) == expected
+
+
+@pytest.mark.slow
+def test_the_same_spec_gives_the_same_numbers_run_after_run(sva):
+    for name in ("first.json", "second.json"):
+        sva.runpytest("--circuit-no-cache", "--circuit-update", "--circuit-json", name, "-p", "no:cacheprovider")
+    first, second = (json.loads((sva.path / name).read_text()) for name in ("first.json", "second.json"))
+    assert first["rows"][0]["figures"]["curve"] == second["rows"][0]["figures"]["curve"]
+    assert first == second  # every figure, the top nodes and their scores included

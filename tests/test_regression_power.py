@@ -55,7 +55,7 @@ def project(pytester) -> pytest.Pytester:
 
 
 def test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved(project, benign):
-    result = project.runpytest("specs", "--circuit-model", str(benign), "--circuit-json", "r.json", "-p", "no:cacheprovider")
+    result = project.runpytest("specs", f"--circuit-model={benign}", "--circuit-json", "r.json", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=len(SPECS) * len(KINDS))
     rows = json.loads((project.path / "r.json").read_text())["rows"]
     assert len(rows) == len(SPECS)
@@ -64,7 +64,7 @@ def test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved(project
 
 
 def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
-    result = project.runpytest("specs", "--circuit-model", str(broken), "-p", "no:cacheprovider")
+    result = project.runpytest("specs", f"--circuit-model={broken}", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines([  # the short summary, in collection order
         f"FAILED specs/{name}.yaml::{name.replace('_', '-')}[[]*smollm2-broken*[]]::{kind}*"
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
