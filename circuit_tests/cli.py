@@ -83,15 +83,19 @@ def _run(args: argparse.Namespace) -> int:
     for path in args.specs:
         spec = load_spec(Path(path))
         for model in args.model or spec.models:
-            subject = Subject(spec, load_model(model, _load_options(args, spec)), default_trace_cache())
+            try:
+                subject = Subject(spec, load_model(model, _load_options(args, spec)), default_trace_cache())
+            except CircuitTestsError as error:  # this (spec, model) cannot run; the others still do
+                _print_result(report, {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": "spec"}, str(error))
+                continue
             for expectation in spec.expectations:
-                outcome = check(subject, expectation, baselines)
-                payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": expectation.kind,
-                           "figures": subject.figures() | outcome.figures}
-                report.add(payload, "passed" if outcome.passed else "failed", outcome.message)
-                print(f"{'PASS' if outcome.passed else 'FAIL'} {spec.name}[{model}]::{expectation.kind}")
-                if not outcome.passed:
-                    print(textwrap.indent(outcome.message, "  "))
+                payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": expectation.kind}
+                try:
+                    outcome = check(subject, expectation, baselines)
+                except CircuitTestsError as error:
+                    _print_result(report, payload | {"figures": subject.figures()}, str(error))
+                    continue
+                _print_result(report, payload | {"figures": subject.figures() | outcome.figures}, outcome.message, outcome.passed)
             if args.update:
                 baselines.record(spec, model, subject.baseline_entry())
     written, errors = baselines.flush()
@@ -105,6 +109,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(Path(args.json))
     return 1 if any(row.status == "failed" for row in report.rows.values()) else 0
+
+
+def _print_result(report: Report, payload: dict, message: str, passed: bool = False) -> None:
+    report.add(payload, "passed" if passed else "failed", message)
+    print(f"{'PASS' if passed else 'FAIL'} {payload['spec']}[{payload['model']}]::{payload['expectation']}")
+    if not passed:
+        print(textwrap.indent(message, "  "))
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -122,3 +122,16 @@ def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
     assert main(["trace", "--spec", str(spec), "--top", "5", "--json", str(tmp_path / "t.json")]) == 0
     traced = json.loads((tmp_path / "t.json").read_text())
     assert (traced["model"], traced["n_examples"], len(traced["nodes"])) == ("smollm2-135m-instruct", 15, 5)
+
+
+@pytest.mark.slow
+def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("\n".join((ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:30]))
+    spec = tmp_path / "cli.yaml"
+    spec.write_text(SPEC.replace("[smollm2-135m-instruct]", "[smollm2-135m-instruct, ./no-such-checkpoint]")
+                    .replace("  - stable: {neurons: 20}\n", "  - pinned: {neurons: [[99, 1]], min_flip_rate: 0.5}\n"))
+    assert main(["run", str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL cli[smollm2-135m-instruct]::pinned" in out and "outside smollm2-135m-instruct's 30 layers" in out
+    assert "PASS cli[smollm2-135m-instruct]::behaves" in out  # the other expectations still ran
+    assert "FAIL cli[./no-such-checkpoint]::spec" in out and "cli " in out.splitlines()[-1]  # then the report table
