@@ -231,3 +231,27 @@ def test_the_same_spec_gives_the_same_numbers_run_after_run(sva):
     first, second = (json.loads((sva.path / name).read_text()) for name in ("first.json", "second.json"))
     assert first["rows"][0]["figures"]["curve"] == second["rows"][0]["figures"]["curve"]
     assert first == second  # every figure, the top nodes and their scores included
+
+
+@pytest.mark.slow
+def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(pytester):
+    pytester.makeconftest("""
+        import torch
+        import circuit_tests.plugin as plugin
+
+        real_check = plugin.check
+
+        def check(subject, expectation, baselines):
+            if subject.spec.name == "big":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return real_check(subject, expectation, baselines)
+
+        plugin.check = check
+    """)
+    for name in ("big", "small"):
+        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.0}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*circuit_big.yaml: smollm2-135m-instruct: out of GPU memory. Try a smaller `task.batch_size`, "
+                                 "`--circuit-dtype bfloat16`, or `--circuit-device auto`*"])
+    result.stdout.no_fnmatch_line("*Traceback*")
