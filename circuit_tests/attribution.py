@@ -172,7 +172,7 @@ def _baseline(sites: NeuronSites, batch: PairedBatch, kind: str, mean: list[torc
     shape = (len(batch), batch.n_positions, sites.n_neurons)
     dtype = sites.model.dtype
     if kind == "zero":
-        return [torch.zeros(shape, dtype=dtype, device=batch.clean_ids.device) for _ in range(sites.n_layers)]
+        return [torch.zeros(shape, dtype=dtype, device=sites.layer_device(layer)) for layer in range(sites.n_layers)]
     return [m.to(dtype).expand(shape) for m in mean]
 
 
@@ -210,15 +210,15 @@ def _add_integrated_gradients(
     one backward per layer.
     """
     clean = neuron_values(sites, batch.clean_ids)
-    alphas = torch.arange(steps, device=sites.device, dtype=clean[0].dtype).view(-1, 1, 1, 1) / steps
     repeated = batch.repeat(steps)
     for layer in range(sites.n_layers):
         delta = baseline[layer] - clean[layer]
+        alphas = torch.arange(steps, device=delta.device, dtype=delta.dtype).view(-1, 1, 1, 1) / steps
         points = (clean[layer] + alphas * delta).requires_grad_(True)  # [steps, batch, positions, neurons]
         with torch.enable_grad(), on_neurons(sites, lambda _, __: points.flatten(0, 1), layers=[layer]):
             value = metric(run(sites.model, repeated.clean_ids), repeated).sum()
         grad = torch.autograd.grad(value, points)[0]
-        total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0)
+        total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0).to(total.device)
 
 
 @torch.no_grad()

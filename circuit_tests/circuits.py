@@ -185,20 +185,18 @@ def masked_last_logits(
     take ``inside`` values and the others ``outside`` values; ``None`` keeps the model's own.
     """
     copies, b = chosen.shape[0], len(batch)
-    device = sites.device
-    chosen = chosen.to(device)
 
-    def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:
+    def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:  # on the layer's device, which may be any shard
         neurons = neurons.view(copies, b, *neurons.shape[1:])
-        mask = chosen[:, layer].unsqueeze(1)
+        mask = chosen[:, layer].unsqueeze(1).to(neurons.device)
         if inside is not None:
-            neurons = torch.where(mask, inside[layer].to(neurons.dtype), neurons)
+            neurons = torch.where(mask, inside[layer].to(neurons.device, neurons.dtype), neurons)
         if outside is not None:
-            neurons = torch.where(mask, neurons, outside[layer].to(neurons.dtype))
+            neurons = torch.where(mask, neurons, outside[layer].to(neurons.device, neurons.dtype))
         return neurons.reshape(copies * b, *neurons.shape[2:])
 
     with on_neurons(sites, mix):
-        logits = run(sites.model, batch.clean_ids.to(device).repeat(copies, 1))
+        logits = run(sites.model, batch.clean_ids.to(sites.device).repeat(copies, 1))
     return logits.float().view(copies, b, -1)
 
 

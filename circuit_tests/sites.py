@@ -141,6 +141,10 @@ class NeuronSites:
         """Where inputs go: the device of the input embeddings (the first shard under ``device_map``)."""
         return self.model.get_input_embeddings().weight.device
 
+    def layer_device(self, layer: int) -> torch.device:
+        """Where a layer's neurons live (differs from :attr:`device` when accelerate shards the model)."""
+        return self.sites[layer].down_proj.weight.device
+
     @property
     def names(self) -> list[str]:
         return [site.name for site in self.sites]
