@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
                 _print_result(report, {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": "spec"}, str(error))
                 continue
             for expectation in spec.expectations:
-                payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": expectation.kind}
+                payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": expectation.label}
                 try:
                     outcome = check(subject, expectation, baselines)
                 except CircuitTestsError as error:
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_result(report: Report, payload: dict, message: str, passed: bool = False) -> None:
     report.add(payload, "passed" if passed else "failed", message)
-    print(f"{'PASS' if passed else 'FAIL'} {payload['spec']}[{payload['model']}]::{payload['expectation']}")
+    print(f"{'PASS' if passed else 'FAIL'} {payload['spec']}::{payload['expectation']}[{payload['model']}]")
     if not passed:
         print(textwrap.indent(message, "  "))
 

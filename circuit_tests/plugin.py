@@ -1,10 +1,12 @@
 """The pytest plugin: every (spec, model, expectation) in a YAML circuit spec is one test item.
 
 Collection follows pytest's documented YAML example: :func:`pytest_collect_file` turns a spec
-file into a :class:`SpecFile`, which yields one :class:`SpecModel` collector per model, which
-yields one :class:`ExpectationItem` per expectation, with ids such as
-``specs/sva_simple.yaml::sva-simple[smollm2-135m-instruct]::sparse``. A spec that cannot be
-read is one failing :class:`BrokenSpecItem`; every other spec still runs.
+file into a :class:`SpecFile`, which yields a :class:`SpecNode` for the spec, which yields one
+:class:`ExpectationItem` per expectation and model, parametrized by the model the way pytest
+parametrizes a test: ``specs/sva_simple.yaml::sva-simple::sparse[smollm2-135m-instruct]``.
+(The model stays in the trailing brackets, where pytest reads parameters, so that node ids
+given on the command line, ``--lf`` and ``--ff`` find the item.) A spec that cannot be read is
+one failing :class:`BrokenSpecItem`; every other spec still runs.
 
 A :class:`CircuitSession` loads each model once and prepares each (spec, model) once, however
 many items use it; traces are also cached on disk. Baselines are written once at the end of
@@ -140,40 +142,38 @@ class SpecFile(pytest.File):
         except CircuitTestsError as error:
             yield BrokenSpecItem.from_parent(self, name="spec", error=error)
             return
-        for model in self.config.getoption("circuit_model") or spec.models:
-            yield SpecModel.from_parent(self, name=f"{spec.name}[{model}]", spec=spec, model=model)
+        yield SpecNode.from_parent(self, name=spec.name, spec=spec)
 
 
-class SpecModel(pytest.Collector):
-    """One spec on one model: the expectations as items."""
+class SpecNode(pytest.Collector):
+    """One spec: an item per (model, expectation), grouped by model so a model's items run together."""
 
-    def __init__(self, *, spec: Spec, model: str, **kwargs) -> None:
+    def __init__(self, *, spec: Spec, **kwargs) -> None:
         super().__init__(**kwargs)
         self.spec = spec
-        self.model = model
 
     def collect(self):
-        counts: dict[str, int] = {}
-        for expectation in self.spec.expectations:
-            counts[expectation.kind] = counts.get(expectation.kind, 0) + 1
-            name = expectation.kind if counts[expectation.kind] == 1 else f"{expectation.kind}-{counts[expectation.kind]}"
-            item = ExpectationItem.from_parent(self, name=name, expectation=expectation)
-            for marker in ("circuit", *self.spec.markers):
-                item.add_marker(marker)
-            yield item
+        expectations = self.spec.expectations
+        for model in self.config.getoption("circuit_model") or self.spec.models:
+            for expectation in expectations:
+                item = ExpectationItem.from_parent(self, name=f"{expectation.label}[{model}]", model=model, expectation=expectation)
+                for marker in ("circuit", *self.spec.markers):
+                    item.add_marker(marker)
+                yield item
 
 
 class ExpectationItem(pytest.Item):
     """One expectation of one spec on one model."""
 
-    def __init__(self, *, expectation: Expectation, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, model: str, expectation: Expectation, parent: SpecNode, **kwargs) -> None:
+        super().__init__(parent=parent, nodeid=_parametrized_id(parent, expectation.label, model), **kwargs)
+        self.model = model
         self.expectation = expectation
 
     def runtest(self) -> None:
         session: CircuitSession = self.config.stash[SESSION]
-        spec, model = self.parent.spec, self.parent.model
-        payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": self.name}
+        spec, model = self.parent.spec, self.model
+        payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": self.expectation.label}
         self.user_properties.append((PROPERTY, payload))
         try:
             subject = session.subject(spec, model)
@@ -197,6 +197,16 @@ class ExpectationItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, f"{self.parent.name}::{self.name}"
+
+
+def _parametrized_id(parent: pytest.Collector, name: str, param: str):
+    """The node id of ``name[param]`` as pytest builds a parametrized test's, so ``--lf`` can match it.
+
+    pytest 9 keeps ids structured (``NodeId``) and reads the trailing ``[...]`` of a stored id as
+    the parameters; pytest 8's string id ``parent::name[param]`` is what the default gives.
+    """
+    structured = getattr(parent, "id", None)
+    return None if structured is None else structured.child(name).with_params(param)
 
 
 class BrokenSpecItem(pytest.Item):

@@ -225,7 +225,13 @@ class Spec(Strict):
 
     @property
     def expectations(self) -> list[Expectation]:
-        return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index) for index, entry in enumerate(self.expect)]
+        """The claims in order, labelled by kind and numbered from the second of a kind on: ``pinned``, ``pinned-2``."""
+        expectations: list[Expectation] = []
+        for index, entry in enumerate(self.expect):
+            kind = _kind_of(entry)
+            nth = 1 + sum(earlier.kind == kind for earlier in expectations)
+            expectations.append(Expectation(kind, getattr(entry, kind), index, kind if nth == 1 else f"{kind}-{nth}"))
+        return expectations
 
 
 @dataclass(frozen=True)
@@ -235,6 +241,7 @@ class Expectation:
     kind: str
     params: Strict
     index: int  # position in the spec's ``expect`` list
+    label: str  # the kind, or ``kind-N`` for the N-th of a kind: the name in test ids and reports
 
 
 def json_schema() -> dict:

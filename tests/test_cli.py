@@ -114,7 +114,7 @@ def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
     spec.write_text(SPEC)
     assert main(["run", str(spec), "--update", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "PASS cli[smollm2-135m-instruct]::flips" in out and f"baseline written: {tmp_path / 'cli.baseline.json'}" in out
+    assert "PASS cli::flips[smollm2-135m-instruct]" in out and f"baseline written: {tmp_path / 'cli.baseline.json'}" in out
     assert main(["run", str(spec), "--model", "smollm2-135m-instruct"]) == 0  # stable against the stored baseline
     assert main(["diff", str(spec), "--models", "smollm2-135m-instruct", "smollm2-135m-instruct", "--top", "20"]) == 0
     out = capsys.readouterr().out
@@ -132,6 +132,6 @@ def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys)
                     .replace("  - stable: {neurons: 20}\n", "  - pinned: {neurons: [[99, 1]], min_flip_rate: 0.5}\n"))
     assert main(["run", str(spec)]) == 1
     out = capsys.readouterr().out
-    assert "FAIL cli[smollm2-135m-instruct]::pinned" in out and "outside smollm2-135m-instruct's 30 layers" in out
-    assert "PASS cli[smollm2-135m-instruct]::behaves" in out  # the other expectations still ran
-    assert "FAIL cli[./no-such-checkpoint]::spec" in out and "cli " in out.splitlines()[-1]  # then the report table
+    assert "FAIL cli::pinned[smollm2-135m-instruct]" in out and "outside smollm2-135m-instruct's 30 layers" in out
+    assert "PASS cli::behaves[smollm2-135m-instruct]" in out  # the other expectations still ran
+    assert "FAIL cli::spec[./no-such-checkpoint]" in out and "cli " in out.splitlines()[-1]  # then the report table

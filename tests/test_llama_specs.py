@@ -18,8 +18,8 @@ SPECS = ROOT / "specs" / "llama-3.1-8b"
 
 def test_they_collect_one_item_per_model_and_expectation(pytester):
     result = pytester.runpytest_subprocess(str(SPECS), "--collect-only", "-q")
-    result.stdout.fnmatch_lines(["*sva_simple.yaml::llama-sva-simple[[]meta-llama/Llama-3.1-8B[]]::sparse",
-                                 "*texas_california.yaml::llama-texas-california[[]meta-llama/Llama-3.1-8B-Instruct[]]::pinned",
+    result.stdout.fnmatch_lines(["*sva_simple.yaml::llama-sva-simple::sparse[[]meta-llama/Llama-3.1-8B[]]",
+                                 "*texas_california.yaml::llama-texas-california::pinned[[]meta-llama/Llama-3.1-8B-Instruct[]]",
                                  "38 tests collected*"])
 
 

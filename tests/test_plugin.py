@@ -50,21 +50,23 @@ def test_spec_files_are_collected_with_readable_ids(pytester):
     result = pytester.runpytest("--collect-only", "-q")
     result.stdout.fnmatch_lines(
         [
-            "circuit_other.yaml::other[[]smollm2-135m-instruct[]]::behaves",
-            "specs/agree.yaml::agree[[]smollm2-135m-instruct[]]::behaves",
-            "specs/agree.yaml::agree[[]smollm2-135m-instruct[]]::pinned",
-            "specs/agree.yaml::agree[[]smollm2-135m-instruct[]]::pinned-2",
+            "circuit_other.yaml::other::behaves[[]smollm2-135m-instruct[]]",
+            "specs/agree.yaml::agree::behaves[[]smollm2-135m-instruct[]]",
+            "specs/agree.yaml::agree::pinned[[]smollm2-135m-instruct[]]",
+            "specs/agree.yaml::agree::pinned-2[[]smollm2-135m-instruct[]]",
             "*4 tests collected*",
         ]
     )
     result = pytester.runpytest("--collect-only", "-q", "-k", "pinned and not pinned-2")
-    result.stdout.fnmatch_lines(["*agree*::pinned", "*1/4 tests collected (3 deselected)*"])
+    result.stdout.fnmatch_lines(["*agree::pinned[[]*", "*1/4 tests collected (3 deselected)*"])
+    result = pytester.runpytest("--collect-only", "-q", "specs/agree.yaml::agree::pinned-2[smollm2-135m-instruct]")
+    result.stdout.fnmatch_lines(["specs/agree.yaml::agree::pinned-2[[]smollm2-135m-instruct[]]", "*1 test collected*"])
 
 
 def test_circuit_model_option_replaces_the_specs_models(pytester):
     pytester.path.joinpath("circuit_a.yaml").write_text(spec("a", "- behaves: {min_accuracy: 1.0}\n"))
     result = pytester.runpytest("--collect-only", "-q", "--circuit-model", "org/new@v2", "--circuit-model", "./ckpt")
-    result.stdout.fnmatch_lines(["*a[[]org/new@v2[]]::behaves", "*a[[]./ckpt[]]::behaves", "*2 tests collected*"])
+    result.stdout.fnmatch_lines(["*a::behaves[[]org/new@v2[]]", "*a::behaves[[]./ckpt[]]", "*2 tests collected*"])
 
 
 def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytester):
@@ -108,11 +110,24 @@ def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     result = pytester.runpytest("-rA")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines([
-        "*sva[[]smollm2-135m-instruct[]]::pinned-2",
+        "*sva::pinned-2[[]smollm2-135m-instruct[]]",
         "*expected: patching 1 pinned neurons from the counterfactual flips >= 1.00 of answers",
         "*measured: flip rate 0.000 on 1 held-out examples",
     ])
     assert "Traceback" not in result.stdout.str()
+
+
+@pytest.mark.slow
+def test_exitfirst_and_last_failed_select_spec_items(pytester):
+    pytester.path.joinpath("circuit_sva.yaml").write_text(
+        spec("sva", "- pinned: {neurons: [[29, 0]], position: -1, min_flip_rate: 1.0}\n- behaves: {min_accuracy: 1.0}\n"
+             "- pinned: {layers: [0, 9], position: -1, min_flip_rate: 1.0}\n")
+    )
+    pytester.runpytest("-x").assert_outcomes(failed=1)  # stops at the first failed expectation
+    pytester.runpytest().assert_outcomes(passed=2, failed=1)
+    again = pytester.runpytest("--lf", "-v")
+    again.assert_outcomes(failed=1, deselected=2)
+    again.stdout.fnmatch_lines(["*circuit_sva.yaml::sva::pinned[[]smollm2-135m-instruct[]] FAILED*"])
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ def test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved(project
 def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
     result = project.runpytest("specs", f"--circuit-model={broken}", "-p", "no:cacheprovider")
     result.stdout.fnmatch_lines([  # the short summary, in collection order
-        f"FAILED specs/{name}.yaml::{name.replace('_', '-')}[[]*smollm2-broken*[]]::{kind}*"
+        f"FAILED specs/{name}.yaml::{name.replace('_', '-')}::{kind}[[]*smollm2-broken*[]]*"
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
     ])
     result.stdout.fnmatch_lines(["*expected: accuracy >= 0.900*", "*measured: accuracy 0.*"])
