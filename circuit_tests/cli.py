@@ -26,7 +26,7 @@ from circuit_tests.expectations import check
 from circuit_tests.metrics import METRICS
 from circuit_tests.models import DEFAULT_MODEL, REGISTRY, LoadOptions, cache_dir, load_model
 from circuit_tests.progress import on_terminal
-from circuit_tests.report import Report
+from circuit_tests.report import Report, payload
 from circuit_tests.spec import Spec, json_schema, load_spec, reference_markdown
 
 
@@ -86,16 +86,16 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 subject = Subject(spec, load_model(model, _load_options(args, spec)), default_trace_cache())
             except CircuitTestsError as error:  # this (spec, model) cannot run; the others still do
-                _print_result(report, {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": "spec"}, str(error))
+                _print_result(report, payload(spec.name, model, spec.path, "spec"), str(error))
                 continue
             for expectation in spec.expectations:
-                payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": expectation.label}
+                result = payload(spec.name, model, spec.path, expectation.label)
                 try:
                     outcome = check(subject, expectation, baselines)
                 except CircuitTestsError as error:
-                    _print_result(report, payload | {"figures": subject.figures()}, str(error))
+                    _print_result(report, result | {"figures": subject.figures()}, str(error))
                     continue
-                _print_result(report, payload | {"figures": subject.figures() | outcome.figures}, outcome.message, outcome.passed)
+                _print_result(report, result | {"figures": subject.figures() | outcome.figures}, outcome.message, outcome.passed)
             if args.update:
                 baselines.record(spec, model, subject.baseline_entry())
     written, errors = baselines.flush()
@@ -111,9 +111,9 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if any(row.status == "failed" for row in report.rows.values()) else 0
 
 
-def _print_result(report: Report, payload: dict, message: str, passed: bool = False) -> None:
-    report.add(payload, "passed" if passed else "failed", message)
-    print(f"{'PASS' if passed else 'FAIL'} {payload['spec']}::{payload['expectation']}[{payload['model']}]")
+def _print_result(report: Report, result: dict, message: str, passed: bool = False) -> None:
+    report.add(result, "passed" if passed else "failed", message)
+    print(f"{'PASS' if passed else 'FAIL'} {result['spec']}::{result['expectation']}[{result['model']}]")
     if not passed:
         print(textwrap.indent(message, "  "))
 

@@ -27,7 +27,7 @@ from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError
 from circuit_tests.evaluation import Subject, default_trace_cache
 from circuit_tests.expectations import Outcome, check
 from circuit_tests.models import LoadedModel, LoadOptions, ModelCache
-from circuit_tests.report import PROPERTY, Report
+from circuit_tests.report import PROPERTY, Report, payload
 from circuit_tests.spec import Expectation, Spec, load_spec, spec_from_mapping
 
 SESSION = pytest.StashKey["CircuitSession"]()
@@ -173,8 +173,8 @@ class ExpectationItem(pytest.Item):
     def runtest(self) -> None:
         session: CircuitSession = self.config.stash[SESSION]
         spec, model = self.parent.spec, self.model
-        payload = {"spec": spec.name, "model": model, "path": str(spec.path), "expectation": self.expectation.label}
-        self.user_properties.append((PROPERTY, payload))
+        result = payload(spec.name, model, spec.path, self.expectation.label)
+        self.user_properties.append((PROPERTY, result))
         try:
             subject = session.subject(spec, model)
             outcome = check(subject, self.expectation, session.baselines)
@@ -186,7 +186,7 @@ class ExpectationItem(pytest.Item):
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise CircuitTestsError(f"{spec.path}: {model}: {OOM_ADVICE}") from None
-        payload.update(message=outcome.message, figures=subject.figures() | outcome.figures)
+        result.update(message=outcome.message, figures=subject.figures() | outcome.figures)
         if not outcome.passed:
             raise ExpectationFailed(outcome)
 
@@ -249,10 +249,10 @@ class ReportCollector:
         self.report = Report()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        payload = dict(report.user_properties).get(PROPERTY)
-        if payload is None or (report.when != "call" and not report.failed):
+        result = dict(report.user_properties).get(PROPERTY)
+        if result is None or (report.when != "call" and not report.failed):
             return
-        self.report.add(payload, report.outcome, payload.get("message") if report.passed else _failure_text(report))
+        self.report.add(result, report.outcome, result.get("message") if report.passed else _failure_text(report))
 
     def pytest_sessionfinish(self) -> None:
         if hasattr(self.config, "workerinput"):

@@ -16,6 +16,11 @@ from pathlib import Path
 PROPERTY = "circuit_tests"
 
 
+def payload(spec_name: str, model: str, path: Path, expectation: str) -> dict:
+    """What one result carries to :meth:`Report.add` (``figures`` and ``message`` are added as measured)."""
+    return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation}
+
+
 @dataclass
 class Result:
     """One expectation's result."""
