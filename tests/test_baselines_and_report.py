@@ -10,12 +10,13 @@ import subprocess
 import sys
 import time
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 
 from circuit_tests.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
 from circuit_tests.errors import SpecError
-from circuit_tests.report import Report
+from circuit_tests.report import Report, payload
 
 
 def entry(value: float) -> dict:
@@ -102,9 +103,9 @@ def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_p
     report = Report()
     figures = {"accuracy": 0.95, "curve": {"sizes": [10, 100], "faithfulness": [0.2, 0.9], "completeness": [0.7, 0.1]},
                "nodes_for_0.8": 70.0, "flip_rate": {"30": 1.0}, "top": [[3, 1, 77, -0.5]]}
-    payload = {"spec": "s<x>", "model": "m", "path": "specs/s.yaml", "expectation": "sparse", "figures": figures}
-    report.add(payload, "passed", "expected: ...")
-    report.add(payload | {"expectation": "flips"}, "failed", "expected: flips\nmeasured: 0.1")
+    result = payload("s<x>", "m", Path("specs/s.yaml"), "sparse") | {"figures": figures}
+    report.add(result, "passed", "expected: ...")
+    report.add(result | {"expectation": "flips"}, "failed", "expected: flips\nmeasured: 0.1")
     path = tmp_path / "r.html"
     report.write_html(path)
     parser = _Collector()

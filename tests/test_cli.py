@@ -115,6 +115,7 @@ def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
     assert main(["run", str(spec), "--update", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "PASS cli::flips[smollm2-135m-instruct]" in out and f"baseline written: {tmp_path / 'cli.baseline.json'}" in out
+    assert [(row["spec"], row["path"]) for row in json.loads((tmp_path / "r.json").read_text())["rows"]] == [("cli", str(spec))]
     assert main(["run", str(spec), "--model", "smollm2-135m-instruct"]) == 0  # stable against the stored baseline
     assert main(["diff", str(spec), "--models", "smollm2-135m-instruct", "smollm2-135m-instruct", "--top", "20"]) == 0
     out = capsys.readouterr().out

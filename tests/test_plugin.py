@@ -187,7 +187,7 @@ def test_reports_junit_and_xdist(sva):
                            "--junitxml", "j.xml", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, failed=2)  # stable has no baseline yet; the broken spec
     rows = json.loads(sva.path.joinpath("r.json").read_text())["rows"]
-    assert [(row["spec"], row["status"]) for row in rows] == [("sva", "failed")]
+    assert [(row["spec"], row["status"], row["path"]) for row in rows] == [("sva", "failed", str(sva.path / "specs" / "sva.yaml"))]
     assert rows[0]["figures"]["accuracy"] >= 0.9 and rows[0]["figures"]["curve"]["sizes"] == [10, 30, 50, 100, 300, 1000]
     page = sva.path.joinpath("r.html").read_text()
     assert "<svg" in page and "faithfulness" in page and "none for smollm2-135m-instruct" in page

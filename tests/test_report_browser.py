@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from circuit_tests.report import Report
+from circuit_tests.report import Report, payload
 
 SCRIPT = Path(__file__).resolve().parents[1] / "ci" / "screenshot.sh"
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
@@ -28,9 +28,9 @@ def test_chromium_renders_the_curve_the_tables_and_the_outcomes(tmp_path):
     report = Report()
     figures = {"accuracy": 0.95, "nodes_for_0.8": 70.0, "flip_rate": {"30": 1.0}, "top": [[3, 1, 77, -0.5]],
                "curve": {"sizes": [10, 30, 100, 300], "faithfulness": [0.2, 0.6, 0.9, 1.0], "completeness": [0.7, 0.4, 0.1, 0.0]}}
-    payload = {"spec": "sva-simple", "model": "m", "path": "specs/s.yaml", "expectation": "sparse", "figures": figures}
-    report.add(payload, "passed", "expected: ...")
-    report.add(payload | {"expectation": "flips"}, "failed", "expected: flips\nmeasured: 0.1")
+    result = payload("sva-simple", "m", Path("specs/s.yaml"), "sparse") | {"figures": figures}
+    report.add(result, "passed", "expected: ...")
+    report.add(result | {"expectation": "flips"}, "failed", "expected: flips\nmeasured: 0.1")
     page, png = tmp_path / "report.html", tmp_path / "report.png"
     report.write_html(page)
 
