@@ -23,7 +23,6 @@ also the published JSON Schema (``circuit-tests schema``). Every problem is one
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
