@@ -1,0 +1,129 @@
+"""Input that a pull request controls: files read within bounds, and text made safe to print.
+
+A pull request can change specs, datasets, baselines and checkpoint directories (docs/security.md).
+Every such file is read through :func:`read_text`, which only reads
+
+- a path that resolves (links followed) inside one of the allowed roots: the project, or the cache;
+- a regular file: never a directory, a FIFO (which would hang the session) or a device such as
+  ``/dev/zero`` (which would exhaust memory);
+- at most ``limit`` bytes, and only valid UTF-8.
+
+The file is opened without following a link in its last component and checked with ``fstat`` on
+the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
+
+Text from those files (spec names, model names, prompts, answers) ends up in messages. Before it
+reaches a terminal, JUnit XML or a report, :func:`printable` escapes control characters, so a
+spec cannot clear the screen or print a fake summary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from circuit_tests.errors import CircuitTestsError
+
+KiB, MiB = 1024, 1024 * 1024
+SPEC_LIMIT = 1 * MiB
+DATASET_LIMIT = 32 * MiB
+BASELINE_LIMIT = 16 * MiB
+CONFIG_LIMIT = 4 * MiB  # a checkpoint's config.json and tokenizer_config.json
+
+
+class UnreadableInput(CircuitTestsError):
+    """A file that is outside the allowed roots, not a regular file, too large or not UTF-8 text."""
+
+
+def resolved(path: Path) -> Path | None:
+    """``path`` with every link resolved; None for a link that loops."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python before 3.13 raises RuntimeError for a loop
+        return None
+
+
+def inside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path``, with every link resolved, lies inside one of ``roots`` (a link that loops lies nowhere)."""
+    real = resolved(path)
+    return real is not None and any(real.is_relative_to(root.resolve()) for root in roots)
+
+
+def read_text(path: Path, roots: Sequence[Path] | None, limit: int) -> str:
+    """The UTF-8 text of a regular file inside ``roots`` (``None``: anywhere) of at most ``limit`` bytes."""
+    real = resolved(path)
+    if real is None:
+        raise UnreadableInput(f"{path} is a link that loops")
+    if roots is not None and not inside(real, roots):
+        shown = " or ".join(str(root) for root in roots)
+        link = f" (a link to {real})" if path.is_symlink() or real != path.absolute() else ""
+        raise UnreadableInput(f"{path}{link} is outside {shown}; only files inside the project are read")
+    data = _read_regular(real, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UnreadableInput(f"{path} is not UTF-8 text (byte {error.start}, line {line}); save it as UTF-8") from None
+
+
+def _read_regular(path: Path, limit: int) -> bytes:
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        handle = os.open(path, flags)
+    except FileNotFoundError:
+        raise UnreadableInput(f"{path} does not exist") from None
+    except OSError as error:
+        raise UnreadableInput(f"{path} cannot be read ({error.strerror})") from None
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableInput(f"{path} is {file_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise UnreadableInput(f"{path} is {_size(info.st_size)}, more than the {_size(limit)} allowed")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(handle, min(MiB, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise UnreadableInput(f"{path} is more than the {_size(limit)} allowed")
+        return b"".join(chunks)
+    finally:
+        os.close(handle)
+
+
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode says a path is, in words: "a directory", "a FIFO", ..."""
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a regular file"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _size(n: int) -> str:
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / KiB:.0f} KiB" if n >= KiB else f"{n} bytes"
+
+
+# Control characters (C0 but newline and tab, DEL, C1) and the bidirectional overrides that can
+# make a terminal show text other than the text itself.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_UNPRINTABLE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str, one_line: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\\x1b``); ``one_line`` escapes newlines too."""
+    pattern = _UNPRINTABLE_LINE if one_line else _UNPRINTABLE
+    return pattern.sub(lambda match: _escape(match.group()), text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` holds a control character (newline and tab included): not allowed in names."""
+    return _UNPRINTABLE_LINE.search(text) is not None
