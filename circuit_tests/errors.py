@@ -8,15 +8,25 @@ class CircuitTestsError(Exception):
 
 
 class UnknownModelError(CircuitTestsError):
-    """A model name that is neither registered, a local path, a .gguf file nor a hub id."""
+    """A model name that resolves to nothing: not registered, no such directory or .gguf file, not a valid hub id."""
+
+
+class ModelOutsideProjectError(UnknownModelError):
+    """A checkpoint named in a spec that resolves (links followed) outside the project, which a spec may not name."""
 
 
 class ModelNotAvailableError(CircuitTestsError):
-    """A well-formed model reference whose weights are not on this machine (a skip, not a bug)."""
+    """Weights that can be fetched by name but are not on this machine: a hub id missing from the local Hugging Face
+    cache, or a registered model whose package is not installed. The only load failure that may be a skip."""
 
 
 class BadCheckpointError(CircuitTestsError):
-    """A checkpoint that is on this machine but cannot be used: non-finite weights, or pickle-only files."""
+    """A checkpoint that exists but cannot be used: not a checkpoint, damaged or unreadable files, a tokenizer that
+    does not fit the weights, non-finite weights, pickle-only weights, or code it would need to run."""
+
+
+class BadOptionError(CircuitTestsError, ValueError):
+    """An option value circuit-tests cannot use (device, dtype, remote-code allow-list), reported with the allowed values."""
 
 
 class UnsupportedArchitectureError(CircuitTestsError):

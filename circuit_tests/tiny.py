@@ -118,3 +118,60 @@ def scaled_llama_31_8b(vocab_size: int, hidden_size: int = 16, seed: int = 0) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+# --------------------------------------------------------------------------- tiny tokenizer and checkpoint
+
+TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0-3, as in the tiny configs
+TINY_CHAT_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+TINY_WORDS: tuple[str, ...] = (
+    "The", "the", "A", "a", "author", "authors", "baker", "bakers", "farmer", "farmers", "doctor", "doctors",
+    "pilot", "pilots", "key", "keys", "cabinet", "cabinets", "near", "by", "of", "on", "in", "and",
+    "is", "are", "was", "were", "here", "there", "yes", "no", "Answer", "Question",
+    ".", ",", ":", "?", "!",
+)
+# A chat template in the usual shape (system, user and assistant turns, generation prompt) over the chat tokens.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer built offline: every word of :data:`TINY_WORDS` is one token, whatever space precedes it.
+
+    Ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, then the chat tokens, then the words in order; any other
+    word is ``<unk>``. Text is split on whitespace and punctuation (``"The authors is"`` is three words), every
+    encoding starts with ``<bos>`` (``add_special_tokens=False`` leaves it out), and ``" is"`` is the single token
+    ``is``. Its 47 tokens fit the tiny models' 256-row embedding.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {token: index for index, token in enumerate(TINY_SPECIAL_TOKENS + TINY_CHAT_TOKENS + TINY_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B:1", special_tokens=[("<bos>", vocab["<bos>"])])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=list(TINY_CHAT_TOKENS))
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def save_tiny_checkpoint(directory, model_type: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny model of ``model_type`` and :func:`tiny_tokenizer` to ``directory`` (``save_pretrained``, safetensors).
+
+    ``overrides`` go to the config (``vocab_size=8`` makes an embedding smaller than the tokenizer). Gives the
+    directory as a :class:`pathlib.Path`. Not for ``qwen2``: transformers loads its own Qwen2 tokenizer class for
+    that model type whatever the checkpoint saved, which does not read this tokenizer back.
+    """
+    from pathlib import Path
+
+    if model_type == "qwen2":
+        raise ValueError("save_tiny_checkpoint: transformers reads a qwen2 checkpoint's tokenizer with its own Qwen2 "
+                         "class, which does not load the tiny tokenizer back; use another model type")
+    directory = Path(directory)
+    tiny_model(model_type, seed=seed, **overrides).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
