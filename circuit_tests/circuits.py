@@ -11,13 +11,15 @@ examples when every neuron outside ``X`` is ablated:
   their counterfactual values.
 
 Circuits of several sizes are evaluated together: each size is one copy of the batch, with its
-own mask, in a single forward pass.
+own mask, in a single forward pass. Every measure runs chunks of at most ``batch_size`` examples
+(times those copies) and makes ablation values chunk by chunk, so memory follows the batch size,
+not the number of held-out examples.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ from circuit_tests.progress import bar
 from circuit_tests.sites import NeuronSites, on_neurons
 
 ABLATIONS = ("mean", "zero", "resample", "patch")
+BATCH_SIZE = 32  # examples per forward pass, the default of a spec's task.batch_size
 
 
 # --------------------------------------------------------------------------- selection
@@ -118,40 +121,78 @@ def _neuron_weights(circuit: Circuit) -> dict[tuple[int, int], float]:
 
 # --------------------------------------------------------------------------- ablation values
 
+Ablated = tuple[PairedBatch, list[torch.Tensor]]  # a chunk of examples and, per layer, the values that ablate it
 
-def ablation_values(sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0) -> list[list[torch.Tensor]]:
-    """For each batch of ``data``, per layer, the ``[batch, positions, neurons]`` values that ablate.
 
-    ``mean``: the mean counterfactual activation per position over all examples of that length;
-    ``zero``; ``resample``: the counterfactual activation of another example of the same length,
-    drawn with ``seed``; ``patch``: the counterfactual activation of the same example.
+def ablated_chunks(
+    sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0, batch_size: int = BATCH_SIZE
+) -> Iterator[Ablated]:
+    """Each chunk of at most ``batch_size`` examples of ``data``, in order, with its ablation values.
+
+    The values are per layer ``[chunk, positions, neurons]``. ``mean``: the mean counterfactual
+    activation per position over all examples of that length; ``zero``; ``resample``: the
+    counterfactual activation of another example of the same length, drawn with ``seed``;
+    ``patch``: the counterfactual activation of the same example. Values are made chunk by chunk
+    (``mean`` after one pass over the counterfactuals), so memory follows ``batch_size``.
     """
     if kind not in ABLATIONS:
         raise ValueError(f"Unknown ablation {kind!r}; use one of {', '.join(ABLATIONS)}.")
-    device = sites.device
-    counterfactual = [neuron_values(sites, batch.patch_ids.to(device)) for batch in data.batches]
-    if kind == "patch":
-        return counterfactual
     if kind == "zero":
-        return [[torch.zeros_like(layer) for layer in values] for values in counterfactual]
-    by_length = _group_by_length(data.batches, counterfactual)
-    generator = torch.Generator().manual_seed(seed)
-    out = []
+        return ((chunk, _zeros(sites, chunk)) for chunk in data.chunks(batch_size))
+    if kind == "mean":
+        means = _mean_counterfactuals(sites, data, batch_size)
+        return ((chunk, [m.expand(len(chunk), -1, -1) for m in means[chunk.n_positions]]) for chunk in data.chunks(batch_size))
+    sources = _resampled_sources(data, seed) if kind == "resample" else [batch.patch_ids for batch in data.batches]
+    return _counterfactual_chunks(sites, data, sources, batch_size)
+
+
+def _zeros(sites: NeuronSites, chunk: PairedBatch) -> list[torch.Tensor]:
+    shape = (len(chunk), chunk.n_positions, sites.n_neurons)
+    return [torch.zeros(shape, dtype=sites.model.dtype, device=sites.layer_device(layer)) for layer in range(sites.n_layers)]
+
+
+def _mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int) -> dict[int, list[torch.Tensor]]:
+    """Per token length, per layer, the ``[1, positions, neurons]`` mean counterfactual activation.
+
+    One pass over the chunks, summing in float64 on each layer's device.
+    """
+    sums: dict[int, list[torch.Tensor]] = {}
+    counts: dict[int, int] = {}
+    for chunk in data.chunks(batch_size):
+        length = chunk.n_positions
+        totals = sums.setdefault(length, [
+            torch.zeros(length, sites.n_neurons, dtype=torch.float64, device=sites.layer_device(layer))
+            for layer in range(sites.n_layers)
+        ])
+        for total, values in zip(totals, neuron_values(sites, chunk.patch_ids.to(sites.device))):
+            total += values.sum(0, dtype=torch.float64).to(total.device)
+        counts[length] = counts.get(length, 0) + len(chunk)
+    dtype = sites.model.dtype
+    return {length: [(total / counts[length]).to(dtype).unsqueeze(0) for total in totals] for length, totals in sums.items()}
+
+
+def _resampled_sources(data: Tokenized, seed: int) -> list[torch.Tensor]:
+    """Per batch, the counterfactual token ids of examples of the same length, drawn with ``seed``."""
+    pools: dict[int, list[torch.Tensor]] = {}
     for batch in data.batches:
-        pooled = by_length[batch.n_positions]  # per layer [examples of this length, T, N]
-        if kind == "mean":
-            out.append([layer.mean(0, keepdim=True).expand(len(batch), -1, -1) for layer in pooled])
-        else:
-            rows = torch.randint(len(pooled[0]), (len(batch),), generator=generator)
-            out.append([layer[rows.to(layer.device)] for layer in pooled])
-    return out
+        pools.setdefault(batch.n_positions, []).append(batch.patch_ids)
+    pooled = {length: torch.cat(ids) for length, ids in pools.items()}
+    generator = torch.Generator().manual_seed(seed)
+    sources = []
+    for batch in data.batches:
+        pool = pooled[batch.n_positions]
+        sources.append(pool[torch.randint(len(pool), (len(batch),), generator=generator)])
+    return sources
 
 
-def _group_by_length(batches: Sequence[PairedBatch], values: list[list[torch.Tensor]]) -> dict[int, list[torch.Tensor]]:
-    groups: dict[int, list[list[torch.Tensor]]] = {}
-    for batch, layers in zip(batches, values):
-        groups.setdefault(batch.n_positions, []).append(layers)
-    return {length: [torch.cat(parts) for parts in zip(*runs)] for length, runs in groups.items()}
+def _counterfactual_chunks(
+    sites: NeuronSites, data: Tokenized, sources: Sequence[torch.Tensor], batch_size: int
+) -> Iterator[Ablated]:
+    """Each chunk of ``data`` with the activations on the rows of ``sources`` (one ``[batch, positions]`` per batch)."""
+    for batch, ids in zip(data.batches, sources):
+        for start in range(0, len(batch), batch_size):
+            rows = slice(start, start + batch_size)
+            yield batch.rows(rows), neuron_values(sites, ids[rows].to(sites.device))
 
 
 # --------------------------------------------------------------------------- masked runs
@@ -165,6 +206,12 @@ def node_ranks(sites: NeuronSites, circuit: Circuit, n_positions: int) -> torch.
         if position is None or -n_positions <= position < n_positions:
             rank[layer, _all_if_none(position), _all_if_none(neuron)] = index
     return rank
+
+
+def node_ranks_by_length(sites: NeuronSites, circuit: Circuit, data: Tokenized) -> dict[int, torch.Tensor]:
+    """Per token length in ``data``, the ``[1, layers, positions, neurons]`` :func:`node_ranks`."""
+    lengths = {batch.n_positions for batch in data.batches}
+    return {length: node_ranks(sites, circuit, length).unsqueeze(0) for length in lengths}
 
 
 def _all_if_none(index: int | None) -> int | slice:
@@ -252,45 +299,50 @@ def faithfulness_from(circuit: torch.Tensor, model: torch.Tensor, empty: torch.T
 
 
 def faithfulness_curve(
-    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], ablation: str = "mean", seed: int = 0
+    sites: NeuronSites,
+    data: Tokenized,
+    circuit: Circuit,
+    sizes: Sequence[int],
+    ablation: str = "mean",
+    seed: int = 0,
+    *,
+    batch_size: int = BATCH_SIZE,
 ) -> Curve:
     """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes."""
-    values = ablation_values(sites, data, ablation, seed)
-    kept, removed = [], []
+    ranks = node_ranks_by_length(sites, circuit, data)
     bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
-    for batch, ablate in bar(zip(data.batches, values), "faithfulness curve", len(data.batches)):
-        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
+    kept, removed = [], []
+    chunks = ablated_chunks(sites, data, ablation, seed, batch_size)
+    for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
+        rank = ranks[batch.n_positions]
         kept.append(masked_logit_diffs(sites, batch, rank < bounds, None, ablate))
         removed.append(masked_logit_diffs(sites, batch, rank < bounds[: len(sizes)], ablate, None))
     return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu())
 
 
-def flip_rates(sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int]) -> torch.Tensor:
+def flip_rates(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
+) -> torch.Tensor:
     """``[len(sizes), examples]``: whether each example flips when the top nodes take counterfactual values."""
-    values = ablation_values(sites, data, "patch")
-    flips = []
+    ranks = node_ranks_by_length(sites, circuit, data)
     bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
-    for batch, counterfactual in bar(zip(data.batches, values), "flip rates", len(data.batches)):
-        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
-        flips.append(masked_logit_diffs(sites, batch, rank < bounds, counterfactual, None) < 0)
+    flips = []
+    chunks = ablated_chunks(sites, data, "patch", batch_size=batch_size)
+    for batch, counterfactual in bar(chunks, "flip rates", len(data.chunks(batch_size))):
+        flips.append(masked_logit_diffs(sites, batch, ranks[batch.n_positions] < bounds, counterfactual, None) < 0)
     return torch.cat(flips, 1).float().cpu()
 
 
 @torch.no_grad()
-def clean_logit_diffs(sites: NeuronSites, data: Tokenized) -> torch.Tensor:
+def clean_logit_diffs(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt."""
     device = sites.device
-    return torch.cat([logit_diff(run(sites.model, batch.clean_ids.to(device)), batch) for batch in data.batches]).cpu()
+    return torch.cat([logit_diff(run(sites.model, chunk.clean_ids.to(device)), chunk) for chunk in data.chunks(batch_size)]).cpu()
 
 
-def accuracy(sites: NeuronSites, data: Tokenized) -> float:
+def accuracy(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> float:
     """Fraction of clean prompts on which the model prefers the clean answer."""
-    return (clean_logit_diffs(sites, data) > 0).float().mean().item()
-
-
-def flip_rate(sites: NeuronSites, data: Tokenized, nodes: NodeSet) -> float:
-    """Fraction of examples whose preferred answer flips when ``nodes`` take their counterfactual values."""
-    return flip_rates(sites, data, Circuit(nodes.nodes, (1.0,) * len(nodes)), [len(nodes)]).mean().item()
+    return (clean_logit_diffs(sites, data, batch_size=batch_size) > 0).float().mean().item()
 
 
 # --------------------------------------------------------------------------- uncertainty

@@ -7,6 +7,8 @@ Two experiments from ``shared/METHOD.md`` section 6:
   model's top answer becomes the source's answer;
 - :func:`multiplier_sweep`: multiply chosen neurons by factors (0 ablates, 1 is a no-op) and
   read the probabilities of target tokens.
+
+Both run at most ``batch_size`` prompts per forward pass (times the circuit sizes patched together).
 """
 
 from __future__ import annotations
@@ -15,30 +17,47 @@ from collections.abc import Sequence
 
 import torch
 
-from circuit_tests.circuits import Circuit, ablation_values, masked_last_logits, node_ranks
+from circuit_tests.circuits import BATCH_SIZE, Circuit, ablated_chunks, masked_last_logits, node_ranks_by_length
 from circuit_tests.data import Tokenized
 from circuit_tests.interventions import intervene, scale
 from circuit_tests.metrics import run
 from circuit_tests.sites import NeuronSites
 
 
-def patch_success(sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int]) -> torch.Tensor:
+def patch_success(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
+) -> torch.Tensor:
     """``[len(sizes), examples]``: 1 where the top answer becomes ``patch_answer`` with the top nodes patched."""
-    sources = ablation_values(sites, data, "patch")
+    ranks = node_ranks_by_length(sites, circuit, data)
     bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
     hits = []
-    for batch, source in zip(data.batches, sources):
-        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
-        top = masked_last_logits(sites, batch, rank < bounds, source, None).argmax(-1)
+    for batch, source in ablated_chunks(sites, data, "patch", batch_size=batch_size):
+        top = masked_last_logits(sites, batch, ranks[batch.n_positions] < bounds, source, None).argmax(-1)
         hits.append(top == batch.patch_answer.to(top.device))
     return torch.cat(hits, 1).float().cpu()
 
 
 @torch.no_grad()
 def multiplier_sweep(
+    sites: NeuronSites,
+    ids: torch.Tensor,
+    circuit: Circuit,
+    factors: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> torch.Tensor:
+    """``[len(factors), batch, len(tokens)]``: next-token probabilities of ``tokens`` with the circuit scaled.
+
+    The prompts run ``batch_size`` at a time.
+    """
+    chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    return torch.cat([_scaled_probabilities(sites, chunk, circuit, factors, tokens) for chunk in chunks], 1)
+
+
+def _scaled_probabilities(
     sites: NeuronSites, ids: torch.Tensor, circuit: Circuit, factors: Sequence[float], tokens: Sequence[int]
 ) -> torch.Tensor:
-    """``[len(factors), batch, len(tokens)]``: next-token probabilities of ``tokens`` with the circuit scaled."""
     device = sites.device
     probabilities = []
     for factor in factors:

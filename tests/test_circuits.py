@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.attribution import AttributionOptions, Scores, attribute
+from circuit_tests.attribution import AttributionOptions, Scores, attribute, neuron_values
 from circuit_tests.circuits import (
+    ABLATIONS,
     Circuit,
     Curve,
-    ablation_values,
+    ablated_chunks,
     above,
     bootstrap,
+    clean_logit_diffs,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
@@ -26,6 +28,7 @@ from circuit_tests.data import PairedBatch, Tokenized
 from circuit_tests.interventions import intervene, patch
 from circuit_tests.metrics import logit_diff, run
 from circuit_tests.sites import NeuronSites
+from circuit_tests.steering import multiplier_sweep, patch_success
 from circuit_tests.tiny import tiny_model
 
 SCORES = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.4]]]), 3)
@@ -81,7 +84,7 @@ def test_flips_match_patching_with_interventions(data):
     sites = _sites()
     circuit = top_k(attribute(sites, data.batches, AttributionOptions()), 40)
     batch = data.batches[0]
-    counterfactual = ablation_values(sites, data, "patch")[0]
+    counterfactual = neuron_values(sites, batch.patch_ids)
     with torch.no_grad(), intervene(sites, [patch(circuit.node_set(), counterfactual)]):
         expected = logit_diff(run(sites.model, batch.clean_ids), batch)
     rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
@@ -90,18 +93,56 @@ def test_flips_match_patching_with_interventions(data):
     assert torch.equal(flip_rates(sites, data, circuit, [40])[0], (expected < 0).float())
 
 
-def test_ablation_values(data):
+def test_ablated_chunks_follow_the_data_in_chunks(grouped):
     sites = _sites()
-    counterfactual = ablation_values(sites, data, "patch")[0]
-    mean = ablation_values(sites, data, "mean")[0]
-    torch.testing.assert_close(mean[0][1], counterfactual[0].mean(0))
-    assert all((z == 0).all() for z in ablation_values(sites, data, "zero")[0])
-    first, again = ablation_values(sites, data, "resample", seed=3)[0], ablation_values(sites, data, "resample", seed=3)[0]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    pool = counterfactual[0]
-    assert all(any(torch.equal(row, p) for p in pool) for row in first[0])
+    chunks = {kind: list(ablated_chunks(sites, grouped, kind, seed=3, batch_size=2)) for kind in ABLATIONS}
+    for kind, pairs in chunks.items():
+        assert [batch.examples for batch, _ in pairs] == [chunk.examples for chunk in grouped.chunks(2)], kind
+        assert all(v.shape == (len(batch), batch.n_positions, sites.n_neurons) for batch, values in pairs for v in values)
+    for (batch, patched), (_, zero), (_, mean) in zip(chunks["patch"], chunks["zero"], chunks["mean"]):
+        torch.testing.assert_close(patched, neuron_values(sites, batch.patch_ids))
+        assert all((z == 0).all() for z in zero)
+        same_length = [b for b in grouped.batches if b.n_positions == batch.n_positions]  # the mean pools them all
+        pooled = torch.cat([neuron_values(sites, b.patch_ids)[1] for b in same_length])
+        torch.testing.assert_close(mean[1], pooled.mean(0).expand_as(mean[1]))
+    again = list(ablated_chunks(sites, grouped, "resample", seed=3, batch_size=2))
+    assert all(torch.equal(a, b) for (_, first), (_, second) in zip(chunks["resample"], again) for a, b in zip(first, second))
+    for batch, resampled in chunks["resample"]:
+        pool = torch.cat([neuron_values(sites, b.patch_ids)[0] for b in grouped.batches if b.n_positions == batch.n_positions])
+        assert all(any(torch.allclose(row, p, rtol=1e-5, atol=1e-6) for p in pool) for row in resampled[0])
     with pytest.raises(ValueError, match="Unknown ablation"):
-        ablation_values(sites, data, "melt")
+        ablated_chunks(sites, grouped, "melt")
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_batched_curve_matches_evaluating_whole_length_groups(grouped, ablation):
+    """Chunks of 2 give the figures of the former code, which ran each length group at once (the reference below)."""
+    sites = _sites()
+    circuit = top_k(attribute(sites, grouped.batches, AttributionOptions()), 200)
+    curve = faithfulness_curve(sites, grouped, circuit, [5, 50, 200], ablation, seed=4, batch_size=2)
+    kept, removed = _whole_group_curve(sites, grouped, circuit, [5, 50, 200], ablation, seed=4)
+    torch.testing.assert_close(curve.per_example, kept, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(curve.complement, removed, rtol=1e-5, atol=1e-5)
+    again = faithfulness_curve(sites, grouped, circuit, [5, 50, 200], ablation, seed=4, batch_size=2)
+    assert torch.equal(again.per_example, curve.per_example) and torch.equal(again.complement, curve.complement)
+
+
+def test_every_measure_gives_the_same_per_example_results_in_any_batch_size(grouped):
+    sites = _sites()
+    scores = attribute(sites, grouped.batches, AttributionOptions())
+    circuit, neurons = top_k(scores, 100), top_k(scores, 20, aggregate=True)  # the sweep scales neurons at every position
+    ids = torch.cat([batch.clean_ids for batch in grouped.batches if batch.n_positions == 5])
+    measures = {
+        "clean": lambda size: clean_logit_diffs(sites, grouped, batch_size=size),
+        "flips": lambda size: flip_rates(sites, grouped, circuit, [10, 100], batch_size=size),
+        "steering": lambda size: patch_success(sites, grouped, circuit, [10, 100], batch_size=size),
+        "sweep": lambda size: multiplier_sweep(sites, ids, neurons, [0.0, 2.0], [5, 6], batch_size=size),
+    }
+    for name, measure in measures.items():
+        whole, chunked = measure(32), measure(2)
+        assert chunked.shape == whole.shape, name
+        torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert clean_logit_diffs(sites, grouped).shape == (grouped.n_examples,)
 
 
 def test_nodes_for_interpolates_in_log_size():
@@ -130,6 +171,51 @@ def data() -> Tokenized:
     counterfactual = torch.randint(3, 256, (6, 5), generator=generator)
     answers = torch.randint(3, 256, (2, 6), generator=generator)
     return Tokenized((PairedBatch(clean, counterfactual, answers[0], answers[1], tuple(range(6))),))
+
+
+@pytest.fixture(scope="module")
+def grouped() -> Tokenized:
+    """Prompts of lengths 5, 7 and 5 again in batches of 5, 3 and 4: chunks of 2 split each batch unevenly."""
+    generator = torch.Generator().manual_seed(5)
+
+    def batch(rows: int, length: int, first: int) -> PairedBatch:
+        clean = torch.randint(3, 256, (rows, length), generator=generator)
+        counterfactual = torch.randint(3, 256, (rows, length), generator=generator)
+        answers = torch.randint(3, 256, (2, rows), generator=generator)
+        return PairedBatch(clean, counterfactual, answers[0], answers[1], tuple(range(first, first + rows)))
+
+    return Tokenized((batch(5, 5, 0), batch(3, 7, 5), batch(4, 5, 8)))
+
+
+def _whole_group_curve(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: list[int], ablation: str, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: how faithfulness_curve measured before it ran in chunks, one forward pass per length group.
+
+    Every batch's counterfactual activations were made at once and pooled by token length; ``mean``
+    took the mean of the pool, ``resample`` drew rows of the pool with one generator, batch after batch.
+    """
+    counterfactual = [neuron_values(sites, batch.patch_ids) for batch in data.batches]
+    pools: dict[int, list[list[torch.Tensor]]] = {}
+    for batch, values in zip(data.batches, counterfactual):
+        pools.setdefault(batch.n_positions, []).append(values)
+    pooled = {length: [torch.cat(layer) for layer in zip(*runs)] for length, runs in pools.items()}
+    generator = torch.Generator().manual_seed(seed)
+    bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
+    kept, removed = [], []
+    for batch, own in zip(data.batches, counterfactual):
+        pool = pooled[batch.n_positions]
+        if ablation == "mean":
+            ablate = [layer.mean(0, keepdim=True).expand(len(batch), -1, -1) for layer in pool]
+        elif ablation == "resample":
+            rows = torch.randint(len(pool[0]), (len(batch),), generator=generator)
+            ablate = [layer[rows] for layer in pool]
+        else:
+            ablate = own if ablation == "patch" else [torch.zeros_like(layer) for layer in own]
+        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
+        kept.append(masked_logit_diffs(sites, batch, rank < bounds, None, ablate))
+        removed.append(masked_logit_diffs(sites, batch, rank < bounds[: len(sizes)], ablate, None))
+    return torch.cat(kept, 1), torch.cat(removed, 1)
 
 
 def _clean(sites: NeuronSites, data: Tokenized) -> torch.Tensor:

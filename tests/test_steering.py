@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from circuit_tests.attribution import AttributionOptions, attribute
-from circuit_tests.circuits import ablation_values, top_k
+from circuit_tests.attribution import AttributionOptions, attribute, neuron_values
+from circuit_tests.circuits import top_k
 from circuit_tests.data import PairedBatch, Tokenized
 from circuit_tests.interventions import intervene, patch
 from circuit_tests.metrics import run
@@ -24,7 +24,7 @@ def test_patch_success_counts_top_answers_that_become_the_sources():
     sites, clean, source = setup()
     probe = Tokenized((PairedBatch(clean, source, torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long), tuple(range(6))),))
     circuit = top_k(attribute(sites, probe.batches, AttributionOptions(metric="top_k_logits")), 150)
-    with torch.no_grad(), intervene(sites, [patch(circuit.node_set(), ablation_values(sites, probe, "patch")[0])]):
+    with torch.no_grad(), intervene(sites, [patch(circuit.node_set(), neuron_values(sites, source))]):
         steered_top = run(sites.model, clean)[:, -1].argmax(-1)
     targets = torch.where(torch.arange(6) % 2 == 0, steered_top, (steered_top + 1) % 256)  # even rows hit, odd rows miss
     data = Tokenized((PairedBatch(clean, source, torch.zeros(6, dtype=torch.long), targets, tuple(range(6))),))
