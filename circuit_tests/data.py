@@ -21,7 +21,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from circuit_tests.errors import SpecError
+from circuit_tests.untrusted import DATASET_LIMIT, UnreadableInput, read_text
 
+MAX_EXAMPLES = 100_000
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
 UNPAIRED_FIELDS = ("prompt", "answer")
 
@@ -48,7 +50,11 @@ def parse_example(record: object, source: str) -> PairedExample:
     if "prompt" in record and not set(FIELDS) & record.keys():
         prompt, answer = _strings(record, UNPAIRED_FIELDS, source)
         return PairedExample(prompt, prompt, answer, answer, source=source)
-    return PairedExample(*_strings(record, FIELDS, source), source=source)
+    example = PairedExample(*_strings(record, FIELDS, source), source=source)
+    if example.clean_answer == example.patch_answer:
+        raise SpecError(f"{source}: clean_answer and patch_answer are both {example.clean_answer!r}, so no measurement "
+                        "can tell them apart. Give the counterfactual's own answer as patch_answer.")
+    return example
 
 
 def _strings(record: dict, fields: Sequence[str], source: str) -> list[str]:
@@ -64,22 +70,46 @@ def _strings(record: dict, fields: Sequence[str], source: str) -> list[str]:
     return [record[name] for name in fields]
 
 
-def read_jsonl(path: Path) -> list[PairedExample]:
-    """Read a JSON-lines dataset of paired examples (blank lines are skipped)."""
-    if not path.is_file():
-        raise SpecError(f"Dataset {path} does not exist. Check the path (relative paths are relative to the spec).")
+def read_jsonl(path: Path, roots: Sequence[Path] | None = None) -> list[PairedExample]:
+    """Read a JSON-lines dataset of paired examples (blank lines are skipped), from inside ``roots`` when given."""
+    try:
+        text = read_text(path, roots, DATASET_LIMIT)
+    except UnreadableInput as error:
+        raise SpecError(f"Dataset {error}.") from None
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(examples) == MAX_EXAMPLES:
+            raise SpecError(f"Dataset {path} has more than {MAX_EXAMPLES} examples (line {number}). Sample it: "
+                            "a circuit is traced on at most task.max_train examples, and a test split of a few hundred "
+                            "pairs gives tight intervals.")
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SpecError(f"{path}:{number}: not valid JSON ({error.msg}). Each line must be one JSON object.") from None
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as key:
+            raise SpecError(f"{path}:{number}: field {key} is given twice (the second would silently replace the first). "
+                            "Keep one.") from None
+        except (json.JSONDecodeError, RecursionError) as error:
+            reason = error.msg if isinstance(error, json.JSONDecodeError) else "nested too deeply"
+            raise SpecError(f"{path}:{number}: not valid JSON ({reason}). Each line must be one JSON object.") from None
         examples.append(parse_example(record, f"{path}:{number}"))
     if not examples:
         raise SpecError(f"Dataset {path} has no examples. Add JSON lines with fields {', '.join(FIELDS)}.")
     return examples
+
+
+class _DuplicateKey(Exception):
+    def __str__(self) -> str:
+        return repr(self.args[0])
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record: dict = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
 
 
 @dataclass(frozen=True)
@@ -172,8 +202,16 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, user: str, system: str | Non
     return text
 
 
-def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedTokenizerBase) -> Tokenized:
-    """Tokenise paired examples into batches of equal prompt length."""
+@dataclass(frozen=True)
+class TokenLimit:
+    """The longest prompt allowed, in tokens, and what sets it (a spec field, the model's context)."""
+
+    tokens: int
+    reason: str
+
+
+def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedTokenizerBase, limit: TokenLimit | None = None) -> Tokenized:
+    """Tokenise paired examples into batches of equal prompt length; a prompt over ``limit`` is an error."""
     groups: dict[int, list[tuple[list[int], list[int], int, int, PairedExample]]] = defaultdict(list)
     dropped = []
     for example in examples:
@@ -183,6 +221,14 @@ def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedToken
             answer_token(tokenizer, example.clean_answer, example.source, "clean_answer"),
             answer_token(tokenizer, example.patch_answer, example.source, "patch_answer"),
         )
+        if example.paired and answers[0] == answers[1]:
+            raise SpecError(f"{example.source}: clean_answer {example.clean_answer!r} and patch_answer {example.patch_answer!r} "
+                            f"are the same token ({answers[0]}) for this tokenizer, so no measurement can tell them apart. "
+                            "Give answers that differ as tokens.")
+        longest = max(len(clean), len(patch))
+        if limit is not None and longest > limit.tokens:
+            raise SpecError(f"{example.source}: a prompt of this example is {longest} tokens, more than the {limit.tokens} "
+                            f"allowed ({limit.reason}). Shorten it or drop the example.")
         if len(clean) != len(patch):
             dropped.append(example)
             continue

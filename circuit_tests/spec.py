@@ -29,20 +29,38 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, model_validator
+from annotated_types import MinLen
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from circuit_tests.data import PairedExample, parse_example, read_jsonl
 from circuit_tests.errors import SpecError
+from circuit_tests.untrusted import SPEC_LIMIT, UnreadableInput, has_control, inside, printable, read_text, resolved
 
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# A threshold a claim could meet on any model (a rate of at least 0, completeness of at most 1) is an
+# error: a green run must mean something was measured that could have failed.
+Rate = Annotated[float, Field(gt=0.0, le=1.0)]
 Count = Annotated[int, Field(ge=1)]
-Neuron = tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]
+Index = Annotated[int, Field(ge=0)]
+Neuron = tuple[Index, Index]
+Neurons = Annotated[list[Neuron], MinLen(1)]  # annotated_types' bound: pydantic ignores Field() inside a union
+NAME_PATTERN = r"^[A-Za-z0-9][\w.\-]*$"
+MAX_DEPTH = 12  # nesting of a spec's YAML: a spec needs 6
+
+
+def _no_control(text: str) -> str:
+    if has_control(text):
+        raise ValueError(f"must not contain control characters, got {printable(repr(text))}")
+    return text
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_no_control)]
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored); values are immutable."""
+    """Unknown keys are errors (a typo must never be silently ignored); values are immutable and finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- task and trace
@@ -63,7 +81,8 @@ class Task(Strict):
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share, never seen by attribution")
     seed: int = Field(0, description="seed of the train/test split, resampling and bootstraps")
     max_train: Count = Field(128, description="attribute on at most this many training examples")
-    batch_size: Count = Field(32, description="examples per forward/backward pass")
+    batch_size: Count = Field(32, description="examples per forward/backward pass, in attribution and evaluation")
+    max_prompt_tokens: Count = Field(512, description="longest prompt allowed, in tokens (never more than the model's context)")
     chat: Chat | None = Field(None, description="wrap prefixes in the model's chat template (default: plain text)")
 
     @model_validator(mode="after")
@@ -92,44 +111,45 @@ class Trace(Strict):
 class Behaves(Strict):
     """The model does the task at all: it prefers the clean answer on held-out prompts."""
 
-    min_accuracy: Fraction = Field(description="fraction of test prompts")
+    min_accuracy: Rate = Field(description="fraction of test prompts (above 0)")
 
 
 class Sparse(Strict):
     """A small circuit suffices: the top ``max_neurons`` nodes are at least this faithful."""
 
     max_neurons: Count = Field(description="circuit size, in nodes")
-    min_faithfulness: float = Field(description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation")
+    min_faithfulness: float = Field(gt=0.0, description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation (above 0)")
 
 
 class Necessary(Strict):
     """Ablating the top ``neurons`` nodes (and keeping the rest) destroys the behaviour."""
 
     neurons: Count = Field(description="circuit size, in nodes")
-    max_completeness: float = Field(description="faithfulness of the model without the circuit")
+    max_completeness: float = Field(lt=1.0, description="faithfulness of the model without the circuit (below 1)")
 
 
 class Flips(Strict):
     """Patching the top ``neurons`` nodes from the counterfactual flips the preferred answer."""
 
     neurons: Count = Field(description="circuit size, in nodes")
-    min_flip_rate: Fraction = Field(description="fraction of test examples whose preferred answer flips")
+    min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
 
 
 class Pinned(Strict):
     """Explicit neurons (or whole layers) flip the answer when patched from the counterfactual."""
 
-    neurons: list[Neuron] | None = Field(None, description="[[layer, neuron], ...]")
-    layers: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="[first, last]: every neuron of these layers"
-    )
+    neurons: Neurons | None = Field(None, description="[[layer, neuron], ...]")
+    layers: tuple[Index, Index] | None = Field(None, description="[first, last]: every neuron of these layers")
     position: int | None = Field(None, description="one position (negative counts from the end); default every position")
-    min_flip_rate: Fraction = Field(description="fraction of test examples whose preferred answer flips")
+    min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
 
     @model_validator(mode="after")
     def _one_selection(self) -> Pinned:
         if (self.neurons is None) == (self.layers is None):
             raise ValueError("give exactly one of 'neurons' ([[layer, neuron], ...]) or 'layers' ([first, last])")
+        if self.layers is not None and self.layers[0] > self.layers[1]:
+            raise ValueError(f"'layers' is [first, last] with first <= last, got {list(self.layers)}: "
+                             f"write [{self.layers[1]}, {self.layers[0]}]")
         return self
 
 
@@ -137,25 +157,29 @@ class Steers(Strict):
     """Patching neurons with their values from the source (counterfactual) prompt makes the
     model answer the source's answer, e.g. another landmark's capital."""
 
-    neurons: Count | list[Neuron] = Field(description="the top N (layer, neuron) pairs, or an explicit list")
-    min_success: Fraction = Field(description="fraction of test prompts whose top token becomes the source's answer")
+    neurons: Count | Neurons = Field(description="the top N (layer, neuron) pairs, or an explicit list")
+    min_success: Rate = Field(description="fraction of test prompts whose top token becomes the source's answer (above 0)")
 
 
 class Scales(Strict):
     """Multiplying explicit neurons by each factor in turn (0 ablates, 1 is the model as is) moves the
     probability of a token, e.g. "say a capital" neurons and the capital's probability."""
 
-    neurons: list[Neuron] = Field(min_length=1, description="[[layer, neuron], ...]")
+    neurons: Neurons = Field(description="[[layer, neuron], ...]")
     position: int | None = Field(-1, description="the position scaled (negative counts from the end); null for every position")
     factors: list[float] = Field([0.0, 1.0, 2.0], min_length=2, description="multipliers, swept in this order")
     token: str | None = Field(None, description="one-token string whose probability is read (default: each prompt's clean answer)")
-    min_change: float | None = Field(None, description="P(token) at each factor minus at the one before, mean over test prompts: at least")
-    max_change: float | None = Field(None, description="the same change at each step: at most (e.g. 0 for a sweep that must not raise it)")
+    min_change: float | None = Field(None, gt=-1.0, le=1.0,
+                                     description="P(token) at each factor minus at the one before, mean over test prompts: at least (above -1)")
+    max_change: float | None = Field(None, ge=-1.0, lt=1.0,
+                                     description="the same change at each step: at most, e.g. 0 for a sweep that must not raise it (below 1)")
 
     @model_validator(mode="after")
     def _a_bound(self) -> Scales:
         if self.min_change is None and self.max_change is None:
             raise ValueError("give 'min_change', 'max_change' or both: the allowed change of probability")
+        if self.min_change is not None and self.max_change is not None and self.min_change > self.max_change:
+            raise ValueError(f"'min_change' ({self.min_change}) is above 'max_change' ({self.max_change}): no sweep could pass")
         return self
 
 
@@ -163,10 +187,10 @@ class Stable(Strict):
     """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
 
     vs: Literal["baseline"] = Field("baseline", description="what to compare with (the stored baseline file)")
-    model: str | None = Field(None, description="whose baseline: default this model's, else the spec's first model's")
+    model: ModelName | None = Field(None, description="whose baseline: default this model's, else the spec's first model's")
     neurons: Count = Field(100, description="circuit size compared")
-    min_overlap: Fraction = Field(0.5, description="Jaccard overlap of the two circuits' nodes")
-    faithfulness_tolerance: float = Field(0.05, ge=0.0, description="how far the stored circuit's faithfulness may drop")
+    min_overlap: Rate = Field(0.5, description="Jaccard overlap of the two circuits' nodes (above 0)")
+    faithfulness_tolerance: float = Field(0.05, ge=0.0, lt=1.0, description="how far the stored circuit's faithfulness may drop (below 1)")
 
 
 KINDS: dict[str, type[Strict]] = {
@@ -200,19 +224,27 @@ ExpectationEntry = Annotated[
 class Spec(Strict):
     """A circuit spec: a named claim about models, checked as pytest items."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.\-]*$", description="used in test ids")
+    name: str = Field(pattern=NAME_PATTERN, max_length=200, description="used in test ids")
     description: str = Field("", description="what the circuit does, shown in reports")
-    models: list[Annotated[str, Field(min_length=1)]] = Field(
-        min_length=1, description="registered names, hub ids with optional @revision, local directories or .gguf files"
+    models: list[ModelName] = Field(
+        min_length=1, description="registered names, hub ids with optional @revision, local directories or .gguf files "
+        "inside the project (relative to the spec)"
     )
     markers: list[Literal["gpu", "slow"]] = Field([], description="pytest markers for every item of this spec")
-    trust_remote_code: bool = Field(False, description="let transformers run code shipped with the checkpoint")
     task: Task = Field(description="the data: see task below")
     trace: Trace = Field(Trace(), description="how to find the circuit: see trace below")
     expect: list[ExpectationEntry] = Field(min_length=1, description="claims, each a one-key mapping: see the kinds below")
 
     _path: Path = PrivateAttr(Path("<spec>"))
     _examples: tuple[PairedExample, ...] = PrivateAttr(())
+
+    @field_validator("models")
+    @classmethod
+    def _each_model_once(cls, models: list[str]) -> list[str]:
+        twice = [name for i, name in enumerate(models) if name in models[:i]]
+        if twice:
+            raise ValueError(f"{twice[0]} is listed twice; list each model once")
+        return models
 
     @property
     def path(self) -> Path:
@@ -284,21 +316,76 @@ def _type_name(annotation: Any) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+REMOTE_CODE = (
+    "field 'trust_remote_code': no spec can let a checkpoint run its own code. Remove the field; the person running "
+    "the suite allows a model by id with `--circuit-trust-remote-code=ORG/MODEL` (never a directory inside the project)."
+)
+
+
 def load_spec(path: Path, root: Path | None = None) -> Spec:
-    """Read and validate a spec file; data files must lie under ``root`` (the project) when given."""
+    """Read and validate a spec file; the spec and its data must lie under ``root`` (the project) when given."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = read_text(path, None if root is None else [root], SPEC_LIMIT)
+    except UnreadableInput as error:
+        raise SpecError(f"{error}. A spec is a YAML file inside the project.") from None
+    return spec_from_mapping(parse_yaml(text, path), path, root)
+
+
+def parse_yaml(text: str, path: Path) -> object:
+    """The YAML document in ``text``: safe tags only, no aliases, no duplicate keys, nested at most :data:`MAX_DEPTH` deep."""
+    try:
+        _check_depth(text, path)
+        return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
+    except _Repeated as error:
+        raise SpecError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML ({' '.join(str(error).split())}). Fix the syntax at the line shown.") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise SpecError(f"{path}: cannot be read ({error}).") from None
-    return spec_from_mapping(raw, path, root)
+        where = " ".join(str(error).replace('in "<unicode string>", ', "at ").split())
+        raise SpecError(f"{path}: not valid YAML ({where}). Fix the syntax at the line shown.") from None
+
+
+def _check_depth(text: str, path: Path) -> None:
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"{path}: nested more than {MAX_DEPTH} levels deep at line {event.start_mark.line + 1}; "
+                                "a spec needs far fewer. Fix the brackets.")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
+class _Repeated(Exception):
+    """Part of a YAML file that repeats another: an alias, or a key given twice."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing what hides or loses part of a spec: aliases and duplicate keys."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Repeated(f"line {event.start_mark.line + 1}: the alias *{event.anchor} repeats another part of the file, "
+                            "which hides what a reviewer reads. Write the value out.")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[object, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _Repeated(f"key {key!r} is given on line {seen[key].start_mark.line + 1} and again on line "
+                                f"{key_node.start_mark.line + 1}; the second would silently replace the first. Keep one.")
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
 
 
 def spec_from_mapping(raw: object, path: Path, root: Path | None = None) -> Spec:
     """Validate a spec given as a mapping; ``path`` is where it came from (data paths are relative to it)."""
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec is a mapping with keys {', '.join(Spec.model_fields)}; got {type(raw).__name__}.")
+    if "trust_remote_code" in raw:
+        raise SpecError(f"{path}: {REMOTE_CODE}")
     try:
         spec = Spec.model_validate(raw)
     except ValidationError as error:
@@ -313,18 +400,17 @@ def _examples(spec: Spec, path: Path, root: Path | None) -> list[PairedExample]:
         if not spec.task.examples:
             raise SpecError(f"{path}: field 'task.examples' is empty. Give at least one example.")
         return [parse_example(record, f"{path}: task.examples[{i}]") for i, record in enumerate(spec.task.examples)]
-    dataset = (path.parent / spec.task.dataset).resolve()
-    if root is not None and not dataset.is_relative_to(root.resolve()):
+    dataset = path.parent / spec.task.dataset
+    real = resolved(dataset)
+    if root is not None and real is not None and not inside(real, [root]):
         raise SpecError(
-            f"{path}: field 'task.dataset' points to {dataset}, outside the project {root}. "
+            f"{path}: field 'task.dataset' points to {real}, outside the project {root}. "
             "Keep data inside the project (copy the file under fixtures/) so a spec cannot read arbitrary files."
         )
-    if not dataset.is_file():
-        raise SpecError(f"{path}: field 'task.dataset' names {dataset}, which does not exist. Fix the path; it is relative to the spec file.")
     try:
-        return read_jsonl(dataset)
+        return read_jsonl(dataset, None if root is None else [root])
     except SpecError as error:
-        raise SpecError(f"{path}: field 'task.dataset': {error}") from None
+        raise SpecError(f"{path}: field 'task.dataset': {error} The path is relative to the spec file.") from None
 
 
 def _describe(path: Path, error: ValidationError) -> str:
