@@ -6,8 +6,8 @@ PYTEST = $(VENV)/bin/python -m pytest
 setup:
 	ci/setup.sh $(VENV)
 
-specs: setup  ## run the shipped circuit specs on the embedded default model
-	$(PYTEST) specs
+specs: setup  ## run the shipped circuit specs on the embedded default model (strict: a model that is not here fails)
+	$(PYTEST) specs --circuit-strict
 
 test: setup  ## run the project's own test suite
 	$(PYTEST) tests

@@ -11,23 +11,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TextIO
 
 from circuit_tests.attribution import BASELINES, METHODS, AttributionOptions, trace
-from circuit_tests.baselines import BaselineStore
 from circuit_tests.circuits import overlap
 from circuit_tests.data import read_jsonl
 from circuit_tests.errors import CircuitTestsError
-from circuit_tests.evaluation import STANDARD_SIZES, Subject, default_trace_cache
-from circuit_tests.expectations import check
+from circuit_tests.evaluation import STANDARD_SIZES, default_trace_cache
 from circuit_tests.metrics import METRICS
-from circuit_tests.models import DEFAULT_MODEL, REGISTRY, LoadOptions, cache_dir, load_model
+from circuit_tests.models import DEFAULT_MODEL, REGISTRY, LoadOptions, cache_dir, check_device, check_dtype, check_trusted
 from circuit_tests.progress import on_terminal
-from circuit_tests.report import Report, payload
-from circuit_tests.spec import Spec, json_schema, load_spec, reference_markdown
+from circuit_tests.report import payload
+from circuit_tests.session import CircuitSession, RunOptions, Verdict
+from circuit_tests.spec import NAME_PATTERN, json_schema, load_spec, parse_yaml, reference_markdown, spec_from_mapping
+from circuit_tests.untrusted import has_control, inside, printable
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -40,20 +42,22 @@ def _trace(args: argparse.Namespace) -> int:
         baseline=args.baseline,
         metric=args.metric,
     )
+    out = _output(args.json)
+    session = _session(args)
     if args.spec:
-        spec = load_spec(Path(args.spec))
-        subject = Subject(spec, load_model(args.model or spec.models[0], _load_options(args, spec)))
+        spec = load_spec(Path(args.spec), session.options.project)
+        subject = session.subject(spec, args.model or spec.models[0], from_command_line=bool(args.model))
         scores, dropped = subject.scores, subject.dropped
     elif args.dataset:
-        loaded = load_model(args.model or DEFAULT_MODEL, _load_options(args))
+        loaded = session.model(args.model or DEFAULT_MODEL)
         scores, data = trace(loaded, read_jsonl(Path(args.dataset)), options, args.batch_size)
         dropped = data.dropped
     else:
         raise CircuitTestsError("give --dataset FILE.jsonl or --spec SPEC.yaml")
     for example in dropped:
-        print(f"dropped {example.source}: clean and counterfactual prefixes differ in token length", file=sys.stderr)
+        _say(f"dropped {example.source}: clean and counterfactual prefixes differ in token length", sys.stderr)
     if args.save:
-        scores.save(Path(args.save))
+        scores.save(_output(args.save))
     report = {
         "model": scores.metadata["model"],
         "method": scores.metadata["method"],
@@ -66,76 +70,92 @@ def _trace(args: argparse.Namespace) -> int:
         ],
     }
     text = json.dumps(report, indent=1)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
     else:
         print(text)
     return 0
 
 
-def _load_options(args: argparse.Namespace, spec: Spec | None = None) -> LoadOptions:
-    return LoadOptions(device=args.device, dtype=args.dtype, trust_remote_code=bool(spec and spec.trust_remote_code))
+def _session(args: argparse.Namespace, **options) -> CircuitSession:
+    """The run's session: the project is the current directory; the device, dtype and trust come from the options."""
+    check_device(args.device)
+    check_dtype(args.dtype)
+    project = Path.cwd()
+    trusted = tuple(args.trust_remote_code)
+    check_trusted(trusted, project)
+    return CircuitSession(RunOptions(project=project, load=LoadOptions(args.device, args.dtype), trusted=trusted,
+                                     trace_cache=default_trace_cache(), **options))
+
+
+def _output(name: str | None) -> Path | None:
+    """Where to write an output file, checked before any work: its directory must exist."""
+    if name is None:
+        return None
+    path = Path(name)
+    if not path.absolute().parent.is_dir():
+        raise CircuitTestsError(f"cannot write {name}: the directory {path.absolute().parent} does not exist. Create it first.")
+    return path
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """Print ``text`` (to stdout by default) with control characters escaped: it may quote a pull request's files."""
+    print(printable(text), file=stream or sys.stdout)
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed."""
-    report, baselines = Report(), BaselineStore(update=args.update)
-    for path in args.specs:
-        spec = load_spec(Path(path))
-        for model in args.model or spec.models:
-            try:
-                subject = Subject(spec, load_model(model, _load_options(args, spec)), default_trace_cache())
-            except CircuitTestsError as error:  # this (spec, model) cannot run; the others still do
-                _print_result(report, payload(spec.name, model, spec.path, "spec"), str(error))
-                continue
+    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written."""
+    session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json))
+    for name in args.specs:
+        try:
+            spec = load_spec(Path(name), session.options.project)
+        except CircuitTestsError as error:  # this spec cannot run; the others still do
+            _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
+            continue
+        for model in dict.fromkeys(args.model or spec.models):
             for expectation in spec.expectations:
-                result = payload(spec.name, model, spec.path, expectation.label)
-                try:
-                    outcome = check(subject, expectation, baselines)
-                except CircuitTestsError as error:
-                    _print_result(report, result | {"figures": subject.figures()}, str(error))
-                    continue
-                _print_result(report, result | {"figures": subject.figures() | outcome.figures}, outcome.message, outcome.passed)
-            if args.update:
-                baselines.record(spec, model, subject.baseline_entry())
-    written, errors = baselines.flush()
-    for path in written:
-        print(f"baseline written: {path}")
-    for error in errors:
-        print(f"baseline NOT written: {error}", file=sys.stderr)
-    print("\n".join(report.terminal_lines()))
-    if args.report:
-        report.write_html(Path(args.report))
-    if args.json:
-        report.write_json(Path(args.json))
-    return 1 if any(row.status == "failed" for row in report.rows.values()) else 0
+                verdict = session.check(spec, model, expectation, from_command_line=bool(args.model))
+                result = payload(spec.name, model, spec.path, expectation.label, spec.description)
+                _show(session, result | {"figures": verdict.figures, "stale": session.stale(spec)}, verdict)
+    session.finish()
+    for path in session.written:
+        _say(f"baseline written: {path}")
+    for problem in session.problems:
+        _say(f"NOT written: {problem}", sys.stderr)
+    _say("\n".join(session.report.terminal_lines()))
+    failed = any(row.status == "failed" for row in session.report.rows.values())
+    return 1 if failed or session.problems else 0
 
 
-def _print_result(report: Report, result: dict, message: str, passed: bool = False) -> None:
-    report.add(result, "passed" if passed else "failed", message)
-    print(f"{'PASS' if passed else 'FAIL'} {result['spec']}::{result['expectation']}[{result['model']}]")
-    if not passed:
-        print(textwrap.indent(message, "  "))
+WORDS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
+
+
+def _show(session: CircuitSession, result: dict, verdict: Verdict) -> None:
+    session.report.add(result, verdict.status, verdict.message)
+    _say(f"{WORDS[verdict.status]} {result['spec']}::{result['expectation']}[{result['model']}]")
+    if verdict.status != "passed":
+        _say(textwrap.indent(verdict.message, "  "))
 
 
 def _diff(args: argparse.Namespace) -> int:
     """Two checkpoints on one spec: key metrics side by side, then the nodes gained and lost."""
-    spec = load_spec(Path(args.spec))
-    first, second = (Subject(spec, load_model(m, _load_options(args, spec)), default_trace_cache()) for m in args.models)
+    session = _session(args)
+    spec = load_spec(Path(args.spec), session.options.project)
+    first, second = (session.subject(spec, model, from_command_line=True) for model in args.models)
     rows = [("accuracy", lambda s: f"{s.accuracy:.3f}"),
             ("nodes for 0.8 faithfulness", lambda s: f"{s.curve.nodes_for(0.8) or float('nan'):.0f}"),
             *[(f"faithfulness of top {n}", lambda s, n=n: f"{s.faithfulness(n)[0]:.3f}") for n in STANDARD_SIZES],
             *[(f"flip rate of top {n}", lambda s, n=n: f"{s.flip_rate(n)[0]:.3f}") for n in (30, 100)]]
     width = max(len(name) for name in args.models)
-    print(f"{'':28} {args.models[0]:>{width}} {args.models[1]:>{width}}")
+    _say(f"{'':28} {args.models[0]:>{width}} {args.models[1]:>{width}}")
     for name, measure in rows:
-        print(f"{name:28} {measure(first):>{width}} {measure(second):>{width}}")
+        _say(f"{name:28} {measure(first):>{width}} {measure(second):>{width}}")
     a, b = first.circuit(args.top), second.circuit(args.top)
     jaccard, weighted = overlap(a, b)
-    print(f"\ntop {args.top} circuits: Jaccard overlap {jaccard:.3f}, |score|-weighted {weighted:.3f}")
+    _say(f"\ntop {args.top} circuits: Jaccard overlap {jaccard:.3f}, |score|-weighted {weighted:.3f}")
     for label, nodes in (("gained", [n for n in b.nodes if n not in set(a.nodes)]),
                          ("lost", [n for n in a.nodes if n not in set(b.nodes)])):
-        print(f"{label} ({len(nodes)}): " + (", ".join(_node(n) for n in nodes) or "none"))
+        _say(f"{label} ({len(nodes)}): " + (", ".join(_node(n) for n in nodes) or "none"))
     return 0
 
 
@@ -146,14 +166,21 @@ def _node(node: tuple) -> str:
 
 def _new(args: argparse.Namespace) -> int:
     """Write a starting spec for a dataset: the model must behave, and a small circuit must explain it."""
+    project = Path.cwd()
+    if has_control(args.name) or not re.fullmatch(NAME_PATTERN, args.name):
+        raise CircuitTestsError(f"--name {printable(repr(args.name))} is not a spec name: use letters, digits, '.', '-' and '_', "
+                                "starting with a letter or digit (it names the file specs/NAME.yaml and the test ids).")
     out = Path(args.out or f"specs/{args.name}.yaml")
-    if out.exists():
+    if not inside(out.absolute().parent, [project]):
+        raise CircuitTestsError(f"--out {out} is outside the project {project}; specs live inside it (run from the project root).")
+    if out.exists() or out.is_symlink():
         raise CircuitTestsError(f"{out} already exists; choose another --out or --name.")
-    dataset = Path(os.path.relpath(Path(args.dataset).resolve(), out.resolve().parent))
-    read_jsonl(Path(args.dataset))  # fail now, not at the first run, if the data is malformed
+    dataset = Path(os.path.relpath(Path(args.dataset).absolute(), out.absolute().parent))
+    text = NEW_SPEC.format(name=args.name, model=json.dumps(args.model), dataset=json.dumps(dataset.as_posix()))
+    spec_from_mapping(parse_yaml(text, out), out.absolute(), project)  # the spec as written must load, data included
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(NEW_SPEC.format(name=args.name, model=args.model, dataset=dataset.as_posix()), encoding="utf-8")
-    print(f"wrote {out}; run `pytest {out} --circuit-update` to measure it and record its baseline")
+    out.write_text(text, encoding="utf-8")
+    _say(f"wrote {out}; run `pytest {out} --circuit-update` to measure it and record its baseline")
     return 0
 
 
@@ -200,6 +227,18 @@ def _fetch(args: argparse.Namespace) -> int:
 def _device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    parser.add_argument("--trust-remote-code", action="append", default=[], metavar="MODEL",
+                        help="let this model run the code shipped with its checkpoint (hub id or id@revision; repeatable)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {printable(repr(text))}")
+    return value
 
 
 COMMANDS = {"models": _models, "fetch": _fetch, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "schema": _schema}
@@ -213,28 +252,29 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--model", help=f"model name (default: the spec's first model, else {DEFAULT_MODEL})")
     tracer.add_argument("--dataset", help="JSON lines: clean_prefix, patch_prefix, clean_answer, patch_answer")
     tracer.add_argument("--spec", help="trace a spec's training split with its trace options instead")
-    tracer.add_argument("--method", default="relp", choices=METHODS[:3])
-    tracer.add_argument("--top", type=int, default=100, help="how many nodes to write (default 100)")
+    tracer.add_argument("--method", default="relp", choices=[method for method in METHODS if method != "exact"])
+    tracer.add_argument("--top", type=_positive, default=100, help="how many nodes to write (default 100)")
     tracer.add_argument("--json", metavar="OUT.json", help="write the result here instead of stdout")
     tracer.add_argument("--save", metavar="SCORES.safetensors", help="also save every node's score")
-    tracer.add_argument("--steps", type=int, default=10, help="integrated-gradients steps (default 10)")
+    tracer.add_argument("--steps", type=_positive, default=10, help="integrated-gradients steps (default 10)")
     tracer.add_argument("--baseline", default="counterfactual", choices=BASELINES)
     tracer.add_argument("--metric", default="logit_diff", choices=list(METRICS))
     tracer.add_argument("--no-half-rule", action="store_true", help="relp without the half rule on gate * up")
     tracer.add_argument("--detach-attention", action="store_true", help="relp with the attention pattern detached")
-    tracer.add_argument("--batch-size", type=int, default=32)
+    tracer.add_argument("--batch-size", type=_positive, default=32)
     _device_options(tracer)
     runner = commands.add_parser("run", help="evaluate specs without pytest and print the report")
     runner.add_argument("specs", nargs="+", metavar="SPEC")
     runner.add_argument("--model", action="append", help="instead of the spec's models (repeatable)")
     runner.add_argument("--update", action="store_true", help="record the baselines")
+    runner.add_argument("--strict", action="store_true", help="a model that is not on this machine fails instead of skipping")
     runner.add_argument("--report", metavar="PATH.html")
     runner.add_argument("--json", metavar="PATH.json")
     _device_options(runner)
     differ = commands.add_parser("diff", help="compare two checkpoints' circuits on a spec")
     differ.add_argument("spec", metavar="SPEC")
     differ.add_argument("--models", nargs=2, required=True, metavar=("A", "B"))
-    differ.add_argument("--top", type=int, default=100, help="circuit size compared (default 100)")
+    differ.add_argument("--top", type=_positive, default=100, help="circuit size compared (default 100)")
     _device_options(differ)
     scaffold = commands.add_parser("new", help="scaffold a spec from a dataset")
     scaffold.add_argument("dataset", metavar="DATASET.jsonl")
@@ -250,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         with on_terminal():
             return COMMANDS[args.command](args)
     except CircuitTestsError as error:
-        print(f"circuit-tests {args.command}: {error}", file=sys.stderr)
+        _say(f"circuit-tests {args.command}: {error}", sys.stderr)
         return 2
 
 

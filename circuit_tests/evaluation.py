@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
@@ -22,9 +23,9 @@ import circuit_tests
 from circuit_tests.attribution import AttributionOptions, Scores, attribute, data_hash
 from circuit_tests.baselines import replace_atomically
 from circuit_tests.circuits import Circuit, Curve, accuracy, bootstrap, faithfulness_curve, faithfulness_from, flip_rates, top_k
-from circuit_tests.data import PairedExample, Tokenized, in_chat, split, tokenize_pairs
+from circuit_tests.data import PairedExample, TokenLimit, Tokenized, in_chat, split, tokenize_pairs
 from circuit_tests.errors import SpecError
-from circuit_tests.models import LoadedModel, cache_dir
+from circuit_tests.models import LoadedModel, cache_dir, context_length
 from circuit_tests.sites import NeuronSites
 from circuit_tests.spec import Necessary, Sparse, Spec, Stable
 from circuit_tests.steering import multiplier_sweep, patch_success
@@ -42,7 +43,7 @@ class Subject:
         self.loaded = loaded
         self.sites = NeuronSites(loaded.model)
         self.trace_cache = trace_cache
-        kept = tokenize_pairs(self._prompts(), loaded.tokenizer)  # one-token answers are checked here
+        kept = tokenize_pairs(self._prompts(), loaded.tokenizer, self._token_limit())  # one-token answers, lengths checked here
         if not all(example.paired for example in spec.examples):
             raise SpecError(f"{spec.path}: field 'task': every example needs a counterfactual (clean_prefix, "
                             "patch_prefix, clean_answer, patch_answer); unpaired prompts cannot be tested by a spec.")
@@ -53,12 +54,22 @@ class Subject:
                 "A spec needs at least two: one to trace, one to test. Add examples of equal token length."
             )
         train, test = split(kept.examples, spec.task.test_fraction, spec.task.seed)
+        if not train:
+            raise SpecError(f"{spec.path}: field 'task.test_fraction': {spec.task.test_fraction} of {kept.n_examples} usable "
+                            "examples leaves none to trace the circuit on. Lower it, or add examples.")
         self.dropped = kept.dropped
         self.train = train[: spec.task.max_train]
         self.test: Tokenized = tokenize_pairs(test, loaded.tokenizer)
         self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
+
+    def _token_limit(self) -> TokenLimit:
+        """``task.max_prompt_tokens``, or the model's context when that is shorter."""
+        asked, context = self.spec.task.max_prompt_tokens, context_length(self.loaded.model)
+        if context is not None and context < asked:
+            return TokenLimit(context, f"the context of {self.loaded.ref.name}")
+        return TokenLimit(asked, "task.max_prompt_tokens")
 
     def _prompts(self) -> list[PairedExample]:
         """The spec's examples, wrapped in the chat template when ``task.chat`` asks for it."""
@@ -81,8 +92,9 @@ class Subject:
     @cached_property
     def scores(self) -> Scores:
         path = self._cache_path()
-        if path is not None and path.exists():
-            return Scores.load(path)
+        cached = self._cached_scores(path)
+        if cached is not None:
+            return cached
         batches = tokenize_pairs(self.train, self.loaded.tokenizer).chunks(self.spec.task.batch_size)
         scores = attribute(self.sites, batches, self.options)
         scores.metadata.update(model=self.loaded.ref.name, revision=self.loaded.revision, data_hash=data_hash(self.train))
@@ -90,6 +102,19 @@ class Subject:
             path.parent.mkdir(parents=True, exist_ok=True)
             replace_atomically(path, scores.save)
         return scores
+
+    def _cached_scores(self, path: Path | None) -> Scores | None:
+        """A cached trace, if there is a readable one of this model's shape (anything else is traced again)."""
+        if path is None or not path.is_file() or path.is_symlink():
+            return None
+        try:
+            scores = Scores.load(path)
+        except Exception:  # noqa: BLE001 -- a damaged cache entry is a cache miss; tracing again overwrites it
+            return None
+        shape = scores.scores.shape
+        usable = (len(shape) == 3 and (shape[0], shape[2]) == (self.sites.n_layers, self.sites.n_neurons)
+                  and bool(torch.isfinite(scores.scores).all()))
+        return scores if usable else None
 
     def _cache_path(self) -> Path | None:
         if self.trace_cache is None:
@@ -106,21 +131,39 @@ class Subject:
         """The top ``size`` nodes, as the spec's ``trace.nodes`` defines a node."""
         return top_k(self.scores, size, aggregate=self.spec.trace.nodes == "neuron")
 
-    @cached_property
-    def top_neurons(self) -> Circuit:
-        """(layer, neuron) pairs ranked by their score summed over positions: what steering patches."""
-        return top_k(self.scores, max(self._sizes()), aggregate=True)
+    def top_neurons(self, size: int) -> Circuit:
+        """The top ``size`` (layer, neuron) pairs by their score summed over positions: what steering patches."""
+        return top_k(self.scores, size, aggregate=True)
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.task.batch_size
+
+    @property
+    def n_nodes(self) -> int:
+        """How many nodes the model has, as the spec's ``trace.nodes`` counts them: a circuit of this size is everything."""
+        return self.scores.by_neuron().numel() if self.spec.trace.nodes == "neuron" else self.scores.scores.numel()
+
+    @property
+    def shortest_prompt(self) -> int:
+        """Tokens in the shortest held-out prompt: a position must exist in every prompt."""
+        return min(batch.n_positions for batch in self.test.batches)
 
     # ------------------------------------------------------------------ measurements on the test split
 
     @cached_property
     def accuracy(self) -> float:
-        return accuracy(self.sites, self.test)
+        return accuracy(self.sites, self.test, batch_size=self.batch_size)
 
     @cached_property
     def curve(self) -> Curve:
         sizes = self._sizes()
-        return faithfulness_curve(self.sites, self.test, self.circuit(max(sizes)), sizes, self.spec.trace.ablation, self.spec.task.seed)
+        return self.faithfulness_curve(self.circuit(max(sizes)), sizes)
+
+    def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int]) -> Curve:
+        """The curve of any circuit (a stored one, say) on the held-out split, with this spec's ablation."""
+        return faithfulness_curve(self.sites, self.test, circuit, sizes, self.spec.trace.ablation, self.spec.task.seed,
+                                  batch_size=self.batch_size)
 
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_neurons if isinstance(e.params, Sparse) else e.params.neurons
@@ -138,20 +181,25 @@ class Subject:
         return self.curve.completeness[index], bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
 
     def flip_rate(self, size: int) -> tuple[float, Interval]:
-        return self._rate(self._flips, size, lambda: flip_rates(self.sites, self.test, self.circuit(size), [size])[0])
+        return self._rate(self._flips, size, lambda: self.flips(self.circuit(size)))
+
+    def flips(self, circuit: Circuit) -> torch.Tensor:
+        """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
+        return flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]
 
     def steering(self, circuit: Circuit) -> tuple[float, Interval]:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
-        return self._rate(self._steering, circuit.nodes, lambda: patch_success(self.sites, self.test, circuit, [len(circuit)])[0])
+        return self._rate(self._steering, circuit.nodes,
+                          lambda: patch_success(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0])
 
     def sweep(self, circuit: Circuit, factors: tuple[float, ...], token: int | None) -> torch.Tensor:
         """``[len(factors), test examples]``: P(``token``, else each clean answer) with ``circuit`` scaled by each factor."""
         key = (circuit.nodes, factors, token)
         if key not in self._sweeps:
             rows = []
-            for batch in self.test.batches:
+            for batch in self.test.chunks(self.batch_size):
                 tokens = [token] if token is not None else batch.clean_answer.tolist()
-                probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens)
+                probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens, batch_size=self.batch_size)
                 rows.append(probabilities[..., 0] if token is not None else probabilities.diagonal(dim1=1, dim2=2))
             self._sweeps[key] = torch.cat(rows, 1)
         return self._sweeps[key]
@@ -210,7 +258,7 @@ class Subject:
         return {
             "revision": figures["revision"],
             "shape": self.shape,
-            "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": torch.__version__,
+            "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": str(torch.__version__),
                         "circuit_tests": circuit_tests.__version__, "method": self.spec.trace.method},
             "metrics": metrics | {"faithfulness": dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))},
             "circuit": [[*node, round(score, 8)] for node, score in self.ranked(max(size, BASELINE_NODES))],

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from circuit_tests.baselines import BaselineStore, baseline_path
-from circuit_tests.circuits import Circuit, bootstrap, faithfulness_curve, flip_rate, overlap
+from circuit_tests.circuits import Circuit, bootstrap, overlap
 from circuit_tests.data import answer_token
 from circuit_tests.errors import SpecError
 from circuit_tests.evaluation import Interval, Subject
@@ -52,6 +52,32 @@ def _on_test(subject: Subject) -> str:
     return f"on {subject.test.n_examples} held-out examples"
 
 
+def _error(subject: Subject, field: str, problem: str, fix: str) -> SpecError:
+    return SpecError(f"{subject.spec.path}: field '{field}': {problem} for {subject.loaded.ref.name}. {fix}")
+
+
+def _check_size(subject: Subject, size: int, field: str, total: int | None = None) -> None:
+    """A circuit of every node (or more) cannot fail a claim about circuits: refuse it."""
+    total = subject.n_nodes if total is None else total
+    if size >= total:
+        raise _error(subject, field, f"{size} is every node of the model ({total})",
+                     "A claim about all of them could never fail; choose a smaller circuit.")
+
+
+def _check_position(subject: Subject, position: int | None, field: str) -> None:
+    shortest = subject.shortest_prompt
+    if position is not None and not -shortest <= position < shortest:
+        raise _error(subject, field, f"position {position} is outside the shortest held-out prompt ({shortest} tokens)",
+                     f"Use a position from {-shortest} to {shortest - 1} (negative counts from the end).")
+
+
+def _undefined(subject: Subject, what: str) -> str:
+    """Why a faithfulness-like ratio is not a number: the model's metric equals that of the model with everything ablated."""
+    model, empty = subject.curve.per_example[-2].mean().item(), subject.curve.per_example[-1].mean().item()
+    return (f"{what} undefined: the logit difference of the model ({model:.3f}) equals that with every node ablated "
+            f"({empty:.3f}), so there is nothing for a circuit to recover {_on_test(subject)}")
+
+
 def _behaves(subject: Subject, params: Behaves) -> Outcome:
     measured = subject.accuracy
     return Outcome(measured >= params.min_accuracy, f"accuracy >= {params.min_accuracy:.3f}",
@@ -59,42 +85,56 @@ def _behaves(subject: Subject, params: Behaves) -> Outcome:
 
 
 def _sparse(subject: Subject, params: Sparse) -> Outcome:
+    _check_size(subject, params.max_neurons, "sparse.max_neurons")
     value, interval = subject.faithfulness(params.max_neurons)
     needed = subject.curve.nodes_for(params.min_faithfulness)
+    expected = f"the top {params.max_neurons} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
+    if not math.isfinite(value):
+        return Outcome(False, expected, _undefined(subject, "faithfulness"))
     return Outcome(
-        value >= params.min_faithfulness,
-        f"the top {params.max_neurons} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)",
+        value >= params.min_faithfulness, expected,
         f"faithfulness {_ci(value, interval)} {_on_test(subject)}",
         (f"faithfulness {params.min_faithfulness:.2f} needs " + (f"about {needed:.0f} nodes" if needed else
-         f"more than {max(subject.curve.sizes)} nodes"),),
+         f"more than {max(subject.curve.sizes)} nodes"), *_fewer(subject, params.max_neurons)),
     )
+
+
+def _fewer(subject: Subject, size: int) -> tuple[str, ...]:
+    """A line saying so when fewer nodes than asked have a non-zero score (the circuit measured is smaller)."""
+    found = len(subject.circuit(size))
+    return (f"only {found} nodes have a non-zero score, so the circuit measured has {found} nodes, not {size}",) if found < size else ()
 
 
 def _necessary(subject: Subject, params: Necessary) -> Outcome:
+    _check_size(subject, params.neurons, "necessary.neurons")
     value, interval = subject.completeness(params.neurons)
-    return Outcome(
-        value <= params.max_completeness,
-        f"with the top {params.neurons} nodes ablated, completeness <= {params.max_completeness:.2f}",
-        f"completeness {_ci(value, interval)} {_on_test(subject)}",
-    )
+    expected = f"with the top {params.neurons} nodes ablated, completeness <= {params.max_completeness:.2f}"
+    if not math.isfinite(value):
+        return Outcome(False, expected, _undefined(subject, "completeness"))
+    return Outcome(value <= params.max_completeness, expected, f"completeness {_ci(value, interval)} {_on_test(subject)}",
+                   _fewer(subject, params.neurons))
 
 
 def _flips(subject: Subject, params: Flips) -> Outcome:
+    _check_size(subject, params.neurons, "flips.neurons")
     value, interval = subject.flip_rate(params.neurons)
     return Outcome(
         value >= params.min_flip_rate,
         f"patching the top {params.neurons} nodes from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
         f"flip rate {_ci(value, interval)} {_on_test(subject)}",
+        _fewer(subject, params.neurons),
     )
 
 
 def _pinned(subject: Subject, params: Pinned) -> Outcome:
     nodes = pinned_nodes(subject, params)
-    value = flip_rate(subject.sites, subject.test, nodes)
+    _check_position(subject, params.position, "pinned.position")
+    value = subject.flips(Circuit(nodes.nodes, (1.0,) * len(nodes))).mean().item()
     what = f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(nodes)} pinned neurons"
+    at = "" if params.position is None else f" at position {params.position}"
     return Outcome(
         value >= params.min_flip_rate,
-        f"patching {what} from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
+        f"patching {what}{at} from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
         f"flip rate {value:.3f} {_on_test(subject)}",
     )
 
@@ -122,22 +162,26 @@ def _check_shape(subject: Subject, pairs: list) -> None:
 
 def _steers(subject: Subject, params: Steers) -> Outcome:
     if isinstance(params.neurons, int):
-        circuit = Circuit(subject.top_neurons.nodes[: params.neurons], subject.top_neurons.weights[: params.neurons])
-        what = f"the top {params.neurons} neurons"
+        _check_size(subject, params.neurons, "steers.neurons", subject.sites.n_layers * subject.sites.n_neurons)
+        circuit = subject.top_neurons(params.neurons)
+        what = f"the top {len(circuit)} neurons" + (f" (of {params.neurons} asked: only {len(circuit)} have a non-zero score)"
+                                                     if len(circuit) < params.neurons else "")
     else:
         _check_shape(subject, list(params.neurons))
         circuit = Circuit.from_neurons(params.neurons)
-        what = f"{len(circuit)} listed neurons"
+        what = f"{len(circuit.neurons())} listed neurons"
     value, interval = subject.steering(circuit)
     return Outcome(
         value >= params.min_success,
-        f"patching {what} from the source prompt makes the source's answer the top token in >= {params.min_success:.2f} of prompts",
+        f"patching {what} at every position from the source prompt makes the source's answer the top token in "
+        f">= {params.min_success:.2f} of prompts",
         f"success {_ci(value, interval)} {_on_test(subject)}",
     )
 
 
 def _scales(subject: Subject, params: Scales) -> Outcome:
     _check_shape(subject, list(params.neurons))
+    _check_position(subject, params.position, "scales.position")
     tokenizer, source = subject.loaded.tokenizer, f"{subject.spec.path}: scales"
     token = None if params.token is None else answer_token(tokenizer, params.token, source, "token")
     factors = tuple(params.factors)
@@ -154,7 +198,7 @@ def _scales(subject: Subject, params: Scales) -> Outcome:
     at = "every position" if params.position is None else f"position {params.position}"
     return Outcome(
         all(low <= change <= high for change, _ in steps),
-        f"scaling {len(params.neurons)} neurons at {at} by {', '.join(f'x{f:g}' for f in factors)} changes {what} "
+        f"scaling {len(set(map(tuple, params.neurons)))} neurons at {at} by {', '.join(f'x{f:g}' for f in factors)} changes {what} "
         f"by {' and '.join(bounds)} at each step",
         "; ".join(text for _, text in steps) + f" {_on_test(subject)}",
         ("mean probability: " + ", ".join(f"x{f:g} {p.mean().item():.3f}" for f, p in zip(factors, probabilities)),),
@@ -164,42 +208,55 @@ def _scales(subject: Subject, params: Scales) -> Outcome:
 def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outcome:
     if baselines.update:
         return Outcome(True, "a baseline to compare with", f"recorded {subject.loaded.ref.name} (--circuit-update)")
+    _check_size(subject, params.neurons, "stable.neurons")
     found = baselines.entry(subject.spec, subject.loaded.ref.name, params.model)
+    whose = params.model or subject.loaded.ref.name
     if found is None:
-        return Outcome(False, "a stored baseline", f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}",
-                       ("record one with `pytest --circuit-update` and commit the file",))
+        return Outcome(False, f"a stored baseline of {whose}", f"none for {whose} in {baseline_path(subject.spec.path)}",
+                       ("record one with `pytest --circuit-update` and commit the file",) if params.model is None else
+                       (f"'stable.model' names {params.model}: record its baseline with `pytest --circuit-update "
+                        f"--circuit-model={params.model}`, or fix the name",))
     name, entry = found
     if not _same_shape(subject, entry):
         return Outcome(False, f"a stored baseline for a model of {subject.loaded.ref.name}'s shape",
                        f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}; {name}'s baseline is for "
                        "a model of another shape, so its circuit cannot be compared",
                        ("record one for this model with `pytest --circuit-update` (with `--circuit-model` if the spec does not list it)",))
-    stored_nodes = [tuple(row[:3]) for row in entry["circuit"][: params.neurons]]
-    stored = Circuit(tuple(stored_nodes), tuple(abs(row[3]) for row in entry["circuit"][: params.neurons]))
+    stored = _stored_circuit(subject, entry["circuit"][: params.neurons], name)
     current = subject.circuit(params.neurons)
     jaccard, _ = overlap(current, stored)
     then = entry["metrics"]["faithfulness"].get(str(params.neurons))
-    now = faithfulness_curve(subject.sites, subject.test, stored, [len(stored)], subject.spec.trace.ablation,
-                             subject.spec.task.seed).faithfulness[0]
-    faithful_enough = then is None or now >= then - params.faithfulness_tolerance
+    now = subject.faithfulness_curve(stored, [len(stored)]).faithfulness[0]
+    faithful_enough = math.isfinite(now) and (then is None or now >= then - params.faithfulness_tolerance)
     entered = sorted(set(current.nodes) - set(stored.nodes), key=current.nodes.index)
     left = sorted(set(stored.nodes) - set(current.nodes), key=stored.nodes.index)
     then_text = f"{then:.3f}" if then is not None else "not stored"
+    now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
+    sizes = f"{len(stored)} stored nodes" if len(stored) < params.neurons else f"{params.neurons} nodes"
     return Outcome(
         jaccard >= params.min_overlap and faithful_enough,
-        f"overlap with {name}'s baseline circuit ({params.neurons} nodes) >= {params.min_overlap:.2f}, and its "
+        f"overlap with {name}'s baseline circuit ({sizes}) >= {params.min_overlap:.2f}, and its "
         f"faithfulness within {params.faithfulness_tolerance:.2f} of the stored value",
-        f"overlap {jaccard:.3f}; stored circuit's faithfulness now {now:.3f}, stored {then_text}",
+        f"overlap {jaccard:.3f}; stored circuit's faithfulness now {now_text}, stored {then_text}",
         (f"entered ({len(entered)}): {_nodes(entered)}", f"left ({len(left)}): {_nodes(left)}"),
         {"overlap": jaccard, "baseline": name, "stored_circuit_faithfulness": now},
     )
 
 
+def _stored_circuit(subject: Subject, rows: list, name: str) -> Circuit:
+    """The baseline's circuit; nodes at positions the held-out prompts do not have would silently measure fewer nodes."""
+    for layer, position, neuron, _ in rows:
+        if position is not None and position >= subject.shortest_prompt:
+            raise SpecError(f"{baseline_path(subject.spec.path)}: {name}'s stored circuit has node L{layer}/P{position}/N{neuron}, "
+                            f"but the held-out prompts have {subject.shortest_prompt} tokens: the baseline was recorded on "
+                            "other data. Record it again with `pytest --circuit-update`.")
+    return Circuit(tuple(tuple(row[:3]) for row in rows), tuple(abs(row[3]) for row in rows))
+
+
 def _same_shape(subject: Subject, entry: dict) -> bool:
     """Whether a stored circuit can be read on this model (entries written before shapes were stored: by range)."""
-    if "shape" in entry:
-        return entry["shape"] == subject.shape
-    return all(layer < subject.sites.n_layers and neuron < subject.sites.n_neurons for layer, _, neuron, _ in entry["circuit"])
+    in_range = all(layer < subject.sites.n_layers and neuron < subject.sites.n_neurons for layer, _, neuron, _ in entry["circuit"])
+    return in_range and entry.get("shape") in (None, subject.shape)
 
 
 def _nodes(nodes: list, shown: int = 12) -> str:

@@ -8,10 +8,10 @@ parametrizes a test: ``specs/sva_simple.yaml::sva-simple::sparse[smollm2-135m-in
 given on the command line, ``--lf`` and ``--ff`` find the item.) A spec that cannot be read is
 one failing :class:`BrokenSpecItem`; every other spec still runs.
 
-A :class:`CircuitSession` loads each model once and prepares each (spec, model) once, however
-many items use it; traces are also cached on disk. Baselines are written once at the end of
-the session (``--circuit-update``), and the report is built from the test reports, so all of
-this works under pytest-xdist (``-n 4 --dist loadfile`` keeps a spec's items on one worker).
+One :class:`~circuit_tests.session.CircuitSession` per pytest process does the work; the
+:class:`SessionHooks` registered beside it feed it test reports and finish it once. Under
+pytest-xdist, workers send the baselines they recorded to the controller, which alone writes
+them and the reports, and fails the run if any could not be written.
 """
 
 from __future__ import annotations
@@ -22,23 +22,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_tests.baselines import BaselineStore, stale_entries
-from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError
+from circuit_tests.errors import CircuitTestsError
 from circuit_tests.evaluation import Subject, default_trace_cache
-from circuit_tests.expectations import Outcome, check
-from circuit_tests.models import LoadedModel, LoadOptions, ModelCache
-from circuit_tests.report import PROPERTY, Report, payload
+from circuit_tests.models import LoadOptions, check_device, check_dtype, check_trusted
+from circuit_tests.report import PROPERTY, payload
+from circuit_tests.session import CircuitSession, RunOptions
 from circuit_tests.spec import Expectation, Spec, load_spec, spec_from_mapping
+from circuit_tests.untrusted import printable
 
-SESSION = pytest.StashKey["CircuitSession"]()
-OOM_ADVICE = ("out of GPU memory. Try a smaller `task.batch_size`, `--circuit-dtype bfloat16`, or "
-              "`--circuit-device auto` to shard the model over every visible GPU.")
+SESSION = pytest.StashKey[CircuitSession]()
+WORKER_OUTPUT = "circuit_tests_baselines"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("circuit-tests", "MLP-neuron circuit specs")
     group.addoption("--circuit-model", action="append", default=[], metavar="NAME",
-                    help="run every spec against this model instead of the spec's own list (repeatable)")
+                    help="run every spec against this model instead of the spec's own list (repeatable); "
+                         "a model given here that cannot be loaded fails")
     group.addoption("--circuit-device", default=None, metavar="DEVICE",
                     help="cpu, cuda, cuda:N or auto (default: cpu; given explicitly, specs marked gpu run there too)")
     group.addoption("--circuit-dtype", default=None, metavar="DTYPE",
@@ -46,24 +46,53 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-update", action="store_true", help="record each spec's circuit and metrics as its baseline")
     group.addoption("--circuit-report", metavar="PATH.html", help="write a self-contained HTML report")
     group.addoption("--circuit-json", metavar="PATH.json", help="write the report's data as JSON")
-    group.addoption("--circuit-strict", action="store_true", help="a model that is not available fails instead of skipping")
+    group.addoption("--circuit-strict", action="store_true",
+                    help="a model that is not on this machine (hub id not in the local cache) fails instead of skipping")
     group.addoption("--circuit-no-cache", action="store_true", help="trace again instead of reading cached traces")
+    group.addoption("--circuit-trust-remote-code", action="append", default=[], metavar="MODEL",
+                    help="let this model run the code shipped with its checkpoint (a hub id, any revision, or id@revision; "
+                         "or a directory outside the project); repeatable. No spec can allow this.")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if (config.getoption("circuit_device") or "cpu") != "cpu":
-        deterministic_cuda()
     for line in ("circuit: a test item collected from a YAML circuit spec",
                  "gpu: needs a CUDA device (skipped with a reason when there is none)",
                  "slow: loads a real model or runs long"):
         config.addinivalue_line("markers", line)
-    config.stash[SESSION] = CircuitSession(
-        LoadOptions(device=worker_device(config.getoption("circuit_device") or "cpu", os.environ.get("PYTEST_XDIST_WORKER"),
-                                         torch.cuda.device_count()), dtype=config.getoption("circuit_dtype")),
-        BaselineStore(update=config.getoption("circuit_update")),
-        None if config.getoption("circuit_no_cache") else default_trace_cache(),
+    try:
+        options = run_options(config)
+    except CircuitTestsError as error:
+        raise pytest.UsageError(printable(str(error))) from None
+    if options.load.device != "cpu":
+        deterministic_cuda()
+    session = CircuitSession(options)
+    config.stash[SESSION] = session
+    config.pluginmanager.register(SessionHooks(config, session), "circuit-tests-session")
+
+
+def run_options(config: pytest.Config) -> RunOptions:
+    """The command line's choices, checked before anything runs."""
+    device = config.getoption("circuit_device") or "cpu"
+    check_device(device)
+    check_dtype(config.getoption("circuit_dtype"))
+    trusted = tuple(config.getoption("circuit_trust_remote_code"))
+    check_trusted(trusted, config.rootpath)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return RunOptions(
+        project=config.rootpath,
+        load=LoadOptions(worker_device(device, worker, torch.cuda.device_count()), config.getoption("circuit_dtype")),
+        update=config.getoption("circuit_update"),
+        strict=config.getoption("circuit_strict"),
+        trace_cache=None if config.getoption("circuit_no_cache") else default_trace_cache(),
+        trusted=trusted,
+        html=_path(config, "circuit_report"),
+        json=_path(config, "circuit_json"),
     )
-    config.pluginmanager.register(ReportCollector(config), "circuit-tests-report")
+
+
+def _path(config: pytest.Config, option: str) -> Path | None:
+    value = config.getoption(option)
+    return None if value is None else Path(value).absolute()
 
 
 def deterministic_cuda() -> None:
@@ -96,41 +125,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         pytest.skip("marked gpu and no CUDA device is visible (--circuit-device cpu runs it on the CPU anyway)")
 
 
-class CircuitSession:
-    """What one pytest session shares: loaded models, prepared (spec, model) subjects, baselines."""
-
-    def __init__(self, options: LoadOptions, baselines: BaselineStore, trace_cache: Path | None) -> None:
-        self.options = options
-        self.baselines = baselines
-        self.trace_cache = trace_cache
-        self.models = ModelCache()
-        self._subjects: dict[tuple[Path, str, str], Subject | CircuitTestsError] = {}
-        self._recorded: set[tuple[Path, str]] = set()
-        self.written: list[Path] = []  # baseline files, once the session has finished
-        self.write_errors: list[str] = []
-
-    def model(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
-        options = LoadOptions(self.options.device, self.options.dtype, trust_remote_code=trust_remote_code)
-        return self.models.get(name, options)
-
-    def subject(self, spec: Spec, model: str) -> Subject:
-        """The prepared (spec, model); a failure to prepare is remembered, not retried per item."""
-        key = (spec.path, spec.model_dump_json(), model)
-        if key not in self._subjects:
-            try:
-                self._subjects[key] = Subject(spec, self.model(model, spec.trust_remote_code), self.trace_cache)
-            except CircuitTestsError as error:
-                self._subjects[key] = error
-        found = self._subjects[key]
-        if isinstance(found, CircuitTestsError):
-            raise found
-        return found
-
-    def record_baseline(self, subject: Subject) -> None:
-        key = (subject.spec.path, subject.loaded.ref.name)
-        if self.baselines.update and key not in self._recorded:
-            self.baselines.record(subject.spec, subject.loaded.ref.name, subject.baseline_entry())
-            self._recorded.add(key)
+# --------------------------------------------------------------------------- collection
 
 
 class SpecFile(pytest.File):
@@ -140,7 +135,12 @@ class SpecFile(pytest.File):
         try:
             spec = load_spec(self.path, self.config.rootpath)
         except CircuitTestsError as error:
-            yield BrokenSpecItem.from_parent(self, name="spec", error=error)
+            yield BrokenSpecItem.from_parent(self, name="spec", message=str(error))
+            return
+        except Exception as error:  # noqa: BLE001 -- one unreadable spec must never stop the session
+            yield BrokenSpecItem.from_parent(self, name="spec", message=(
+                f"{self.path}: circuit-tests failed while reading this spec ({type(error).__name__}: {error}). "
+                "This is a bug in circuit-tests; please report it with the spec."))
             return
         yield SpecNode.from_parent(self, name=spec.name, spec=spec)
 
@@ -153,10 +153,11 @@ class SpecNode(pytest.Collector):
         self.spec = spec
 
     def collect(self):
-        expectations = self.spec.expectations
-        for model in self.config.getoption("circuit_model") or self.spec.models:
-            for expectation in expectations:
-                item = ExpectationItem.from_parent(self, name=f"{expectation.label}[{model}]", model=model, expectation=expectation)
+        given = list(dict.fromkeys(self.config.getoption("circuit_model")))
+        for model in given or self.spec.models:
+            for expectation in self.spec.expectations:
+                item = ExpectationItem.from_parent(self, name=f"{expectation.label}[{model}]", model=model,
+                                                   expectation=expectation, from_command_line=bool(given))
                 for marker in ("circuit", *self.spec.markers):
                     item.add_marker(marker)
                 yield item
@@ -165,34 +166,27 @@ class SpecNode(pytest.Collector):
 class ExpectationItem(pytest.Item):
     """One expectation of one spec on one model."""
 
-    def __init__(self, *, model: str, expectation: Expectation, parent: SpecNode, **kwargs) -> None:
+    def __init__(self, *, model: str, expectation: Expectation, from_command_line: bool, parent: SpecNode, **kwargs) -> None:
         super().__init__(parent=parent, nodeid=_parametrized_id(parent, expectation.label, model), **kwargs)
         self.model = model
         self.expectation = expectation
+        self.from_command_line = from_command_line
 
     def runtest(self) -> None:
-        session: CircuitSession = self.config.stash[SESSION]
-        spec, model = self.parent.spec, self.model
-        result = payload(spec.name, model, spec.path, self.expectation.label)
+        session = self.config.stash[SESSION]
+        spec = self.parent.spec
+        verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
+        result = payload(spec.name, self.model, spec.path, self.expectation.label, spec.description) | {
+            "message": verdict.message, "figures": verdict.figures, "stale": session.stale(spec)}
         self.user_properties.append((PROPERTY, result))
-        try:
-            subject = session.subject(spec, model)
-            outcome = check(subject, self.expectation, session.baselines)
-            session.record_baseline(subject)
-        except ModelNotAvailableError as error:
-            if self.config.getoption("circuit_strict"):
-                raise
-            pytest.skip(str(error))
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise CircuitTestsError(f"{spec.path}: {model}: {OOM_ADVICE}") from None
-        result.update(message=outcome.message, figures=subject.figures() | outcome.figures)
-        if not outcome.passed:
-            raise ExpectationFailed(outcome)
+        if verdict.status == "skipped":
+            pytest.skip(printable(verdict.message))
+        if verdict.status == "failed":
+            raise ExpectationFailed(verdict.message)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
-        if isinstance(excinfo.value, (ExpectationFailed, CircuitTestsError)):
-            return f"{self.parent.name}::{self.name}\n{_indent(str(excinfo.value))}"
+        if isinstance(excinfo.value, ExpectationFailed):
+            return printable(f"{self.parent.name}::{self.name}\n{_indent(str(excinfo.value))}")
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
@@ -212,71 +206,74 @@ def _parametrized_id(parent: pytest.Collector, name: str, param: str):
 class BrokenSpecItem(pytest.Item):
     """Stands for a spec file that could not be read, so the error shows as one failed item."""
 
-    def __init__(self, *, error: CircuitTestsError, **kwargs) -> None:
+    def __init__(self, *, message: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.error = error
+        self.message = message
 
     def runtest(self) -> None:
-        raise self.error
+        self.user_properties.append((PROPERTY, payload(self.path.name, "-", self.path, "spec") | {"message": self.message}))
+        raise ExpectationFailed(self.message)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
-        return f"invalid circuit spec: {self.error}"
+        return printable(f"invalid circuit spec: {self.message}")
 
     def reportinfo(self):
         return self.path, None, "spec"
 
 
 class ExpectationFailed(Exception):
-    """An expectation that did not hold; its message is the domain report."""
-
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.message)
-        self.outcome = outcome
+    """An expectation that did not hold (or could not be checked); its message is the domain report."""
 
 
 def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
-# --------------------------------------------------------------------------- reporting
+# --------------------------------------------------------------------------- the session's hooks
 
 
-class ReportCollector:
-    """Builds the report from test reports (on the xdist controller too) and writes it at the end."""
+class SessionHooks:
+    """Feeds test reports to the session (on the xdist controller too) and finishes it once."""
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, session: CircuitSession) -> None:
         self.config = config
-        self.report = Report()
+        self.session = session
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         result = dict(report.user_properties).get(PROPERTY)
         if result is None or (report.when != "call" and not report.failed):
             return
-        self.report.add(result, report.outcome, result.get("message") if report.passed else _failure_text(report))
+        message = result.get("message") if report.passed else _failure_text(report)
+        self.session.report.add(result, report.outcome, message)
 
-    def pytest_sessionfinish(self) -> None:
-        if hasattr(self.config, "workerinput"):
-            return  # the controller writes the reports
-        if self.config.getoption("circuit_report"):
-            self.report.write_html(Path(self.config.getoption("circuit_report")))
-        if self.config.getoption("circuit_json"):
-            self.report.write_json(Path(self.config.getoption("circuit_json")))
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node, error) -> None:
+        """pytest-xdist: a worker finished; take the baselines it recorded."""
+        self.session.baselines.merge(getattr(node, "workeroutput", {}).get(WORKER_OUTPUT, {}))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: the controller writes
+            self.config.workeroutput[WORKER_OUTPUT] = self.session.baselines.pending()
+            return
+        self.session.finish()
+        if self.session.problems and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        session: CircuitSession = self.config.stash[SESSION]
-        for path in session.written:
+        for path in self.session.written:
             terminalreporter.write_line(f"baseline written: {path}")
-        for error in session.write_errors:
-            terminalreporter.write_line(f"baseline NOT written: {error}", red=True)
-        if not self.report.rows:
+        for problem in self.session.problems:
+            terminalreporter.write_line(printable(f"NOT written: {problem}"), red=True)
+        report = self.session.report
+        if not report.rows:
             return
         terminalreporter.write_sep("=", "circuit specs")
-        for line in self.report.terminal_lines():
+        for line in report.terminal_lines():
             terminalreporter.write_line(line)
-        for path in sorted({row.path for row in self.report.rows.values()}):
-            stale = stale_entries(Path(path))
-            if stale:
-                terminalreporter.write_line(f"stale baseline entries in {path}: {', '.join(stale)} (models the spec no longer lists)")
+        for row in report.rows.values():
+            if row.stale:
+                terminalreporter.write_line(printable(
+                    f"stale baseline entries in {row.path}: {', '.join(row.stale)} (models the spec no longer lists)", one_line=True))
 
 
 def _failure_text(report: pytest.TestReport) -> str:
@@ -286,19 +283,13 @@ def _failure_text(report: pytest.TestReport) -> str:
     return "\n".join(line.strip() for line in lines[1:]) or "\n".join(lines)
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    circuit_session = session.config.stash[SESSION]
-    circuit_session.written, circuit_session.write_errors = circuit_session.baselines.flush()
-
-
 # --------------------------------------------------------------------------- fixtures for Python tests
 
 
 @pytest.fixture(scope="session")
 def circuit_model(pytestconfig: pytest.Config):
     """``circuit_model(name)``: a loaded, frozen model, shared with the session's specs."""
-    session: CircuitSession = pytestconfig.stash[SESSION]
-    return session.model
+    return pytestconfig.stash[SESSION].model
 
 
 @pytest.fixture(scope="session")
@@ -306,12 +297,12 @@ def circuit_trace(pytestconfig: pytest.Config):
     """``circuit_trace(model, dataset=... or examples=..., trace={...})``: a traced
     :class:`~circuit_tests.evaluation.Subject` (scores, circuit, curve, flip rates) built by the
     same machinery as a YAML spec; ``dataset`` is relative to the rootdir."""
-    session: CircuitSession = pytestconfig.stash[SESSION]
+    session = pytestconfig.stash[SESSION]
     root = pytestconfig.rootpath
 
     def make(model: str, trace: dict | None = None, **task) -> Subject:
         raw = {"name": "python", "models": [model], "task": task, "trace": trace or {},
-               "expect": [{"behaves": {"min_accuracy": 0.0}}]}
-        return session.subject(spec_from_mapping(raw, root / "python-api.yaml", root), model)
+               "expect": [{"behaves": {"min_accuracy": 1.0}}]}
+        return session.subject(spec_from_mapping(raw, root / "python-api.yaml", root), model, from_command_line=True)
 
     return make

@@ -2,7 +2,12 @@
 
 Each spec item carries its result and its subject's figures as a ``circuit_tests`` user
 property, so the report is built from test reports alone and works the same under
-pytest-xdist (workers send their reports to the controller). One :class:`Row` per (spec, model).
+pytest-xdist (workers send their reports to the controller). One :class:`Row` per (spec file, model).
+
+Text in a report may come from a pull request (spec names, model names, answers): the terminal
+table escapes control characters, the HTML page escapes markup, and the JSON holds no bare
+``NaN``: a measurement that is not a number is ``null``, listed under the row's ``undefined``
+with the reason given in its expectation's message.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from circuit_tests.untrusted import printable
+
 PROPERTY = "circuit_tests"
 
 
-def payload(spec_name: str, model: str, path: Path, expectation: str) -> dict:
-    """What one result carries to :meth:`Report.add` (``figures`` and ``message`` are added as measured)."""
-    return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation}
+def payload(spec_name: str, model: str, path: Path, expectation: str, description: str = "") -> dict:
+    """What one result carries to :meth:`Report.add` (``figures``, ``message`` and ``stale`` are added as measured)."""
+    return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation, "description": description}
 
 
 @dataclass
@@ -37,8 +44,10 @@ class Row:
     spec: str
     model: str
     path: str
+    description: str = ""
     figures: dict = field(default_factory=dict)
     results: list[Result] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # baseline entries of models the spec no longer lists
 
     @property
     def status(self) -> str:
@@ -53,17 +62,19 @@ class Report:
         self.rows: dict[tuple[str, str], Row] = {}
 
     def add(self, payload: dict, outcome: str, message: str | None = None) -> None:
-        key = (payload["spec"], payload["model"])
-        row = self.rows.setdefault(key, Row(payload["spec"], payload["model"], payload["path"]))
+        key = (payload["path"], payload["model"])
+        row = self.rows.setdefault(key, Row(*(printable(payload.get(name, "")) for name in ("spec", "model", "path", "description"))))
         row.figures.update(payload.get("figures", {}))
-        row.results.append(Result(payload["expectation"], outcome, message or payload.get("message", "")))
+        row.stale = payload.get("stale", row.stale)
+        row.results.append(Result(payload["expectation"], outcome, printable(message or payload.get("message", ""))))
 
     # ------------------------------------------------------------------ terminal
 
     def terminal_lines(self) -> list[str]:
         header = ("spec", "model", "acc", "n@0.8", "flip", "steer", "overlap", "result")
         table = [header] + [
-            (row.spec, row.model, _number(row.figures.get("accuracy")), _number(row.figures.get("nodes_for_0.8"), "{:.0f}"),
+            (printable(self._label(row), one_line=True), printable(row.model, one_line=True),
+             _number(row.figures.get("accuracy")), _number(row.figures.get("nodes_for_0.8"), "{:.0f}"),
              _last(row.figures.get("flip_rate")), _last(row.figures.get("steering")), _number(row.figures.get("overlap")),
              f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
             for row in self.rows.values()
@@ -71,17 +82,38 @@ class Report:
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
         return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
 
+    def _label(self, row: Row) -> str:
+        """The spec's name, with its file when another spec file has the same name."""
+        shared = {other.path for other in self.rows.values() if other.spec == row.spec}
+        return row.spec if len(shared) == 1 else f"{row.spec} ({row.path})"
+
     # ------------------------------------------------------------------ files
 
     def to_json(self) -> dict:
-        return {"rows": [asdict(row) | {"status": row.status} for row in self.rows.values()]}
+        rows = []
+        for row in self.rows.values():
+            undefined: list[str] = []
+            rows.append(_finite(asdict(row), "", undefined) | {"status": row.status, "undefined": undefined})
+        return {"rows": rows}
 
     def write_json(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
     def write_html(self, path: Path) -> None:
         sections = "\n".join(_section(row) for row in self.rows.values()) or "<p>No circuit specs ran.</p>"
         path.write_text(PAGE.format(style=STYLE, sections=sections), encoding="utf-8")
+
+
+def _finite(value: object, where: str, undefined: list[str]) -> object:
+    """``value`` with every NaN or infinity replaced by ``None``; their places are appended to ``undefined``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        undefined.append(where)
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item, f"{where}.{key}" if where else str(key), undefined) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item, f"{where}[{i}]", undefined) for i, item in enumerate(value)]
+    return value
 
 
 def _number(value: float | None, form: str = "{:.2f}") -> str:
@@ -134,7 +166,8 @@ def _section(row: Row) -> str:
     )
     return (
         f"<section><h2>{html.escape(row.spec)} [{html.escape(row.model)}] <span class='{row.status}'>{row.status}</span></h2>"
-        f"<p>{html.escape(row.path)}</p><div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.get('curve'))}</div>"
+        f"<p>{html.escape(row.path)}</p>" + (f"<p class='description'>{html.escape(row.description)}</p>" if row.description else "")
+        + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.get('curve'))}</div>"
         f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
         + (f"<h3>Top nodes</h3><table><tr><th>layer</th><th>position</th><th>neuron</th><th>score</th></tr>{top}</table>" if top else "")
         + "</section>"

@@ -19,7 +19,7 @@ from circuit_tests.report import Report, payload
 
 
 def entry(value: float) -> dict:
-    return {"circuit": [[1, 2, 3, value]], "metrics": {"accuracy": value}}
+    return {"circuit": [[1, 2, 3, value]], "metrics": {"accuracy": value, "faithfulness": {"100": value}}}
 
 
 def _write_one(path: str, model: str) -> None:
@@ -80,7 +80,7 @@ def test_store_writes_once_at_the_end(tmp_path):
     from circuit_tests.spec import spec_from_mapping
 
     spec = spec_from_mapping({"name": "s", "models": ["m"], "task": {"examples": [{"prompt": "a", "answer": " b"}]},
-                              "expect": [{"behaves": {"min_accuracy": 0}}]}, tmp_path / "s.yaml")
+                              "expect": [{"behaves": {"min_accuracy": 1.0}}]}, tmp_path / "s.yaml")
     store = BaselineStore(update=True)
     store.record(spec, "m", entry(1.0))
     assert not baseline_path(spec.path).exists()

@@ -83,9 +83,10 @@ def test_schema_prints_the_spec_json_schema(capsys):
     assert schema["title"] == "circuit-tests spec" and "expect" in schema["properties"]
 
 
-def test_new_scaffolds_a_valid_spec_next_to_its_data(tmp_path, capsys):
+def test_new_scaffolds_a_valid_spec_next_to_its_data(tmp_path, capsys, monkeypatch):
     from circuit_tests.spec import load_spec
 
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "fixtures").mkdir()
     dataset = write_jsonl(tmp_path / "fixtures" / "d.jsonl", [pair("author")])
     out = tmp_path / "specs" / "mine.yaml"
@@ -108,7 +109,8 @@ expect:
 
 
 @pytest.mark.slow
-def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
+def test_run_diff_and_trace_with_a_spec(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the project: specs and data inside it
     (tmp_path / "d.jsonl").write_text("\n".join((ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:30]))
     spec = tmp_path / "cli.yaml"
     spec.write_text(SPEC)
@@ -126,7 +128,8 @@ def test_run_diff_and_trace_with_a_spec(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys):
+def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "d.jsonl").write_text("\n".join((ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:30]))
     spec = tmp_path / "cli.yaml"
     spec.write_text(SPEC.replace("[smollm2-135m-instruct]", "[smollm2-135m-instruct, ./no-such-checkpoint]")
@@ -135,4 +138,17 @@ def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "FAIL cli::pinned[smollm2-135m-instruct]" in out and "outside smollm2-135m-instruct's 30 layers" in out
     assert "PASS cli::behaves[smollm2-135m-instruct]" in out  # the other expectations still ran
-    assert "FAIL cli::spec[./no-such-checkpoint]" in out and "cli " in out.splitlines()[-1]  # then the report table
+    assert "FAIL cli::behaves[./no-such-checkpoint]" in out and "no such directory" in out  # a model that cannot load fails
+    assert "cli " in out.splitlines()[-1]  # then the report table
+
+
+def test_run_reports_every_broken_spec_of_the_corpus_and_goes_on(monkeypatch, capsys):
+    """The bad-spec corpus through `circuit-tests run` in one call, from the project root, as a user would."""
+    monkeypatch.chdir(ROOT)
+    corpus = sorted((ROOT / "tests" / "bad_specs").glob("*.yaml"))
+    assert main(["run", *(str(path.relative_to(ROOT)) for path in corpus)]) == 1
+    out = capsys.readouterr().out
+    for path in corpus:
+        expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
+        assert f"FAIL {path.name}::spec[-]" in out and expected in out, path.name
+    assert "Traceback" not in out and "\x1b" not in out

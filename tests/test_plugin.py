@@ -74,7 +74,7 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
     shutil.copytree(ROOT / "tests" / "bad_specs" / "data", pytester.path / "data")
     for path in corpus:
         pytester.path.joinpath(f"circuit_{path.name}").write_text(path.read_text())
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
     result = pytester.runpytest("-rA", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=len(corpus), skipped=1)
     for path in corpus:
@@ -85,14 +85,14 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
 
 
 def test_a_missing_model_fails_under_strict(pytester):
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
     result = pytester.runpytest("--circuit-strict")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*not in the local Hugging Face cache*"])
 
 
 def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
-    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.0}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
     result = pytester.runpytest("-rs", "-m", "gpu")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
@@ -111,7 +111,7 @@ def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines([
         "*sva::pinned-2[[]smollm2-135m-instruct[]]",
-        "*expected: patching 1 pinned neurons from the counterfactual flips >= 1.00 of answers",
+        "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of answers",
         "*measured: flip rate 0.000 on 1 held-out examples",
     ])
     assert "Traceback" not in result.stdout.str()
@@ -139,7 +139,7 @@ def test_model_is_loaded_and_traced_once_for_all_items(sva, monkeypatch):
     monkeypatch.setattr(evaluation, "attribute", lambda *a, real=evaluation.attribute, **k: traces.append(1) or real(*a, **k))
     result = sva.runpytest_inprocess("--circuit-no-cache", "--circuit-update", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=5)
-    assert (loads, len(traces)) == (["smollm2-135m-instruct"], 1)
+    assert ([ref.name for ref in loads], len(traces)) == (["smollm2-135m-instruct"], 1)
 
 
 @pytest.mark.slow
@@ -187,8 +187,10 @@ def test_reports_junit_and_xdist(sva):
                            "--junitxml", "j.xml", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=4, failed=2)  # stable has no baseline yet; the broken spec
     rows = json.loads(sva.path.joinpath("r.json").read_text())["rows"]
-    assert [(row["spec"], row["status"], row["path"]) for row in rows] == [("sva", "failed", str(sva.path / "specs" / "sva.yaml"))]
-    assert rows[0]["figures"]["accuracy"] >= 0.9 and rows[0]["figures"]["curve"]["sizes"] == [10, 30, 50, 100, 300, 1000]
+    assert sorted((row["spec"], row["status"], row["path"]) for row in rows) == [  # the broken spec has its row too
+        ("circuit_bad.yaml", "failed", str(sva.path / "circuit_bad.yaml")), ("sva", "failed", str(sva.path / "specs" / "sva.yaml"))]
+    figures = next(row for row in rows if row["spec"] == "sva")["figures"]
+    assert figures["accuracy"] >= 0.9 and figures["curve"]["sizes"] == [10, 30, 50, 100, 300, 1000]
     page = sva.path.joinpath("r.html").read_text()
     assert "<svg" in page and "faithfulness" in page and "none for smollm2-135m-instruct" in page
     assert 'testcase classname="specs.sva.yaml' in sva.path.joinpath("j.xml").read_text()
@@ -252,19 +254,23 @@ def test_the_same_spec_gives_the_same_numbers_run_after_run(sva):
 def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(pytester):
     pytester.makeconftest("""
         import torch
-        import circuit_tests.plugin as plugin
+        import circuit_tests.session as session
 
-        real_check = plugin.check
+        real_check = session.check
 
         def check(subject, expectation, baselines):
             if subject.spec.name == "big":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
             return real_check(subject, expectation, baselines)
 
-        plugin.check = check
+        def pytest_configure(config):
+            session.check = check
+
+        def pytest_unconfigure(config):
+            session.check = real_check
     """)
     for name in ("big", "small"):
-        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.0}\n"))
+        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.5}\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*circuit_big.yaml: smollm2-135m-instruct: out of GPU memory. Try a smaller `task.batch_size`, "
