@@ -149,6 +149,11 @@ class Subject:
         """Tokens in the shortest held-out prompt: a position must exist in every prompt."""
         return min(batch.n_positions for batch in self.test.batches)
 
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens in the longest held-out prompt: a stored node past it is measured on no prompt at all."""
+        return max(batch.n_positions for batch in self.test.batches)
+
     # ------------------------------------------------------------------ measurements on the test split
 
     @cached_property

@@ -244,11 +244,15 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
 
 
 def _stored_circuit(subject: Subject, rows: list, name: str) -> Circuit:
-    """The baseline's circuit; nodes at positions the held-out prompts do not have would silently measure fewer nodes."""
+    """The baseline's circuit; a node at a position no held-out prompt has would silently measure fewer nodes.
+
+    Prompts of several lengths are measured batch by batch, each with the nodes its length has (as the
+    circuit traced now is), so a node needs only the longest prompt to reach it.
+    """
     for layer, position, neuron, _ in rows:
-        if position is not None and position >= subject.shortest_prompt:
+        if position is not None and position >= subject.longest_prompt:
             raise SpecError(f"{baseline_path(subject.spec.path)}: {name}'s stored circuit has node L{layer}/P{position}/N{neuron}, "
-                            f"but the held-out prompts have {subject.shortest_prompt} tokens: the baseline was recorded on "
+                            f"but the longest held-out prompt has {subject.longest_prompt} tokens: the baseline was recorded on "
                             "other data. Record it again with `pytest --circuit-update`.")
     return Circuit(tuple(tuple(row[:3]) for row in rows), tuple(abs(row[3]) for row in rows))
 

@@ -388,6 +388,23 @@ def test_an_update_keeps_the_file_mode_and_clears_a_killed_writers_temporaries(s
     assert not any(path.exists() for path in stale)
 
 
+def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(small, pytester):
+    """Mixed lengths are measured batch by batch: a stored node that only the longer prompts reach is no error."""
+    longer = "".join(json.dumps(line) + "\n" for singular, plural in PAIRS for line in (
+        {"clean_prefix": f"The {singular} near the key", "patch_prefix": f"The {plural} near the key",
+         "clean_answer": " is", "patch_answer": " are"},
+        {"clean_prefix": f"The {plural} near the key", "patch_prefix": f"The {singular} near the key",
+         "clean_answer": " are", "patch_answer": " is"}))
+    (small / "data.jsonl").write_text(DATA + longer)
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {neurons: 50, min_overlap: 0.9}\n"))
+    pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
+    stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:50]
+    assert max(position for _, position, _, _ in stored) >= 3  # past the 3-token prompts: only the 6-token ones have it
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["good  ./ckpt  *1.00     passed (2/2)"])  # the overlap column
+
+
 def test_two_spec_files_with_one_name_keep_two_report_rows(small, pytester):
     small.joinpath("circuit_twin.yaml").write_text(spec("good", CONTROL))
     result = pytester.runpytest("-p", "no:cacheprovider", "--circuit-json=r.json")
