@@ -3,7 +3,7 @@
     python ci/gpu_benchmark.py                      # bf16 on cuda, 300 paired examples, JSON to stdout
     python ci/gpu_benchmark.py --device cpu --dtype float32 --hidden-size 16 --layers 2 --examples 16   # smoke test
 
-Real weights are not needed for timing: the model is built from ``circuit_tests.tiny.LLAMA_31_8B``
+Real weights are not needed for timing: the model is built from ``circuit_tests.testing.LLAMA_31_8B``
 (32 layers x 14336 neurons, hidden 4096) with random weights, and the prompts are random token ids
 of SVA length (8 tokens, the patch prompt differing at one position). Reported per stage: seconds
 and peak GPU memory. Stages: plain forward+backward over every example (the reference), RelP
@@ -26,12 +26,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from circuit_tests.attribution import AttributionOptions, attribute  # noqa: E402
-from circuit_tests.circuits import faithfulness_curve, flip_rates, top_k  # noqa: E402
-from circuit_tests.data import PairedBatch, Tokenized  # noqa: E402
-from circuit_tests.metrics import logit_diff  # noqa: E402
-from circuit_tests.sites import NeuronSites  # noqa: E402
-from circuit_tests.tiny import LLAMA_31_8B  # noqa: E402
+from circuit_tests.analysis.attribution import AttributionOptions, attribute  # noqa: E402
+from circuit_tests.analysis.measures import faithfulness_curve, flip_rates  # noqa: E402
+from circuit_tests.analysis.metrics import logit_diff  # noqa: E402
+from circuit_tests.analysis.selection import top_k  # noqa: E402
+from circuit_tests.model.data import PairedBatch, Tokenized  # noqa: E402
+from circuit_tests.model.sites import NeuronSites  # noqa: E402
+from circuit_tests.testing import LLAMA_31_8B  # noqa: E402
 
 SIZES = (10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000)
 

@@ -18,18 +18,23 @@ import textwrap
 from pathlib import Path
 from typing import TextIO
 
-from circuit_tests.attribution import BASELINES, METHODS, AttributionOptions, trace
-from circuit_tests.circuits import overlap
-from circuit_tests.data import read_jsonl
+from circuit_tests.analysis.attribution import BASELINES, TRACE_METHODS, AttributionOptions, trace
+from circuit_tests.analysis.metrics import METRICS
+from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import CircuitTestsError
-from circuit_tests.evaluation import STANDARD_SIZES, default_trace_cache
-from circuit_tests.metrics import METRICS
-from circuit_tests.models import DEFAULT_MODEL, REGISTRY, LoadOptions, cache_dir, check_device, check_dtype, check_trusted
+from circuit_tests.files import inside
+from circuit_tests.model.data import read_jsonl
+from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
+from circuit_tests.model.nodes import format_nodes
+from circuit_tests.model.references import check_trusted
+from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.progress import on_terminal
-from circuit_tests.report import payload
-from circuit_tests.session import CircuitSession, RunOptions, Verdict
-from circuit_tests.spec import NAME_PATTERN, json_schema, load_spec, parse_yaml, reference_markdown, spec_from_mapping
-from circuit_tests.untrusted import has_control, inside, printable
+from circuit_tests.spec.report import payload
+from circuit_tests.spec.schema import NAME_PATTERN, json_schema, load_spec, parse_yaml, reference_markdown, spec_from_mapping
+from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
+from circuit_tests.spec.subject import STANDARD_SIZES
+from circuit_tests.spec.traces import default_trace_cache
+from circuit_tests.text import has_control, printable
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -66,7 +71,7 @@ def _trace(args: argparse.Namespace) -> int:
         "metadata": scores.metadata,
         "nodes": [
             {"layer": layer, "position": position, "neuron": neuron, "score": score}
-            for (layer, position, neuron), score in scores.top(args.top)
+            for (layer, position, neuron), score in scores.ranked(args.top)
         ],
     }
     text = json.dumps(report, indent=1)
@@ -155,13 +160,8 @@ def _diff(args: argparse.Namespace) -> int:
     _say(f"\ntop {args.top} circuits: Jaccard overlap {jaccard:.3f}, |score|-weighted {weighted:.3f}")
     for label, nodes in (("gained", [n for n in b.nodes if n not in set(a.nodes)]),
                          ("lost", [n for n in a.nodes if n not in set(b.nodes)])):
-        _say(f"{label} ({len(nodes)}): " + (", ".join(_node(n) for n in nodes) or "none"))
+        _say(f"{label} ({len(nodes)}): " + format_nodes(nodes, shown=len(nodes)))
     return 0
-
-
-def _node(node: tuple) -> str:
-    layer, position, neuron = node
-    return f"L{layer}/N{neuron}" if position is None else f"L{layer}/P{position}/N{neuron}"
 
 
 def _new(args: argparse.Namespace) -> int:
@@ -193,10 +193,10 @@ task: {{dataset: {dataset}, test_fraction: 0.25, seed: 0}}
 trace: {{method: relp, ablation: mean}}
 expect:
   - behaves: {{min_accuracy: 0.9}}
-  - sparse: {{max_neurons: 100, min_faithfulness: 0.8}}
-  - necessary: {{neurons: 300, max_completeness: 0.2}}
-  - flips: {{neurons: 30, min_flip_rate: 0.9}}
-  - stable: {{neurons: 100, min_overlap: 0.5, faithfulness_tolerance: 0.05}}
+  - sparse: {{max_nodes: 100, min_faithfulness: 0.8}}
+  - necessary: {{nodes: 300, max_completeness: 0.2}}
+  - flips: {{nodes: 30, min_flip_rate: 0.9}}
+  - stable: {{nodes: 100, min_overlap: 0.5, faithfulness_tolerance: 0.05}}
 """
 
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--model", help=f"model name (default: the spec's first model, else {DEFAULT_MODEL})")
     tracer.add_argument("--dataset", help="JSON lines: clean_prefix, patch_prefix, clean_answer, patch_answer")
     tracer.add_argument("--spec", help="trace a spec's training split with its trace options instead")
-    tracer.add_argument("--method", default="relp", choices=[method for method in METHODS if method != "exact"])
+    tracer.add_argument("--method", default="relp", choices=TRACE_METHODS)
     tracer.add_argument("--top", type=_positive, default=100, help="how many nodes to write (default 100)")
     tracer.add_argument("--json", metavar="OUT.json", help="write the result here instead of stdout")
     tracer.add_argument("--save", metavar="SCORES.safetensors", help="also save every node's score")

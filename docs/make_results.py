@@ -21,14 +21,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from circuit_tests.attribution import AttributionOptions, attribute  # noqa: E402
-from circuit_tests.circuits import Circuit, accuracy, bootstrap, faithfulness_curve, flip_rates, top_k  # noqa: E402
-from circuit_tests.data import PairedBatch, PairedExample, read_jsonl, split, tokenize_pairs  # noqa: E402
-from circuit_tests.interventions import intervene, scale  # noqa: E402
-from circuit_tests.metrics import run  # noqa: E402
-from circuit_tests.models import load_model  # noqa: E402
-from circuit_tests.sites import NeuronSites  # noqa: E402
-from circuit_tests.steering import multiplier_sweep, patch_success  # noqa: E402
+from circuit_tests.analysis.attribution import AttributionOptions, attribute  # noqa: E402
+from circuit_tests.analysis.measures import accuracy, faithfulness_curve, flip_rates, multiplier_sweep, patch_success  # noqa: E402  # noqa: E402
+from circuit_tests.analysis.selection import top_k  # noqa: E402
+from circuit_tests.analysis.stats import bootstrap  # noqa: E402
+from circuit_tests.model.data import PairedBatch, PairedExample, read_jsonl, split, tokenize_pairs  # noqa: E402
+from circuit_tests.model.interventions import intervene, scale  # noqa: E402
+from circuit_tests.model.loading import load_model  # noqa: E402
+from circuit_tests.model.nodes import Circuit  # noqa: E402
+from circuit_tests.model.sites import (
+    NeuronSites,  # noqa: E402
+    next_token_logits,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBSETS = ("simple", "nounpp", "rc", "within_rc")
@@ -142,8 +146,8 @@ def _sweep(sites: NeuronSites, tokenizer, correct: list[dict]) -> list[str]:
 
 
 def _argmax_hits(sites: NeuronSites, batch: PairedBatch, neurons: Circuit, factor: float) -> torch.Tensor:
-    with torch.no_grad(), intervene(sites, [scale(neurons.node_set(), factor)]):
-        return run(sites.model, batch.clean_ids)[:, -1].argmax(-1) == batch.clean_answer
+    with torch.no_grad(), intervene(sites, [scale(neurons, factor)]):
+        return next_token_logits(sites.model, batch.clean_ids)[:, -1].argmax(-1) == batch.clean_answer
 
 
 def _unpaired(tokenizer, items: list[dict]) -> PairedBatch:

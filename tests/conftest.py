@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.models import LoadedModel, load_model
-from circuit_tests.sites import NeuronSites
-from circuit_tests.tiny import TINY_ARCHITECTURES, tiny_model
+from circuit_tests.model.loading import LoadedModel, load_model
+from circuit_tests.model.sites import NeuronSites
+from circuit_tests.testing import TINY_ARCHITECTURES, tiny_model
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHITECTURES)

@@ -10,13 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from circuit_tests.attribution import AttributionOptions, Scores, attribute, neuron_values
-from circuit_tests.data import PairedBatch
-from circuit_tests.interventions import NodeSet, intervene, patch
-from circuit_tests.metrics import counterfactual_logit_diff
-from circuit_tests.relp import RelPRules, relp_rules
-from circuit_tests.sites import NeuronSites, capture
-from circuit_tests.tiny import tiny_model
+from circuit_tests.analysis.attribution import AttributionOptions, Scores, attribute, neuron_values
+from circuit_tests.analysis.metrics import logit_diff
+from circuit_tests.analysis.relp import RelPRules, relp_rules
+from circuit_tests.model.data import PairedBatch
+from circuit_tests.model.interventions import intervene, patch
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.model.sites import NeuronSites, capture
+from circuit_tests.testing import tiny_model
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 ALL_RULES_OFF = AttributionOptions(method="relp", norm_rule=False, activation_rule=False, half_rule=False)
@@ -112,10 +113,10 @@ def test_integrated_gradients_are_complete_per_layer(tiny_sites):
     batch = paired_batch(n=2)
     layer = 1
     with torch.no_grad():
-        before = counterfactual_logit_diff(tiny_sites.model(batch.clean_ids).logits, batch)
-        whole_layer = patch(NodeSet.of([(layer, None, None)]), neuron_values(tiny_sites, batch.patch_ids))
+        before = logit_diff(tiny_sites.model(batch.clean_ids).logits, batch)
+        whole_layer = patch(Circuit.of([(layer, None, None)]), neuron_values(tiny_sites, batch.patch_ids))
         with intervene(tiny_sites, [whole_layer]):
-            after = counterfactual_logit_diff(tiny_sites.model(batch.clean_ids).logits, batch)
+            after = logit_diff(tiny_sites.model(batch.clean_ids).logits, batch)
     exact = (after - before).mean()
     atp = attribute(tiny_sites, [batch], AttributionOptions(method="atp")).scores[layer].sum()
     ig = attribute(tiny_sites, [batch], AttributionOptions(method="ig", steps=32)).scores[layer].sum()
@@ -157,7 +158,7 @@ def test_zero_and_mean_baselines(tiny_sites):
     batch = paired_batch()
     zero = attribute(tiny_sites, [batch], AttributionOptions(method="atp", baseline="zero"))
     with capture(tiny_sites, grad=True) as acts:
-        value = counterfactual_logit_diff(tiny_sites.model(batch.clean_ids).logits, batch).sum()
+        value = logit_diff(tiny_sites.model(batch.clean_ids).logits, batch).sum()
     grads = torch.autograd.grad(value, acts)
     expected = torch.stack([(-a.detach() * g).mean(0) for a, g in zip(acts, grads)])
     torch.testing.assert_close(zero.scores, expected, rtol=1e-5, atol=1e-7)
@@ -167,7 +168,7 @@ def test_zero_and_mean_baselines(tiny_sites):
 
 def test_scores_round_trip_and_rank_by_magnitude(tmp_path):
     scores = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.4]]]), 7, {"model": "m", "method": "relp"})
-    assert scores.top(3) == [((0, 0, 1), -0.5), ((1, 1, 1), pytest.approx(0.4)), ((0, 1, 0), pytest.approx(0.3))]
+    assert scores.ranked(3) == [((0, 0, 1), -0.5), ((1, 1, 1), pytest.approx(0.4)), ((0, 1, 0), pytest.approx(0.3))]
     torch.testing.assert_close(scores.by_neuron(), torch.tensor([[0.4, -0.5], [-0.2, 0.45]]))
     scores.save(tmp_path / "s.safetensors")
     loaded = Scores.load(tmp_path / "s.safetensors")

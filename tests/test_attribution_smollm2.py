@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.attribution import AttributionOptions, Scores, attribute
-from circuit_tests.data import PairedExample, tokenize_pairs
-from circuit_tests.sites import NeuronSites
+from circuit_tests.analysis.attribution import AttributionOptions, Scores, attribute
+from circuit_tests.model.data import PairedExample, tokenize_pairs
+from circuit_tests.model.sites import NeuronSites
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def agreement(smollm2):
     random_nodes = sorted(
         {(int(l), SUBJECT, int(n)) for l, n in zip(torch.randint(30, (300,), generator=generator), torch.randint(1536, (300,), generator=generator))}
     )
-    pool = sorted({node for s in scores.values() for node, _ in s.top(POOL_PER_METHOD)} | set(random_nodes))
+    pool = sorted({node for s in scores.values() for node, _ in s.ranked(POOL_PER_METHOD)} | set(random_nodes))
     exact = attribute(sites, data.batches, AttributionOptions(method="exact"), candidates=pool)
     return scores, exact, pool, random_nodes
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from circuit_tests.tiny import save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from circuit_tests.testing import save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 pytest_plugins = ["pytester"]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
 from circuit_tests.errors import SpecError
-from circuit_tests.report import Report, payload
+from circuit_tests.spec.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
+from circuit_tests.spec.report import Report, payload
 
 
 def entry(value: float) -> dict:
@@ -57,7 +57,7 @@ def test_a_killed_writer_leaves_the_old_file_intact(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import os, time
 from pathlib import Path
-from circuit_tests import baselines
+from circuit_tests.spec import baselines
 os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))  # stall mid-write
 baselines.write_baseline(Path({str(path)!r}), "s", {{"new": {{"circuit": [[0, 0, i, 0.1] for i in range(100000)]}}}})
 """], stdout=subprocess.PIPE, text=True, env={**os.environ, "CIRCUIT_TESTS_CACHE": str(tmp_path / "cache")})
@@ -77,7 +77,7 @@ def test_a_damaged_file_is_an_error_and_is_not_overwritten(tmp_path):
 
 
 def test_store_writes_once_at_the_end(tmp_path):
-    from circuit_tests.spec import spec_from_mapping
+    from circuit_tests.spec.schema import spec_from_mapping
 
     spec = spec_from_mapping({"name": "s", "models": ["m"], "task": {"examples": [{"prompt": "a", "answer": " b"}]},
                               "expect": [{"behaves": {"min_accuracy": 1.0}}]}, tmp_path / "s.yaml")

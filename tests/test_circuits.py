@@ -5,37 +5,34 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.attribution import AttributionOptions, Scores, attribute, neuron_values
-from circuit_tests.circuits import (
+from circuit_tests.analysis.attribution import AttributionOptions, Scores, attribute, neuron_values
+from circuit_tests.analysis.measures import (
     ABLATIONS,
-    Circuit,
+    PATCH,
     Curve,
     ablated_chunks,
-    above,
-    bootstrap,
-    clean_logit_diffs,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
-    masked_logit_diffs,
-    node_ranks,
-    overlap,
-    ranked,
-    share,
-    top_k,
+    masked_preferences,
+    multiplier_sweep,
+    patch_success,
+    preferences,
 )
-from circuit_tests.data import PairedBatch, Tokenized
-from circuit_tests.interventions import intervene, patch
-from circuit_tests.metrics import logit_diff, run
-from circuit_tests.sites import NeuronSites
-from circuit_tests.steering import multiplier_sweep, patch_success
-from circuit_tests.tiny import tiny_model
+from circuit_tests.analysis.metrics import preference
+from circuit_tests.analysis.selection import above, overlap, share, top_k
+from circuit_tests.analysis.stats import bootstrap
+from circuit_tests.model.data import PairedBatch, Tokenized
+from circuit_tests.model.interventions import intervene, patch
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.model.sites import NeuronSites, next_token_logits
+from circuit_tests.testing import tiny_model
 
 SCORES = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.4]]]), 3)
 
 
 def test_ranking_and_selection():
-    assert [node for node, _ in ranked(SCORES)] == [(0, 0, 1), (1, 1, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0), (1, 0, 1)]
+    assert [node for node, _ in SCORES.ranked()] == [(0, 0, 1), (1, 1, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0), (1, 0, 1)]
     assert top_k(SCORES, 2).nodes == ((0, 0, 1), (1, 1, 1))
     assert top_k(SCORES, 2).weights == (0.5, pytest.approx(0.4))
     assert above(SCORES, 0.25).nodes == ((0, 0, 1), (1, 1, 1), (0, 1, 0))
@@ -56,7 +53,7 @@ def test_overlap():
 def test_node_ranks_keep_the_best_rank_and_expand_none():
     sites = _sites()
     circuit = Circuit(((1, 2, 5), (0, None, 3), (1, 2, 5), (2, -1, None)), (1.0,) * 4)
-    rank = node_ranks(sites, circuit, n_positions=4)
+    rank = circuit.ranks(sites.n_layers, 4, sites.n_neurons)
     assert rank[1, 2, 5] == 0 and (rank[0, :, 3] == 1).all() and (rank[2, 3] == 3).all()
     assert (rank == 4).sum() == rank.numel() - 1 - 4 - sites.n_neurons
 
@@ -85,17 +82,17 @@ def test_flips_match_patching_with_interventions(data):
     circuit = top_k(attribute(sites, data.batches, AttributionOptions()), 40)
     batch = data.batches[0]
     counterfactual = neuron_values(sites, batch.patch_ids)
-    with torch.no_grad(), intervene(sites, [patch(circuit.node_set(), counterfactual)]):
-        expected = logit_diff(run(sites.model, batch.clean_ids), batch)
-    rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
-    got = masked_logit_diffs(sites, batch, rank < 40, counterfactual, None)[0]
+    with torch.no_grad(), intervene(sites, [patch(circuit, counterfactual)]):
+        expected = preference(next_token_logits(sites.model, batch.clean_ids), batch)
+    rank = circuit.ranks(sites.n_layers, batch.n_positions, sites.n_neurons).unsqueeze(0)
+    got = masked_preferences(sites, batch, rank < 40, counterfactual, None)[0]
     torch.testing.assert_close(got, expected)
     assert torch.equal(flip_rates(sites, data, circuit, [40])[0], (expected < 0).float())
 
 
 def test_ablated_chunks_follow_the_data_in_chunks(grouped):
     sites = _sites()
-    chunks = {kind: list(ablated_chunks(sites, grouped, kind, seed=3, batch_size=2)) for kind in ABLATIONS}
+    chunks = {kind: list(ablated_chunks(sites, grouped, kind, seed=3, batch_size=2)) for kind in (*ABLATIONS, PATCH)}
     for kind, pairs in chunks.items():
         assert [batch.examples for batch, _ in pairs] == [chunk.examples for chunk in grouped.chunks(2)], kind
         assert all(v.shape == (len(batch), batch.n_positions, sites.n_neurons) for batch, values in pairs for v in values)
@@ -114,7 +111,7 @@ def test_ablated_chunks_follow_the_data_in_chunks(grouped):
         ablated_chunks(sites, grouped, "melt")
 
 
-@pytest.mark.parametrize("ablation", ABLATIONS)
+@pytest.mark.parametrize("ablation", (*ABLATIONS, PATCH))
 def test_batched_curve_matches_evaluating_whole_length_groups(grouped, ablation):
     """Chunks of 2 give the figures of the former code, which ran each length group at once (the reference below)."""
     sites = _sites()
@@ -133,7 +130,7 @@ def test_every_measure_gives_the_same_per_example_results_in_any_batch_size(grou
     circuit, neurons = top_k(scores, 100), top_k(scores, 20, aggregate=True)  # the sweep scales neurons at every position
     ids = torch.cat([batch.clean_ids for batch in grouped.batches if batch.n_positions == 5])
     measures = {
-        "clean": lambda size: clean_logit_diffs(sites, grouped, batch_size=size),
+        "clean": lambda size: preferences(sites, grouped, batch_size=size),
         "flips": lambda size: flip_rates(sites, grouped, circuit, [10, 100], batch_size=size),
         "steering": lambda size: patch_success(sites, grouped, circuit, [10, 100], batch_size=size),
         "sweep": lambda size: multiplier_sweep(sites, ids, neurons, [0.0, 2.0], [5, 6], batch_size=size),
@@ -142,7 +139,7 @@ def test_every_measure_gives_the_same_per_example_results_in_any_batch_size(grou
         whole, chunked = measure(32), measure(2)
         assert chunked.shape == whole.shape, name
         torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert clean_logit_diffs(sites, grouped).shape == (grouped.n_examples,)
+    assert preferences(sites, grouped).shape == (grouped.n_examples,)
 
 
 def test_nodes_for_interpolates_in_log_size():
@@ -212,15 +209,15 @@ def _whole_group_curve(
             ablate = [layer[rows] for layer in pool]
         else:
             ablate = own if ablation == "patch" else [torch.zeros_like(layer) for layer in own]
-        rank = node_ranks(sites, circuit, batch.n_positions).unsqueeze(0)
-        kept.append(masked_logit_diffs(sites, batch, rank < bounds, None, ablate))
-        removed.append(masked_logit_diffs(sites, batch, rank < bounds[: len(sizes)], ablate, None))
+        rank = circuit.ranks(sites.n_layers, batch.n_positions, sites.n_neurons).unsqueeze(0)
+        kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
+        removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
     return torch.cat(kept, 1), torch.cat(removed, 1)
 
 
 def _clean(sites: NeuronSites, data: Tokenized) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([logit_diff(run(sites.model, b.clean_ids), b) for b in data.batches])
+        return torch.cat([preference(next_token_logits(sites.model, b.clean_ids), b) for b in data.batches])
 
 
 _SITES: list[NeuronSites] = []

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.attribution import AttributionOptions, attribute
-from circuit_tests.circuits import accuracy, bootstrap, faithfulness_curve, faithfulness_from, flip_rates, top_k
-from circuit_tests.data import read_jsonl, split, tokenize_pairs
-from circuit_tests.sites import NeuronSites
+from circuit_tests.analysis.attribution import AttributionOptions, attribute
+from circuit_tests.analysis.measures import accuracy, faithfulness_curve, faithfulness_from, flip_rates
+from circuit_tests.analysis.selection import top_k
+from circuit_tests.analysis.stats import bootstrap
+from circuit_tests.model.data import read_jsonl, split, tokenize_pairs
+from circuit_tests.model.sites import NeuronSites
 
 pytestmark = pytest.mark.slow
 SIMPLE = Path(__file__).resolve().parent.parent / "fixtures" / "sva" / "simple.jsonl"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.attribution import Scores
+from circuit_tests.analysis.attribution import Scores
 from circuit_tests.cli import main
 
 
@@ -84,7 +84,7 @@ def test_schema_prints_the_spec_json_schema(capsys):
 
 
 def test_new_scaffolds_a_valid_spec_next_to_its_data(tmp_path, capsys, monkeypatch):
-    from circuit_tests.spec import load_spec
+    from circuit_tests.spec.schema import load_spec
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fixtures").mkdir()
@@ -103,8 +103,8 @@ models: [smollm2-135m-instruct]
 task: {dataset: d.jsonl, test_fraction: 0.5}
 expect:
   - behaves: {min_accuracy: 0.9}
-  - flips: {neurons: 30, min_flip_rate: 0.99}
-  - stable: {neurons: 20}
+  - flips: {nodes: 30, min_flip_rate: 0.99}
+  - stable: {nodes: 20}
 """
 
 
@@ -133,7 +133,7 @@ def test_run_reports_a_broken_expectation_or_model_and_goes_on(tmp_path, capsys,
     (tmp_path / "d.jsonl").write_text("\n".join((ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:30]))
     spec = tmp_path / "cli.yaml"
     spec.write_text(SPEC.replace("[smollm2-135m-instruct]", "[smollm2-135m-instruct, ./no-such-checkpoint]")
-                    .replace("  - stable: {neurons: 20}\n", "  - pinned: {neurons: [[99, 1]], min_flip_rate: 0.5}\n"))
+                    .replace("  - stable: {nodes: 20}\n", "  - pinned: {neurons: [[99, 1]], min_flip_rate: 0.5}\n"))
     assert main(["run", str(spec)]) == 1
     out = capsys.readouterr().out
     assert "FAIL cli::pinned[smollm2-135m-instruct]" in out and "outside smollm2-135m-instruct's 30 layers" in out

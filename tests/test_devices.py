@@ -15,14 +15,14 @@ import pytest
 import torch
 from accelerate import dispatch_model
 
-from circuit_tests.attribution import AttributionOptions, attribute
-from circuit_tests.circuits import clean_logit_diffs, faithfulness_curve, flip_rates, top_k
-from circuit_tests.data import PairedBatch, Tokenized
-from circuit_tests import models
-from circuit_tests.models import LoadOptions, load_model
-from circuit_tests.sites import NeuronSites
-from circuit_tests.steering import multiplier_sweep, patch_success
-from circuit_tests.tiny import tiny_model
+from circuit_tests.analysis.attribution import AttributionOptions, attribute
+from circuit_tests.analysis.measures import faithfulness_curve, flip_rates, multiplier_sweep, patch_success, preferences
+from circuit_tests.analysis.selection import top_k
+from circuit_tests.model import loading as models
+from circuit_tests.model.data import PairedBatch, Tokenized
+from circuit_tests.model.loading import LoadOptions, load_model
+from circuit_tests.model.sites import NeuronSites
+from circuit_tests.testing import tiny_model
 
 ARCHITECTURES = ("llama", "gemma3_text")
 N_GPUS = torch.cuda.device_count()
@@ -32,7 +32,7 @@ needs_two_gpus = pytest.mark.skipif(N_GPUS < 2, reason=f"needs two CUDA devices 
 
 def measure_everything(sites: NeuronSites, data: Tokenized) -> dict[str, torch.Tensor]:
     """Every neuron-level measurement of the library on ``data``, as CPU tensors keyed by name."""
-    out: dict[str, torch.Tensor] = {"clean": clean_logit_diffs(sites, data)}
+    out: dict[str, torch.Tensor] = {"clean": preferences(sites, data)}
     for method in ("relp", "atp", "ig"):
         for baseline in ("counterfactual", "zero", "mean"):
             options = AttributionOptions(method=method, baseline=baseline, steps=3)

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import transformers
 
-from circuit_tests import models
 from circuit_tests.errors import (
     BadCheckpointError,
     CircuitTestsError,
@@ -23,8 +22,10 @@ from circuit_tests.errors import (
     ModelOutsideProjectError,
     UnknownModelError,
 )
-from circuit_tests.models import LoadOptions, ModelRef, load_model, parse_model_ref
-from circuit_tests.tiny import save_tiny_checkpoint, tiny_tokenizer
+from circuit_tests.model import loading as models
+from circuit_tests.model.loading import LoadOptions, load_model
+from circuit_tests.model.references import ModelRef, parse_model_ref
+from circuit_tests.testing import save_tiny_checkpoint, tiny_tokenizer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

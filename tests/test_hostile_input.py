@@ -7,7 +7,7 @@ the field and the fix; the good spec still passes; no traceback; baselines byte-
 the project printed; nothing written outside the project; no code from a checkpoint run. Options given on the
 command line, and the command line tool's own arguments, are checked one by one after that.
 
-The model is a tiny random Llama with a word-level tokenizer (``circuit_tests.tiny``): fast, and enough for
+The model is a tiny random Llama with a word-level tokenizer (``circuit_tests.testing``): fast, and enough for
 every check here, which is about what the suite refuses, not about what a circuit does.
 """
 
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from circuit_tests.cli import main
-from circuit_tests.tiny import save_tiny_checkpoint
+from circuit_tests.testing import save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
 
@@ -70,7 +70,7 @@ def baseline_text(**changes) -> str:
     return json.dumps({"models": {"./ckpt": BASELINE_ENTRY | changes}, "spec": "x", "version": 1})
 
 
-STABLE = "- stable: {neurons: 5, min_overlap: 0.5}\n" + CONTROL
+STABLE = "- stable: {nodes: 5, min_overlap: 0.5}\n" + CONTROL
 # Damaged or hostile baselines, each beside a spec whose `stable` must fail with the reason (and be left untouched).
 BASELINES: dict[str, tuple[str, str]] = {
     "baseline_not_json": ("{ damaged", "cannot be read (Expecting property name"),
@@ -97,12 +97,12 @@ def cases(outside: Path) -> list[Case]:
              "position -4 is outside the shortest held-out prompt (3 tokens) for ./ckpt. Use a position from -3 to 2"),
         Case("scales_position_past_prompt", spec("a", "- scales: {neurons: [[0, 1]], position: 9, min_change: 0.1}\n"),
              "field 'scales.position': position 9 is outside the shortest held-out prompt"),
-        Case("sparse_every_node", spec("a", "- sparse: {max_neurons: 864, min_faithfulness: 0.8}\n"),
-             "field 'sparse.max_neurons': 864 is every node of the model (864) for ./ckpt. A claim about all of them could never fail"),
-        Case("necessary_every_node", spec("a", "- necessary: {neurons: 5000, max_completeness: 0.2}\n"),
-             "field 'necessary.neurons': 5000 is every node of the model (864)"),
-        Case("flips_every_node", spec("a", "- flips: {neurons: 864, min_flip_rate: 0.5}\n"), "field 'flips.neurons': 864 is every node"),
-        Case("stable_every_node", spec("a", "- stable: {neurons: 900}\n"), "field 'stable.neurons': 900 is every node"),
+        Case("sparse_every_node", spec("a", "- sparse: {max_nodes: 864, min_faithfulness: 0.8}\n"),
+             "field 'sparse.max_nodes': 864 is every node of the model (864) for ./ckpt. A claim about all of them could never fail"),
+        Case("necessary_every_node", spec("a", "- necessary: {nodes: 5000, max_completeness: 0.2}\n"),
+             "field 'necessary.nodes': 5000 is every node of the model (864)"),
+        Case("flips_every_node", spec("a", "- flips: {nodes: 864, min_flip_rate: 0.5}\n"), "field 'flips.nodes': 864 is every node"),
+        Case("stable_every_node", spec("a", "- stable: {nodes: 900}\n"), "field 'stable.nodes': 900 is every node"),
         Case("steers_every_neuron", spec("a", "- steers: {neurons: 288, min_success: 0.5}\n"),
              "field 'steers.neurons': 288 is every node of the model (288)"),
         Case("prompt_over_max_prompt_tokens", spec("a", CONTROL, extra="", task=examples(
@@ -134,9 +134,9 @@ def cases(outside: Path) -> list[Case]:
         Case("dataset_too_large", spec("a", CONTROL, task="task: {dataset: huge.jsonl}\n"), "huge.jsonl is 33.0 MiB, more than the 32.0 MiB allowed"),
         Case("spec_link_to_a_secret", "", "is outside"),
         Case("spec_too_large", spec("a", CONTROL) + "# " + "x" * (1024 * 1024) + "\n", "more than the 1.0 MiB allowed"),
-        Case("stable_model_named_missing", spec("a", "- stable: {neurons: 5, model: old-run}\n"),
+        Case("stable_model_named_missing", spec("a", "- stable: {nodes: 5, model: old-run}\n"),
              "'stable.model' names old-run: record its baseline"),
-        Case("undefined_faithfulness", spec("a", "- sparse: {max_neurons: 10, min_faithfulness: 0.5}\n", models="[./ckpt_mute]"),
+        Case("undefined_faithfulness", spec("a", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n", models="[./ckpt_mute]"),
              "faithfulness undefined: the logit difference of the model"),
         Case("control_characters_in_text", spec("a", CONTROL, task=examples(("The author", "The authors", " is\x1b[2J", " are"),
                                                                             ("The baker", "The bakers", " is", " are"))),
@@ -300,7 +300,7 @@ def small(pytester, checkpoints, tmp_path_factory, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hf-cache")))
     shutil.copytree(checkpoints / "ckpt", pytester.path / "ckpt")
     (pytester.path / "data.jsonl").write_text(DATA)
-    pytester.path.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {neurons: 5, min_overlap: 0.5}\n"))
+    pytester.path.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 5, min_overlap: 0.5}\n"))
     return pytester.path
 
 
@@ -361,7 +361,7 @@ def test_a_baseline_that_cannot_be_written_fails_the_run(small, pytester, worker
     pytester.makeconftest("""
         import errno
         import os
-        import circuit_tests.baselines as baselines
+        import circuit_tests.spec.baselines as baselines
 
         def read_only(path, write):  # as on a read-only file system (permissions do not stop root)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
@@ -396,7 +396,7 @@ def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(sma
         {"clean_prefix": f"The {plural} near the key", "patch_prefix": f"The {singular} near the key",
          "clean_answer": " are", "patch_answer": " is"}))
     (small / "data.jsonl").write_text(DATA + longer)
-    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {neurons: 50, min_overlap: 0.9}\n"))
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 50, min_overlap: 0.9}\n"))
     pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
     stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:50]
     assert max(position for _, position, _, _ in stored) >= 3  # past the 3-token prompts: only the 6-token ones have it
@@ -415,7 +415,7 @@ def test_two_spec_files_with_one_name_keep_two_report_rows(small, pytester):
 
 def test_control_characters_in_any_message_are_escaped_everywhere(small, pytester):
     pytester.makeconftest("""
-        import circuit_tests.session as session
+        import circuit_tests.spec.session as session
         from circuit_tests.errors import CircuitTestsError
 
         real_check = session.check

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.models import load_model
-from circuit_tests.tiny import scaled_llama_31_8b
+from circuit_tests.model.loading import load_model
+from circuit_tests.testing import scaled_llama_31_8b
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parent.parent

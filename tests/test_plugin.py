@@ -31,10 +31,10 @@ def sva(pytester) -> pytest.Pytester:
     pytester.mkdir("specs")
     pytester.path.joinpath("specs", "sva.yaml").write_text(spec("sva", (
         "- behaves: {min_accuracy: 0.9}\n"
-        "- sparse: {max_neurons: 300, min_faithfulness: 0.5}\n"
-        "- necessary: {neurons: 300, max_completeness: 0.5}\n"
-        "- flips: {neurons: 30, min_flip_rate: 0.8}\n"
-        "- stable: {neurons: 50, min_overlap: 0.9}\n"
+        "- sparse: {max_nodes: 300, min_faithfulness: 0.5}\n"
+        "- necessary: {nodes: 300, max_completeness: 0.5}\n"
+        "- flips: {nodes: 30, min_flip_rate: 0.8}\n"
+        "- stable: {nodes: 50, min_overlap: 0.9}\n"
     ), task="task: {dataset: ../data.jsonl, test_fraction: 0.5}\n"))
     return pytester
 
@@ -132,11 +132,12 @@ def test_exitfirst_and_last_failed_select_spec_items(pytester):
 
 @pytest.mark.slow
 def test_model_is_loaded_and_traced_once_for_all_items(sva, monkeypatch):
-    from circuit_tests import evaluation, models
+    from circuit_tests.model import loading
+    from circuit_tests.spec import subject
 
     loads, traces = [], []
-    monkeypatch.setattr(models, "load_model", lambda *a, real=models.load_model, **k: loads.append(a[0]) or real(*a, **k))
-    monkeypatch.setattr(evaluation, "attribute", lambda *a, real=evaluation.attribute, **k: traces.append(1) or real(*a, **k))
+    monkeypatch.setattr(loading, "load_model", lambda *a, real=loading.load_model, **k: loads.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(subject, "trace", lambda *a, real=subject.trace, **k: traces.append(1) or real(*a, **k))
     result = sva.runpytest_inprocess("--circuit-no-cache", "--circuit-update", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=5)
     assert ([ref.name for ref in loads], len(traces)) == (["smollm2-135m-instruct"], 1)
@@ -254,7 +255,7 @@ def test_the_same_spec_gives_the_same_numbers_run_after_run(sva):
 def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(pytester):
     pytester.makeconftest("""
         import torch
-        import circuit_tests.session as session
+        import circuit_tests.spec.session as session
 
         real_check = session.check
 

@@ -1,4 +1,4 @@
-"""Each RelP rule's gradient against the rule as written in shared/METHOD.md section 2."""
+"""Each RelP rule's gradient against the rule as written in docs/method.md section 2."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from transformers.activations import GELUTanh
 from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from circuit_tests.relp import RelPRules, activation_rule, norm_rule, relp_rules
-from circuit_tests.sites import NeuronSites, registered
-from circuit_tests.tiny import tiny_model
+from circuit_tests.analysis.relp import RelPRules, activation_rule, norm_rule, relp_rules
+from circuit_tests.model.sites import NeuronSites, registered
+from circuit_tests.testing import tiny_model
 
 
 def vjp(module: nn.Module, x: torch.Tensor, cotangent: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from circuit_tests.report import Report, payload
+from circuit_tests.spec.report import Report, payload
 
 SCRIPT = Path(__file__).resolve().parents[1] / "ci" / "screenshot.sh"
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")

@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuit_tests.errors import UnsupportedArchitectureError
-from circuit_tests.interventions import NodeSet, intervene, replace, scale
-from circuit_tests.sites import ARCHITECTURES, NeuronSites, capture, on_neurons
-from circuit_tests.tiny import TINY_ARCHITECTURES
+from circuit_tests.model.interventions import intervene, replace, scale
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, on_neurons
+from circuit_tests.testing import TINY_ARCHITECTURES
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 
@@ -92,14 +93,14 @@ def test_zeroing_a_layer_removes_its_mlp_contribution(tiny_sites, tiny_ids):
             removed = logits(tiny_sites, tiny_ids)
         finally:
             handle.remove()
-        with intervene(tiny_sites, [scale(NodeSet.of([(site.layer, None, None)]), 0.0)]):
+        with intervene(tiny_sites, [scale(Circuit.of([(site.layer, None, None)]), 0.0)]):
             torch.testing.assert_close(logits(tiny_sites, tiny_ids), removed)
 
 
 def test_hooks_are_removed_on_exit_and_on_error(tiny_sites, tiny_ids):
     base = logits(tiny_sites, tiny_ids)
     before = hook_count(tiny_sites)
-    nodes = NodeSet.of([(0, None, None)])
+    nodes = Circuit.of([(0, None, None)])
     with intervene(tiny_sites, [replace(nodes, 3.0)]), capture(tiny_sites, grad=True):
         assert hook_count(tiny_sites) > before
     assert hook_count(tiny_sites) == before
@@ -140,7 +141,7 @@ def test_unsupported_architecture_names_itself_and_the_supported_list():
 
 
 @st.composite
-def node_sets(draw, sites: NeuronSites, seq_len: int, max_layers: int = 3) -> NodeSet:
+def node_sets(draw, sites: NeuronSites, seq_len: int, max_layers: int = 3) -> Circuit:
     """Random (layer, position or None, neuron or None) node sets within the model's shape."""
     layers = draw(st.lists(st.integers(0, sites.n_layers - 1), min_size=1, max_size=max_layers, unique=True))
     node = st.tuples(
@@ -148,4 +149,4 @@ def node_sets(draw, sites: NeuronSites, seq_len: int, max_layers: int = 3) -> No
         st.none() | st.integers(-seq_len, seq_len - 1),
         st.none() | st.integers(0, sites.n_neurons - 1),
     )
-    return NodeSet.of(draw(st.lists(node, min_size=1, max_size=20)))
+    return Circuit.of(draw(st.lists(node, min_size=1, max_size=20)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.models import cache_dir
-from circuit_tests.sites import NeuronSites
+from circuit_tests.model.loading import cache_dir
+from circuit_tests.model.sites import NeuronSites
 
 pytestmark = pytest.mark.slow
 

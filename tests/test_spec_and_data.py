@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from circuit_tests.data import PairedExample, read_jsonl, split, tokenize_pairs
 from circuit_tests.errors import SpecError
-from circuit_tests.spec import KINDS, json_schema, load_spec, reference_markdown, spec_from_mapping
+from circuit_tests.model.data import PairedExample, read_jsonl, split, tokenize_pairs
+from circuit_tests.spec.schema import KINDS, SpecFieldRenamed, json_schema, load_spec, reference_markdown, spec_from_mapping
 
 GOOD_EXAMPLE = {"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is", "patch_answer": " are"}
 
@@ -61,11 +61,11 @@ def test_the_committed_spec_reference_is_generated_from_the_schema():
 
 
 def test_a_spec_built_from_a_mapping_matches_its_yaml_form(tmp_path):
-    text = "name: x\nmodels: [m]\ntask: {examples: [%s]}\nexpect:\n  - sparse: {max_neurons: 10, min_faithfulness: 0.8}\n"
+    text = "name: x\nmodels: [m]\ntask: {examples: [%s]}\nexpect:\n  - sparse: {max_nodes: 10, min_faithfulness: 0.8}\n"
     from_yaml = load_spec(write(tmp_path, text % json.dumps(GOOD_EXAMPLE)))
     from_dict = spec_from_mapping(yaml.safe_load(text % json.dumps(GOOD_EXAMPLE)), tmp_path / "circuit_x.yaml")
     assert from_yaml == from_dict and from_yaml.examples == from_dict.examples
-    assert from_yaml.expectations[0].params.max_neurons == 10
+    assert from_yaml.expectations[0].params.max_nodes == 10
 
 
 def test_bad_json_line_is_named(tmp_path):
@@ -130,3 +130,17 @@ def test_unpaired_prompts_are_their_own_counterfactual(tmp_path):
     path.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(SpecError, match=r"d.jsonl:1: missing field\(s\) answer"):
         read_jsonl(path)
+
+
+def test_renamed_fields_still_read_under_their_old_names_with_a_warning(tmp_path):
+    text = ("name: x\nmodels: [m]\ntask: {examples: [%s]}\nexpect:\n  - sparse: {max_neurons: 10, min_faithfulness: 0.8}\n"
+            "  - flips: {neurons: 30, min_flip_rate: 0.5}\n  - stable: {neurons: 20}\n") % json.dumps(GOOD_EXAMPLE)
+    path = write(tmp_path, text)
+    with pytest.warns(SpecFieldRenamed) as warned:
+        spec = load_spec(path)
+    assert [str(w.message).split(": ", 1)[1].split(" (")[0] for w in warned] == [
+        "field 'sparse.max_neurons' is now 'sparse.max_nodes'", "field 'flips.neurons' is now 'flips.nodes'",
+        "field 'stable.neurons' is now 'stable.nodes'"]
+    assert all(str(path) in str(w.message) for w in warned)
+    assert [e.params.max_nodes if e.kind == "sparse" else e.params.nodes for e in spec.expectations] == [10, 30, 20]
+    assert "| `sparse.max_neurons` | `sparse.max_nodes` |" in reference_markdown()

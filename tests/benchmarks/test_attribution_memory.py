@@ -17,9 +17,9 @@ DATA = Path(__file__).resolve().parents[2] / "fixtures" / "sva" / "nounpp.jsonl"
 MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from circuit_tests.attribution import trace
-from circuit_tests.data import read_jsonl
-from circuit_tests.models import load_model
+from circuit_tests.analysis.attribution import trace
+from circuit_tests.model.data import read_jsonl
+from circuit_tests.model.loading import load_model
 examples = read_jsonl(Path(sys.argv[1]))[: int(sys.argv[2])]
 scores, data = trace(load_model("smollm2-135m-instruct"), examples, batch_size=32)
 print(json.dumps({"examples": data.n_examples, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

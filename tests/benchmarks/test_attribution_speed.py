@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.attribution import AttributionOptions, attribute
-from circuit_tests.data import PairedBatch
-from circuit_tests.metrics import counterfactual_logit_diff
-from circuit_tests.sites import NeuronSites
+from circuit_tests.analysis.attribution import AttributionOptions, attribute
+from circuit_tests.analysis.metrics import logit_diff
+from circuit_tests.model.data import PairedBatch
+from circuit_tests.model.sites import NeuronSites
 
 pytestmark = pytest.mark.slow
 BATCH, POSITIONS = 16, 16
@@ -32,7 +32,7 @@ def plain_forward_backward(model, batch: PairedBatch, logits_to_keep: int) -> to
     embeddings = model.get_input_embeddings()(batch.clean_ids).requires_grad_(True)
     with torch.enable_grad():
         logits = model(inputs_embeds=embeddings, logits_to_keep=logits_to_keep).logits
-        value = counterfactual_logit_diff(logits, batch).sum()
+        value = logit_diff(logits, batch).sum()
         return torch.autograd.grad(value, embeddings)[0]
 
 

@@ -26,11 +26,12 @@ MEASURE = """
 import json, resource, sys
 from pathlib import Path
 import torch
-from circuit_tests.attribution import Scores
-from circuit_tests.circuits import faithfulness_curve, flip_rates, top_k
-from circuit_tests.data import read_jsonl, tokenize_pairs
-from circuit_tests.models import load_model
-from circuit_tests.sites import NeuronSites
+from circuit_tests.analysis.attribution import Scores
+from circuit_tests.analysis.measures import faithfulness_curve, flip_rates
+from circuit_tests.analysis.selection import top_k
+from circuit_tests.model.data import read_jsonl, tokenize_pairs
+from circuit_tests.model.loading import load_model
+from circuit_tests.model.sites import NeuronSites
 folder, n_pairs, batch_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 pool = [example for path in sorted(folder.glob("*.jsonl")) for example in read_jsonl(path)]
 order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0)).tolist()

@@ -20,13 +20,14 @@ from typing import Literal
 
 import torch
 
-from circuit_tests.baselines import BaselineStore
 from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError
-from circuit_tests.evaluation import Subject
-from circuit_tests.expectations import check
-from circuit_tests.models import LoadedModel, LoadOptions, ModelCache, parse_model_ref, remote_code_allowed
-from circuit_tests.report import Report
-from circuit_tests.spec import Expectation, Spec
+from circuit_tests.model.loading import LoadedModel, LoadOptions, ModelCache
+from circuit_tests.model.references import parse_model_ref, remote_code_allowed
+from circuit_tests.spec.baselines import BaselineStore, entry_for
+from circuit_tests.spec.expectations import check
+from circuit_tests.spec.report import Report
+from circuit_tests.spec.schema import Expectation, Spec
+from circuit_tests.spec.subject import Subject
 
 OOM_ADVICE = ("out of GPU memory. Try a smaller `task.batch_size`, `--circuit-dtype bfloat16`, or "
               "`--circuit-device auto` to shard the model over every visible GPU.")
@@ -106,7 +107,7 @@ class CircuitSession:
             return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", _figures(subject))
         except CircuitTestsError as error:
             return Verdict("failed", str(error), _figures(subject))
-        return Verdict("passed" if outcome.passed else "failed", outcome.message, subject.figures() | outcome.figures)
+        return Verdict("passed" if outcome.passed else "failed", outcome.message, subject.figures.to_json())
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists."""
@@ -115,7 +116,7 @@ class CircuitSession:
     def _record(self, subject: Subject) -> None:
         key = (subject.spec.path, subject.loaded.ref.name)
         if self.baselines.update and key not in self._recorded:
-            self.baselines.record(subject.spec, subject.loaded.ref.name, subject.baseline_entry())
+            self.baselines.record(subject.spec, subject.loaded.ref.name, entry_for(subject))
             self._recorded.add(key)
 
     def finish(self) -> None:
@@ -138,4 +139,4 @@ def _why_not_skipped(from_command_line: bool) -> str:
 
 
 def _figures(subject: Subject | None) -> dict:
-    return {} if subject is None else subject.figures()
+    return {} if subject is None else subject.figures.to_json()

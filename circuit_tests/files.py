@@ -1,4 +1,4 @@
-"""Input that a pull request controls: files read within bounds, and text made safe to print.
+"""Files the suite reads and writes: a pull request's files read within bounds, outputs replaced atomically.
 
 A pull request can change specs, datasets, baselines and checkpoint directories (docs/security.md).
 Every such file is read through :func:`read_text`, which only reads
@@ -11,17 +11,16 @@ Every such file is read through :func:`read_text`, which only reads
 The file is opened without following a link in its last component and checked with ``fstat`` on
 the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
 
-Text from those files (spec names, model names, prompts, answers) ends up in messages. Before it
-reaches a terminal, JUnit XML or a report, :func:`printable` escapes control characters, so a
-spec cannot clear the screen or print a fake summary.
+What the suite writes (baselines, cached traces) goes through :func:`replace_atomically`: readers
+see the old file or the new one, never a partial write.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import secrets
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from circuit_tests.errors import CircuitTestsError
@@ -107,23 +106,26 @@ def _size(n: int) -> str:
     return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / KiB:.0f} KiB" if n >= KiB else f"{n} bytes"
 
 
-# Control characters (C0 but newline and tab, DEL, C1) and the bidirectional overrides that can
-# make a terminal show text other than the text itself.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-_UNPRINTABLE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``:
+    readers see the old file or the new one, never a partial write, even if the writer is killed.
+    The new file keeps the old one's permissions (a new one gets the umask's)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        if path.is_file():
+            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def printable(text: str, one_line: bool = False) -> str:
-    """``text`` with control characters written as escapes (``\\x1b``); ``one_line`` escapes newlines too."""
-    pattern = _UNPRINTABLE_LINE if one_line else _UNPRINTABLE
-    return pattern.sub(lambda match: _escape(match.group()), text)
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def has_control(text: str) -> bool:
-    """Whether ``text`` holds a control character (newline and tab included): not allowed in names."""
-    return _UNPRINTABLE_LINE.search(text) is not None
+def mode_of(path: Path) -> int | None:
+    """``stat`` mode with links followed; None for a path that does not exist (or cannot: too long, a NUL byte)."""
+    try:
+        return os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None

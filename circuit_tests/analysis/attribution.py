@@ -5,7 +5,7 @@ the metric ``m`` when the node moves from its clean value ``a`` to a baseline va
 (the counterfactual prompt's value, zero, or a mean). Methods:
 
 - ``atp``: attribution patching, ``grad_a m * (a' - a)``;
-- ``relp`` (default): the same with the LRP rules of :mod:`circuit_tests.relp` in the backward;
+- ``relp`` (default): the same with the LRP rules of :mod:`circuit_tests.analysis.relp` in the backward;
 - ``ig``: integrated gradients, a left Riemann sum over ``steps`` points between ``a`` and ``a'``,
   one layer interpolated at a time as in Marks et al. (one pass per layer over ``steps`` copies);
 - ``exact``: real activation patching of each candidate node, the ground truth.
@@ -28,17 +28,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import circuit_tests
-from circuit_tests.data import PairedBatch, PairedExample, Tokenized, tokenize_pairs
+from circuit_tests.analysis.metrics import METRICS, Metric
+from circuit_tests.analysis.relp import RelPRules, relp_rules
 from circuit_tests.errors import SpecError
-from circuit_tests.metrics import METRICS, Metric, run
-from circuit_tests.models import LoadedModel
+from circuit_tests.model.data import PairedBatch, PairedExample, Tokenized, tokenize_pairs
+from circuit_tests.model.loading import LoadedModel
+from circuit_tests.model.nodes import Node
+from circuit_tests.model.sites import NeuronSites, capture, next_token_logits, on_neurons
 from circuit_tests.progress import bar
-from circuit_tests.relp import RelPRules, relp_rules
-from circuit_tests.sites import NeuronSites, capture, on_neurons
 
 METHODS = ("relp", "atp", "ig", "exact")
+TRACE_METHODS = ("relp", "atp", "ig")  # the methods that score every node; "exact" scores given candidates
 BASELINES = ("counterfactual", "zero", "mean")
-Node = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,24 @@ class Scores:
         """Scores summed over positions: ``[layers, neurons]``."""
         return self.scores.sum(dim=1)
 
-    def top(self, k: int) -> list[tuple[Node, float]]:
-        """The ``k`` nodes of largest ``|score|``, each with its signed score, largest first."""
-        flat = self.scores.flatten()
-        values, indices = flat.abs().topk(min(k, flat.numel()))
-        layers, positions, neurons = torch.unravel_index(indices, self.scores.shape)
-        return [
-            ((int(layer), int(position), int(neuron)), float(flat[index]))
-            for layer, position, neuron, index in zip(layers, positions, neurons, indices)
-        ]
+    def ranked(self, limit: int | None = None, aggregate: bool = False,
+               layers: Iterable[int] | None = None) -> list[tuple[Node, float]]:
+        """Nodes by decreasing |score| (ties in index order), each with its signed score; zero scores left out.
+
+        ``aggregate``: (layer, neuron) pairs scored by their sum over positions (position ``None``);
+        ``layers``: only these layers; ``limit``: at most this many.
+        """
+        table = self.by_neuron().unsqueeze(1) if aggregate else self.scores
+        if layers is not None:
+            outside = torch.ones(table.shape[0], dtype=torch.bool)
+            outside[list(layers)] = False
+            table = table.masked_fill(outside.view(-1, 1, 1), 0.0)
+        flat = table.flatten()
+        order = flat.abs().argsort(descending=True, stable=True)
+        order = order[flat[order] != 0][:limit]
+        layer, position, neuron = torch.unravel_index(order, table.shape)
+        return [((int(l), None if aggregate else int(p), int(n)), float(flat[i]))
+                for l, p, n, i in zip(layer, position, neuron, order)]
 
     def save(self, path: Path) -> None:
         """Write one safetensors file; the metadata travels as JSON in its header."""
@@ -149,7 +159,7 @@ def attribute(
 def neuron_values(sites: NeuronSites, ids: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's neurons on ``ids``: a list of ``[batch, positions, neurons]`` tensors."""
     with capture(sites) as acts:
-        run(sites.model, ids)
+        next_token_logits(sites.model, ids)
     return acts
 
 
@@ -189,7 +199,7 @@ def _add_gradient_times_delta(
 ) -> None:
     """AtP / RelP: one forward with gradients and one backward for every layer at once."""
     with relp_rules(sites, rules), capture(sites, grad=True) as acts:
-        value = metric(run(sites.model, batch.clean_ids), batch).sum()
+        value = metric(next_token_logits(sites.model, batch.clean_ids), batch).sum()
     grads = torch.autograd.grad(value, acts)
     for layer, (act, grad) in enumerate(zip(acts, grads)):  # products in float32 at least, whatever the model's dtype
         delta = baseline[layer].float() - act.detach().float()
@@ -216,7 +226,7 @@ def _add_integrated_gradients(
         alphas = torch.arange(steps, device=delta.device, dtype=delta.dtype).view(-1, 1, 1, 1) / steps
         points = (clean[layer] + alphas * delta).requires_grad_(True)  # [steps, batch, positions, neurons]
         with torch.enable_grad(), on_neurons(sites, lambda _, __: points.flatten(0, 1), layers=[layer]):
-            value = metric(run(sites.model, repeated.clean_ids), repeated).sum()
+            value = metric(next_token_logits(sites.model, repeated.clean_ids), repeated).sum()
         grad = torch.autograd.grad(value, points)[0]
         total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0).to(total.device)
 
@@ -232,7 +242,7 @@ def _add_exact(
     max_rows: int = 512,
 ) -> None:
     """Exact patching: move each candidate node alone to its baseline value and measure the metric."""
-    clean_value = metric(run(sites.model, batch.clean_ids), batch)
+    clean_value = metric(next_token_logits(sites.model, batch.clean_ids), batch)
     chunk = max(1, max_rows // len(batch))
     for start in range(0, len(candidates), chunk):
         nodes = list(candidates[start : start + chunk])
@@ -256,7 +266,7 @@ def _patched_metric(
 
     layers = sorted({node[0] for node in nodes})
     with on_neurons(sites, patch_one_node_per_copy, layers):
-        logits = run(sites.model, batch.clean_ids.repeat(n, 1))
+        logits = next_token_logits(sites.model, batch.clean_ids.repeat(n, 1))
     return metric(logits, batch.repeat(n))
 
 

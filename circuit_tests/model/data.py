@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from circuit_tests.errors import SpecError
-from circuit_tests.untrusted import DATASET_LIMIT, UnreadableInput, read_text
+from circuit_tests.files import DATASET_LIMIT, UnreadableInput, read_text
 
 MAX_EXAMPLES = 100_000
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")

@@ -7,10 +7,12 @@
      "spec": "sva-simple", "version": 1}
 
 Like syrupy's session, a :class:`BaselineStore` reads files lazily, collects updates during the
-run and writes once at the end. A write takes a file lock, re-reads the file, merges this
-process's models into it (so pytest-xdist workers that each updated some models all keep their
-entries), and replaces the file atomically: a killed writer leaves the old file intact. A file
-that cannot be parsed is never overwritten; it is reported with how to recover it.
+run and writes once at the end (under pytest-xdist, workers hand their updates to the controller,
+which alone writes). A write takes a file lock, re-reads the file, merges the run's models into it
+(so two runs that each updated some models both keep their entries), and replaces the file
+atomically, keeping its permissions: a killed writer leaves the old file intact. A file that
+cannot be read is never overwritten; it is reported with how to recover it. :func:`entry_for` is
+the format of one model's entry.
 """
 
 from __future__ import annotations
@@ -18,23 +20,24 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
 import re
-import secrets
-import stat
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import circuit_tests
 from circuit_tests.errors import SpecError
-from circuit_tests.models import cache_dir
-from circuit_tests.spec import ModelName, Spec
-from circuit_tests.untrusted import BASELINE_LIMIT, UnreadableInput, printable, read_text, resolved
+from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text, replace_atomically, resolved
+from circuit_tests.model.loading import cache_dir
+from circuit_tests.spec.schema import ModelName, Spec, Stable
+from circuit_tests.spec.subject import Subject
+from circuit_tests.text import printable
 
 VERSION = 1
+BASELINE_NODES = 100  # nodes of the circuit stored in a baseline, at least
 Index = Annotated[int, Field(ge=0)]
 
 
@@ -65,6 +68,33 @@ class _File(BaseModel):
     models: dict[ModelName, _Entry]
 
 
+def entry_for(subject: Subject) -> dict:
+    """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded."""
+    size = max([e.params.nodes for e in subject.spec.expectations if isinstance(e.params, Stable)], default=0)
+    _ = subject.accuracy, subject.curve, subject.flip_rate(30), subject.flip_rate(100)  # what a baseline records
+    figures = _rounded(subject.figures.to_json())
+    metrics = {key: figures[key] for key in ("accuracy", "n_test", "nodes_for_0.8", "flip_rate")}
+    return {
+        "revision": figures["revision"],
+        "shape": subject.shape,
+        "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": str(torch.__version__),
+                    "circuit_tests": circuit_tests.__version__, "method": subject.spec.trace.method},
+        "metrics": metrics | {"faithfulness": dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))},
+        "circuit": [[*node, round(score, 8)] for node, score in subject.ranked(max(size, BASELINE_NODES))],
+    }
+
+
+def _rounded(value: object, digits: int = 6) -> object:
+    """Floats rounded so that stored baselines change only when a measurement does."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {key: _rounded(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item, digits) for item in value]
+    return value
+
+
 def baseline_path(spec_path: Path) -> Path:
     """``specs/x.yaml`` -> ``specs/x.baseline.json``."""
     return spec_path.with_name(spec_path.name.rsplit(".", 1)[0] + ".baseline.json")
@@ -74,7 +104,7 @@ def read_baseline(path: Path) -> dict:
     """A baseline file's content (empty when there is none); a damaged or hostile file is a clear error.
 
     The file must be a regular file beside its spec (a link out of the directory, a FIFO or a device
-    is refused), at most :data:`~circuit_tests.untrusted.BASELINE_LIMIT` bytes, of the shape above.
+    is refused), at most :data:`~circuit_tests.files.BASELINE_LIMIT` bytes, of the shape above.
     """
     if not path.exists() and not path.is_symlink():
         return {"models": {}}
@@ -113,23 +143,6 @@ def write_baseline(path: Path, spec_name: str, models: dict[str, dict]) -> None:
         content = read_baseline(path)
         merged = {"spec": spec_name, "version": VERSION, "models": {**content["models"], **models}}
         replace_atomically(path, lambda temporary: temporary.write_text(dumps(merged), encoding="utf-8"))
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``:
-    readers see the old file or the new one, never a partial write, even if the writer is killed.
-    The new file keeps the old one's permissions (a new one gets the umask's)."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        if path.is_file():
-            os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -185,7 +198,7 @@ class BaselineStore:
     def record(self, spec: Spec, model: str, entry: dict) -> None:
         """Keep ``entry`` for the end of the run; a damaged file is reported now, on this spec's item."""
         self.stored(spec.path)
-        name, models = self._pending.setdefault(baseline_path(spec.path), (spec.name, {}))
+        _, models = self._pending.setdefault(baseline_path(spec.path), (spec.name, {}))
         models[model] = entry
 
     def pending(self) -> dict[str, tuple[str, dict[str, dict]]]:

@@ -1,13 +1,19 @@
-"""Tiny, seeded, randomly initialised causal LMs, one per supported architecture.
+"""Models for testing, built offline: tiny random models of every supported architecture, and the shape of Llama-3.1-8B.
 
-Unit tests use them in place of real weights: each is built offline from a ``transformers``
-config (3 layers, hidden 64, MLP width 96, 4 attention heads of size 16, vocabulary 256,
-eager attention) and keeps what is characteristic of its architecture (Gemma's ``1 + weight``
-RMSNorm and soft-capping, sliding windows, q/k norms, Phi-3's fused ``gate_up_proj``, GPT-2's
-``Conv1D``, GPT-NeoX's parallel residual and partial rotary embeddings).
+circuit-tests' own tests use these in place of real weights, and so can the tests of anyone who
+extends it (which is why they ship with the package, as ``numpy.testing`` does):
 
-Every floating parameter, norm weights included, gets a seeded perturbation after the usual
-initialisation, so that no weight is left at exactly 0 or 1.
+- :func:`tiny_model`: 3 layers, hidden 64, MLP width 96, 4 attention heads of size 16, vocabulary
+  256, eager attention, built from a ``transformers`` config. It keeps what is characteristic of
+  its architecture (Gemma's ``1 + weight`` RMSNorm and soft-capping, sliding windows, q/k norms,
+  Phi-3's fused ``gate_up_proj``, GPT-2's ``Conv1D``, GPT-NeoX's parallel residual and partial
+  rotary embeddings). Every floating parameter, norm weights included, gets a seeded
+  perturbation after the usual initialisation, so that no weight is left at exactly 0 or 1.
+- :func:`tiny_tokenizer` and :func:`save_tiny_checkpoint`: a word-level tokenizer and a checkpoint
+  directory that loads like any other, for tests that go through loading.
+- :data:`LLAMA_31_8B` and :func:`scaled_llama_31_8b`: Llama-3.1-8B's layers and neurons (32 x
+  14,336) around a narrow residual stream, so that specs written for the real model run end to
+  end on a CPU, and ``ci/gpu_benchmark.py`` can time the real size on a GPU.
 """
 
 from __future__ import annotations

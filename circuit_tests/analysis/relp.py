@@ -1,7 +1,7 @@
 """RelP: LRP propagation rules, as gradient edits that leave every forward value unchanged.
 
 Inside :func:`relp_rules` a backward pass computes RelP relevances instead of plain gradients
-(Rezaei Jafari et al. 2025; ``shared/METHOD.md`` section 2):
+(Rezaei Jafari et al. 2025; docs/method.md section 2):
 
 - ``norm``: RMSNorm and LayerNorm treat their normalising scale as a constant
   (LayerNorm's centring stays linear), including Gemma's ``1 + weight`` form and its extra
@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from circuit_tests.sites import NeuronSites, on_neurons, registered
+from circuit_tests.model.sites import NeuronSites, on_neurons, registered
 
 DETACHED_ATTENTION = "circuit_tests_detached_pattern"
 
@@ -114,15 +114,18 @@ def _detached_pattern_attention(module: nn.Module, query: torch.Tensor, key: tor
     return eager(module, query.detach(), key.detach(), *args, **kwargs)
 
 
-AttentionInterface.register(DETACHED_ATTENTION, _detached_pattern_attention)
-AttentionMaskInterface.register(DETACHED_ATTENTION, eager_mask)
-
-
 @contextmanager
 def detached_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Run the model with the attention pattern detached (requires eager attention)."""
+    """Run the model with the attention pattern detached (requires eager attention).
+
+    The variant is registered with transformers' attention registries the first time it is used,
+    never at import: importing circuit-tests changes nothing in transformers.
+    """
     if model.config._attn_implementation != "eager":
         raise ValueError("detach_attention needs a model loaded with attn_implementation='eager'.")
+    if DETACHED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(DETACHED_ATTENTION, _detached_pattern_attention)
+        AttentionMaskInterface.register(DETACHED_ATTENTION, eager_mask)
     model.config._attn_implementation = DETACHED_ATTENTION
     try:
         yield
@@ -134,7 +137,7 @@ def detached_attention(model: PreTrainedModel) -> Iterator[None]:
 def relp_rules(sites: NeuronSites, rules: RelPRules = RelPRules()) -> Iterator[None]:
     """Apply the chosen rules to every forward pass inside the block.
 
-    Enter this before :func:`~circuit_tests.sites.capture`, so that captured neurons are the
+    Enter this before :func:`~circuit_tests.model.sites.capture`, so that captured neurons are the
     values after the half rule and their gradients are the gradients the rules produce.
     """
     with ExitStack() as stack:

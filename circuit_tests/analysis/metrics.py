@@ -1,9 +1,10 @@
 """Metrics read off the next-token logits at the last position of each prompt.
 
 A :data:`Metric` maps ``[batch, positions, vocab]`` logits and the batch to one value per
-example. :data:`METRICS` names the ones attribution can use; the orientation follows
-``shared/METHOD.md`` section 3: attribution measures ``logit(patch_answer) - logit(clean_answer)``
-(how far a patch pushes towards the counterfactual), evaluation reports the reverse.
+example. :data:`METRICS` names the ones attribution can use. The orientation follows
+docs/method.md section 3: attribution measures :func:`logit_diff`, ``logit(patch_answer) -
+logit(clean_answer)`` (how far a patch pushes towards the counterfactual); evaluation reads
+:func:`preference`, the reverse (above 0: the model prefers the clean answer).
 """
 
 from __future__ import annotations
@@ -11,21 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from transformers import PreTrainedModel
 
-from circuit_tests.data import PairedBatch
+from circuit_tests.model.data import PairedBatch
 
 Metric = Callable[[torch.Tensor, PairedBatch], torch.Tensor]
 TOP_K = 5
-
-
-def run(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    """The model's logits at the last position only, ``[batch, 1, vocab]``.
-
-    Metrics read nothing else, and skipping the vocabulary projection at the other positions
-    is the largest saving for small models with big vocabularies.
-    """
-    return model(ids, logits_to_keep=1).logits
 
 
 def last_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -37,15 +28,15 @@ def _pick(last: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return last.gather(1, tokens.to(last.device).view(-1, 1)).squeeze(1)
 
 
-def logit_diff(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
-    """``logit(clean_answer) - logit(patch_answer)`` (> 0: the model gives the clean answer)."""
+def preference(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """``logit(clean_answer) - logit(patch_answer)``: above 0, the model prefers the clean answer."""
     last = last_logits(logits)
     return _pick(last, batch.clean_answer) - _pick(last, batch.patch_answer)
 
 
-def counterfactual_logit_diff(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+def logit_diff(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
     """``logit(patch_answer) - logit(clean_answer)``: the attribution metric of paired tasks."""
-    return -logit_diff(logits, batch)
+    return -preference(logits, batch)
 
 
 def target_logit(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
@@ -65,7 +56,7 @@ def top_k_logits(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
 
 
 METRICS: dict[str, Metric] = {
-    "logit_diff": counterfactual_logit_diff,
+    "logit_diff": logit_diff,
     "target_logit": target_logit,
     "target_prob": target_prob,
     "top_k_logits": top_k_logits,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.untrusted import UnreadableInput, has_control, inside, printable, read_text
+from circuit_tests.files import UnreadableInput, inside, read_text
+from circuit_tests.text import has_control, printable
 
 
 def test_printable_escapes_what_a_terminal_would_act_on():

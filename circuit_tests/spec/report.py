@@ -18,9 +18,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from circuit_tests.untrusted import printable
+from circuit_tests.spec.figures import CurveFigures, Figures
+from circuit_tests.text import printable
 
 PROPERTY = "circuit_tests"
+NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywhere
 
 
 def payload(spec_name: str, model: str, path: Path, expectation: str, description: str = "") -> dict:
@@ -45,7 +47,7 @@ class Row:
     model: str
     path: str
     description: str = ""
-    figures: dict = field(default_factory=dict)
+    figures: Figures | None = None  # None: nothing was measured (a spec that could not be read)
     results: list[Result] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # baseline entries of models the spec no longer lists
 
@@ -64,7 +66,8 @@ class Report:
     def add(self, payload: dict, outcome: str, message: str | None = None) -> None:
         key = (payload["path"], payload["model"])
         row = self.rows.setdefault(key, Row(*(printable(payload.get(name, "")) for name in ("spec", "model", "path", "description"))))
-        row.figures.update(payload.get("figures", {}))
+        if payload.get("figures"):  # a subject's figures only grow: the latest holds every earlier one
+            row.figures = Figures.from_json(payload["figures"])
         row.stale = payload.get("stale", row.stale)
         row.results.append(Result(payload["expectation"], outcome, printable(message or payload.get("message", ""))))
 
@@ -74,10 +77,10 @@ class Report:
         header = ("spec", "model", "acc", "n@0.8", "flip", "steer", "overlap", "result")
         table = [header] + [
             (printable(self._label(row), one_line=True), printable(row.model, one_line=True),
-             _number(row.figures.get("accuracy")), _number(row.figures.get("nodes_for_0.8"), "{:.0f}"),
-             _last(row.figures.get("flip_rate")), _last(row.figures.get("steering")), _number(row.figures.get("overlap")),
+             _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"), _last(figures.flip_rate),
+             _last(figures.steering), _number(figures.overlap),
              f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
-            for row in self.rows.values()
+            for row, figures in ((row, row.figures or NOTHING) for row in self.rows.values())
         ]
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
         return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
@@ -93,7 +96,8 @@ class Report:
         rows = []
         for row in self.rows.values():
             undefined: list[str] = []
-            rows.append(_finite(asdict(row), "", undefined) | {"status": row.status, "undefined": undefined})
+            data = asdict(row) | {"figures": row.figures.to_json() if row.figures else {}}
+            rows.append(_finite(data, "", undefined) | {"status": row.status, "undefined": undefined})
         return {"rows": rows}
 
     def write_json(self, path: Path) -> None:
@@ -120,11 +124,11 @@ def _number(value: float | None, form: str = "{:.2f}") -> str:
     return "-" if value is None else form.format(value)
 
 
-def _last(rates: dict | None) -> str:
+def _last(rates: dict[int, float]) -> str:
     """The rate of the largest circuit measured, as 'rate@size'."""
     if not rates:
         return "-"
-    size = max(rates, key=int)
+    size = max(rates)
     return f"{rates[size]:.2f}@{size}"
 
 
@@ -148,13 +152,13 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border-bottom: 1px
 
 
 def _section(row: Row) -> str:
-    figures = row.figures
-    known = {key: "-" if value is None else value for key, value in figures.items()}
-    facts = [("checkpoint revision", known.get("revision", "-")), ("device / dtype", f"{known.get('device', '-')} / {known.get('dtype', '-')}"),
-             ("train / test / dropped", " / ".join(str(known.get(key, "-")) for key in ("n_train", "n_test", "n_dropped"))),
-             ("accuracy", _number(figures.get("accuracy"))), ("nodes for 0.8 faithfulness", _number(figures.get("nodes_for_0.8"), "{:.0f}")),
-             ("flip rate", _rates(figures.get("flip_rate"))), ("steering success", _rates(figures.get("steering"))),
-             ("overlap with baseline", _number(figures.get("overlap")))]
+    figures = row.figures or NOTHING
+    split = (figures.n_train, figures.n_test, figures.n_dropped) if row.figures else ("-",) * 3
+    facts = [("checkpoint revision", figures.revision), ("device / dtype", f"{figures.device} / {figures.dtype}"),
+             ("train / test / dropped", " / ".join(map(str, split))),
+             ("accuracy", _number(figures.accuracy)), ("nodes for 0.8 faithfulness", _number(figures.nodes_for_08, "{:.0f}")),
+             ("flip rate", _rates(figures.flip_rate)), ("steering success", _rates(figures.steering)),
+             ("overlap with baseline", _number(figures.overlap))]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     results = "".join(
         f"<tr><td>{html.escape(r.expectation)}</td><td class='{r.outcome}'>{r.outcome}</td><td><pre>{html.escape(r.message)}</pre></td></tr>"
@@ -162,29 +166,29 @@ def _section(row: Row) -> str:
     )
     top = "".join(
         f"<tr><td>{layer}</td><td>{'-' if position is None else position}</td><td>{neuron}</td><td>{score:+.4f}</td></tr>"
-        for layer, position, neuron, score in figures.get("top", [])
+        for layer, position, neuron, score in figures.top
     )
     return (
         f"<section><h2>{html.escape(row.spec)} [{html.escape(row.model)}] <span class='{row.status}'>{row.status}</span></h2>"
         f"<p>{html.escape(row.path)}</p>" + (f"<p class='description'>{html.escape(row.description)}</p>" if row.description else "")
-        + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.get('curve'))}</div>"
+        + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.curve)}</div>"
         f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
         + (f"<h3>Top nodes</h3><table><tr><th>layer</th><th>position</th><th>neuron</th><th>score</th></tr>{top}</table>" if top else "")
         + "</section>"
     )
 
 
-def _rates(rates: dict | None) -> str:
-    return ", ".join(f"{value:.2f} at {size}" for size, value in sorted((rates or {}).items(), key=lambda kv: int(kv[0]))) or "-"
+def _rates(rates: dict[int, float]) -> str:
+    return ", ".join(f"{value:.2f} at {size}" for size, value in sorted(rates.items())) or "-"
 
 
-def _curve_svg(curve: dict | None, width: int = 420, height: int = 240) -> str:
+def _curve_svg(curve: CurveFigures | None, width: int = 420, height: int = 240) -> str:
     """Faithfulness and completeness against circuit size (log scale), as inline SVG."""
-    if not curve:
+    if curve is None:
         return ""
     left, bottom, right, top = 45, height - 30, width - 25, 10
-    sizes = curve["sizes"]
-    values = [v for v in curve["faithfulness"] + curve["completeness"] if math.isfinite(v)]
+    sizes = curve.sizes
+    values = [v for v in curve.faithfulness + curve.completeness if math.isfinite(v)]
     low, high = min(0.0, *values), max(1.0, *values)
     span = math.log(sizes[-1] / sizes[0]) or 1.0
 
@@ -207,6 +211,6 @@ def _curve_svg(curve: dict | None, width: int = 420, height: int = 240) -> str:
     legend = ("<text x='60' y='22' font-size='11' fill='#1f6feb'>faithfulness</text>"
               "<text x='150' y='22' font-size='11' fill='#d1242f'>completeness</text>")
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
-            f"aria-label='faithfulness curve'>{levels}{ticks}{line(curve['faithfulness'], '#1f6feb')}"
-            f"{line(curve['completeness'], '#d1242f')}{legend}"
+            f"aria-label='faithfulness curve'>{levels}{ticks}{line(curve.faithfulness, '#1f6feb')}"
+            f"{line(curve.completeness, '#d1242f')}{legend}"
             f"<text x='{(left + right) / 2}' y='{height}' font-size='10' text-anchor='middle'>nodes</text></svg>")

@@ -85,7 +85,7 @@ def architecture_of(model: PreTrainedModel) -> Architecture:
         raise UnsupportedArchitectureError(
             f"Architecture {type(model).__name__} (model_type {model.config.model_type!r}) is not supported: "
             f"circuit-tests does not know where its MLP neurons are. Supported model types: "
-            f"{', '.join(ARCHITECTURES)}. Add an entry to circuit_tests.sites.ARCHITECTURES to support it."
+            f"{', '.join(ARCHITECTURES)}. Add an entry to circuit_tests.model.sites.ARCHITECTURES to support it."
         )
     return arch
 
@@ -220,3 +220,12 @@ def capture(sites: NeuronSites, grad: bool = False, layers: Iterable[int] | None
             stack.enter_context(gradients_enabled(sites.model))
         stack.enter_context(on_neurons(sites, record, layers))
         yield acts
+
+
+def next_token_logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the last position only, ``[batch, 1, vocab]``.
+
+    Metrics read nothing else, and skipping the vocabulary projection at the other positions
+    is the largest saving for small models with big vocabularies.
+    """
+    return model(ids, logits_to_keep=1).logits

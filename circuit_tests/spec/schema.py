@@ -23,19 +23,34 @@ also the published JSON Schema (``circuit-tests schema``). Every problem is one
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 from annotated_types import MinLen
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from circuit_tests.data import PairedExample, parse_example, read_jsonl
+from circuit_tests.analysis.attribution import TRACE_METHODS, AttributionOptions
+from circuit_tests.analysis.measures import ABLATIONS
 from circuit_tests.errors import SpecError
-from circuit_tests.untrusted import SPEC_LIMIT, UnreadableInput, has_control, inside, printable, read_text, resolved
+from circuit_tests.files import SPEC_LIMIT, UnreadableInput, inside, read_text, resolved
+from circuit_tests.model.data import PairedExample, parse_example, read_jsonl
+from circuit_tests.text import has_control, printable
 
 # A threshold a claim could meet on any model (a rate of at least 0, completeness of at most 1) is an
 # error: a green run must mean something was measured that could have failed.
@@ -58,9 +73,33 @@ ModelName = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored); values are immutable and finite."""
+    """Unknown keys are errors (a typo must never be silently ignored); values are immutable and finite.
+
+    A field renamed in this release still reads under its old name (``RENAMED``), for one release:
+    loading such a spec warns with :class:`SpecFieldRenamed`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    RENAMED: ClassVar[dict[str, str]] = {}  # old name -> new name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or not any(old in data for old in cls.RENAMED):
+            return data
+        data = dict(data)
+        for old, new in cls.RENAMED.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"give '{new}' only: '{old}' is its old name")
+                data[new] = data.pop(old)
+                if info.context is not None:
+                    info.context.setdefault("renamed", []).append((cls, old, new))
+        return data
+
+
+class SpecFieldRenamed(FutureWarning):
+    """A spec uses a field's old name; it still works in this release."""
 
 
 # --------------------------------------------------------------------------- task and trace
@@ -95,14 +134,19 @@ class Task(Strict):
 class Trace(Strict):
     """How the circuit is found and how nodes outside it are ablated."""
 
-    method: Literal["relp", "atp", "ig"] = Field("relp", description="attribution method (see README, Attribution)")
+    method: Literal[TRACE_METHODS] = Field("relp", description="attribution method (see README, Attribution)")
     steps: Count = Field(10, description="integrated-gradients steps")
     half_rule: bool = Field(True, description="relp: halve the gradient through gate * up")
     detach_attention: bool = Field(False, description="relp: treat attention patterns as constants")
-    ablation: Literal["mean", "zero", "resample"] = Field("mean", description="value of ablated nodes (mean over the test split)")
+    ablation: Literal[ABLATIONS] = Field("mean", description="value of ablated nodes (mean over the test split)")
     nodes: Literal["position", "neuron"] = Field(
         "position", description="'position': nodes are (layer, position, neuron); 'neuron': summed over positions"
     )
+
+    def to_options(self) -> AttributionOptions:
+        """The attribution these fields ask for (the one place a spec's trace becomes attribution options)."""
+        return AttributionOptions(method=self.method, steps=self.steps, half_rule=self.half_rule,
+                                  detach_attention=self.detach_attention)
 
 
 # --------------------------------------------------------------------------- expectations
@@ -115,23 +159,26 @@ class Behaves(Strict):
 
 
 class Sparse(Strict):
-    """A small circuit suffices: the top ``max_neurons`` nodes are at least this faithful."""
+    """A small circuit suffices: the top ``max_nodes`` nodes are at least this faithful."""
 
-    max_neurons: Count = Field(description="circuit size, in nodes")
+    RENAMED = {"max_neurons": "max_nodes"}
+    max_nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was max_neurons)")
     min_faithfulness: float = Field(gt=0.0, description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation (above 0)")
 
 
 class Necessary(Strict):
-    """Ablating the top ``neurons`` nodes (and keeping the rest) destroys the behaviour."""
+    """Ablating the top ``nodes`` nodes (and keeping the rest) destroys the behaviour."""
 
-    neurons: Count = Field(description="circuit size, in nodes")
+    RENAMED = {"neurons": "nodes"}
+    nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was neurons)")
     max_completeness: float = Field(lt=1.0, description="faithfulness of the model without the circuit (below 1)")
 
 
 class Flips(Strict):
-    """Patching the top ``neurons`` nodes from the counterfactual flips the preferred answer."""
+    """Patching the top ``nodes`` nodes from the counterfactual flips the preferred answer."""
 
-    neurons: Count = Field(description="circuit size, in nodes")
+    RENAMED = {"neurons": "nodes"}
+    nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was neurons)")
     min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
 
 
@@ -187,8 +234,9 @@ class Stable(Strict):
     """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
 
     vs: Literal["baseline"] = Field("baseline", description="what to compare with (the stored baseline file)")
+    RENAMED = {"neurons": "nodes"}
     model: ModelName | None = Field(None, description="whose baseline: default this model's, else the spec's first model's")
-    neurons: Count = Field(100, description="circuit size compared")
+    nodes: Count = Field(100, description="circuit size compared, in (layer, position, neuron) nodes (was neurons)")
     min_overlap: Rate = Field(0.5, description="Jaccard overlap of the two circuits' nodes (above 0)")
     faithfulness_tolerance: float = Field(0.05, ge=0.0, lt=1.0, description="how far the stored circuit's faithfulness may drop (below 1)")
 
@@ -296,6 +344,10 @@ def reference_markdown() -> str:
             kind = _type_name(info.annotation)
             lines.append(f"| `{name}` | {kind} | {default} | {info.description or ''} |")
         lines.append("")
+    lines += ["## Renamed fields", "", "These old names still work in this release, with a warning that names the spec file and "
+              "the new name. Rename them: a later release drops them.", "", "| old name | new name |", "|---|---|"]
+    lines += [f"| `{kind}.{old}` | `{kind}.{new}` |" for kind, model in KINDS.items() for old, new in model.RENAMED.items()]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -386,10 +438,15 @@ def spec_from_mapping(raw: object, path: Path, root: Path | None = None) -> Spec
         raise SpecError(f"{path}: a spec is a mapping with keys {', '.join(Spec.model_fields)}; got {type(raw).__name__}.")
     if "trust_remote_code" in raw:
         raise SpecError(f"{path}: {REMOTE_CODE}")
+    context: dict = {}
     try:
-        spec = Spec.model_validate(raw)
+        spec = Spec.model_validate(raw, context=context)
     except ValidationError as error:
         raise SpecError(_describe(path, error)) from None
+    for model, old, new in context.get("renamed", []):
+        kind = next(kind for kind, params in KINDS.items() if params is model)
+        warnings.warn(SpecFieldRenamed(f"{path}: field '{kind}.{old}' is now '{kind}.{new}' (it counts (layer, position, "
+                                       f"neuron) nodes); the old name still works in this release. Rename it."), stacklevel=2)
     spec._path = path
     spec._examples = tuple(_examples(spec, path, root))
     return spec

@@ -1,4 +1,4 @@
-"""The claims a spec can make, each checked on a :class:`~circuit_tests.evaluation.Subject`.
+"""The claims a spec can make, each checked on a :class:`~circuit_tests.spec.subject.Subject`.
 
 A check returns an :class:`Outcome` that reads as a domain report: what was expected, what was
 measured (with a 95% bootstrap interval over held-out examples), and details such as the
@@ -11,13 +11,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from circuit_tests.baselines import BaselineStore, baseline_path
-from circuit_tests.circuits import Circuit, bootstrap, overlap
-from circuit_tests.data import answer_token
+from circuit_tests.analysis.stats import bootstrap
 from circuit_tests.errors import SpecError
-from circuit_tests.evaluation import Interval, Subject
-from circuit_tests.interventions import NodeSet
-from circuit_tests.spec import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
+from circuit_tests.model.data import answer_token
+from circuit_tests.model.nodes import Circuit, format_nodes
+from circuit_tests.spec.baselines import BaselineStore, baseline_path
+from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
+from circuit_tests.spec.subject import Interval, Subject
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,6 @@ class Outcome:
     expected: str
     measured: str
     details: tuple[str, ...] = field(default=())
-    figures: dict = field(default_factory=dict)  # extra numbers for the report, e.g. overlap with the baseline
 
     @property
     def message(self) -> str:
@@ -85,17 +84,17 @@ def _behaves(subject: Subject, params: Behaves) -> Outcome:
 
 
 def _sparse(subject: Subject, params: Sparse) -> Outcome:
-    _check_size(subject, params.max_neurons, "sparse.max_neurons")
-    value, interval = subject.faithfulness(params.max_neurons)
+    _check_size(subject, params.max_nodes, "sparse.max_nodes")
+    value, interval = subject.faithfulness(params.max_nodes)
     needed = subject.curve.nodes_for(params.min_faithfulness)
-    expected = f"the top {params.max_neurons} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
+    expected = f"the top {params.max_nodes} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "faithfulness"))
     return Outcome(
         value >= params.min_faithfulness, expected,
         f"faithfulness {_ci(value, interval)} {_on_test(subject)}",
         (f"faithfulness {params.min_faithfulness:.2f} needs " + (f"about {needed:.0f} nodes" if needed else
-         f"more than {max(subject.curve.sizes)} nodes"), *_fewer(subject, params.max_neurons)),
+         f"more than {max(subject.curve.sizes)} nodes"), *_fewer(subject, params.max_nodes)),
     )
 
 
@@ -106,23 +105,23 @@ def _fewer(subject: Subject, size: int) -> tuple[str, ...]:
 
 
 def _necessary(subject: Subject, params: Necessary) -> Outcome:
-    _check_size(subject, params.neurons, "necessary.neurons")
-    value, interval = subject.completeness(params.neurons)
-    expected = f"with the top {params.neurons} nodes ablated, completeness <= {params.max_completeness:.2f}"
+    _check_size(subject, params.nodes, "necessary.nodes")
+    value, interval = subject.completeness(params.nodes)
+    expected = f"with the top {params.nodes} nodes ablated, completeness <= {params.max_completeness:.2f}"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "completeness"))
     return Outcome(value <= params.max_completeness, expected, f"completeness {_ci(value, interval)} {_on_test(subject)}",
-                   _fewer(subject, params.neurons))
+                   _fewer(subject, params.nodes))
 
 
 def _flips(subject: Subject, params: Flips) -> Outcome:
-    _check_size(subject, params.neurons, "flips.neurons")
-    value, interval = subject.flip_rate(params.neurons)
+    _check_size(subject, params.nodes, "flips.nodes")
+    value, interval = subject.flip_rate(params.nodes)
     return Outcome(
         value >= params.min_flip_rate,
-        f"patching the top {params.neurons} nodes from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
+        f"patching the top {params.nodes} nodes from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
         f"flip rate {_ci(value, interval)} {_on_test(subject)}",
-        _fewer(subject, params.neurons),
+        _fewer(subject, params.nodes),
     )
 
 
@@ -139,14 +138,14 @@ def _pinned(subject: Subject, params: Pinned) -> Outcome:
     )
 
 
-def pinned_nodes(subject: Subject, params: Pinned) -> NodeSet:
+def pinned_nodes(subject: Subject, params: Pinned) -> Circuit:
     """The nodes a ``pinned`` expectation names, checked against the model's shape."""
     if params.layers:
         pairs = [(layer, None) for layer in range(params.layers[0], params.layers[1] + 1)]
     else:
         pairs = list(params.neurons)
     _check_shape(subject, pairs)
-    return NodeSet.of((layer, params.position, neuron) for layer, neuron in pairs)
+    return Circuit.of((layer, params.position, neuron) for layer, neuron in pairs)
 
 
 def _check_shape(subject: Subject, pairs: list) -> None:
@@ -208,7 +207,7 @@ def _scales(subject: Subject, params: Scales) -> Outcome:
 def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outcome:
     if baselines.update:
         return Outcome(True, "a baseline to compare with", f"recorded {subject.loaded.ref.name} (--circuit-update)")
-    _check_size(subject, params.neurons, "stable.neurons")
+    _check_size(subject, params.nodes, "stable.nodes")
     found = baselines.entry(subject.spec, subject.loaded.ref.name, params.model)
     whose = params.model or subject.loaded.ref.name
     if found is None:
@@ -222,24 +221,22 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
                        f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}; {name}'s baseline is for "
                        "a model of another shape, so its circuit cannot be compared",
                        ("record one for this model with `pytest --circuit-update` (with `--circuit-model` if the spec does not list it)",))
-    stored = _stored_circuit(subject, entry["circuit"][: params.neurons], name)
-    current = subject.circuit(params.neurons)
-    jaccard, _ = overlap(current, stored)
-    then = entry["metrics"]["faithfulness"].get(str(params.neurons))
-    now = subject.faithfulness_curve(stored, [len(stored)]).faithfulness[0]
+    stored = _stored_circuit(subject, entry["circuit"][: params.nodes], name)
+    current = subject.circuit(params.nodes)
+    jaccard, now = subject.stability(stored, params.nodes, name)
+    then = entry["metrics"]["faithfulness"].get(str(params.nodes))
     faithful_enough = math.isfinite(now) and (then is None or now >= then - params.faithfulness_tolerance)
     entered = sorted(set(current.nodes) - set(stored.nodes), key=current.nodes.index)
     left = sorted(set(stored.nodes) - set(current.nodes), key=stored.nodes.index)
     then_text = f"{then:.3f}" if then is not None else "not stored"
     now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
-    sizes = f"{len(stored)} stored nodes" if len(stored) < params.neurons else f"{params.neurons} nodes"
+    sizes = f"{len(stored)} stored nodes" if len(stored) < params.nodes else f"{params.nodes} nodes"
     return Outcome(
         jaccard >= params.min_overlap and faithful_enough,
         f"overlap with {name}'s baseline circuit ({sizes}) >= {params.min_overlap:.2f}, and its "
         f"faithfulness within {params.faithfulness_tolerance:.2f} of the stored value",
         f"overlap {jaccard:.3f}; stored circuit's faithfulness now {now_text}, stored {then_text}",
-        (f"entered ({len(entered)}): {_nodes(entered)}", f"left ({len(left)}): {_nodes(left)}"),
-        {"overlap": jaccard, "baseline": name, "stored_circuit_faithfulness": now},
+        (f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}"),
     )
 
 
@@ -261,12 +258,6 @@ def _same_shape(subject: Subject, entry: dict) -> bool:
     """Whether a stored circuit can be read on this model (entries written before shapes were stored: by range)."""
     in_range = all(layer < subject.sites.n_layers and neuron < subject.sites.n_neurons for layer, _, neuron, _ in entry["circuit"])
     return in_range and entry.get("shape") in (None, subject.shape)
-
-
-def _nodes(nodes: list, shown: int = 12) -> str:
-    text = ", ".join(f"L{layer}/P{position}/N{neuron}" if position is not None else f"L{layer}/N{neuron}"
-                     for layer, position, neuron in nodes[:shown])
-    return text + (f", ... {len(nodes) - shown} more" if len(nodes) > shown else "") if nodes else "none"
 
 
 CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Necessary: _necessary, Flips: _flips,

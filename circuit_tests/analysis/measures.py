@@ -1,0 +1,285 @@
+"""What a circuit does: the model run with nodes ablated, patched from a counterfactual, or scaled.
+
+docs/method.md section 4 defines the measures, with ``F(X)`` the mean metric on held-out
+examples when every neuron outside ``X`` is ablated:
+
+- faithfulness ``(F(C) - F(empty)) / (F(M) - F(empty))``: the circuit alone reproduces the model;
+- completeness ``(F(M \\ C) - F(empty)) / (F(M) - F(empty))``: near 0 when the circuit is necessary;
+- flip rate: the share of examples whose preferred answer flips when the circuit's nodes take
+  their counterfactual values; steering success: the share whose top answer becomes the
+  counterfactual's (section 6);
+- a multiplier sweep: the probability of a token as chosen neurons are scaled.
+
+Circuits of several sizes are evaluated together: each size is one copy of the batch, with its
+own mask, in a single forward pass (:func:`~circuit_tests.model.interventions.per_copy`). Every
+measure runs chunks of at most ``batch_size`` examples (times those copies) and makes ablation
+values chunk by chunk, so memory follows the batch size, not the number of held-out examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from circuit_tests.analysis.attribution import neuron_values
+from circuit_tests.analysis.metrics import preference
+from circuit_tests.model.data import PairedBatch, Tokenized
+from circuit_tests.model.interventions import intervene, per_copy, scale
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.model.sites import NeuronSites, next_token_logits
+from circuit_tests.progress import bar
+
+ABLATIONS = ("mean", "zero", "resample")  # the values nodes outside a circuit take: a spec's trace.ablation
+PATCH = "patch"  # each example's own counterfactual values: what flips and steering patch in
+BATCH_SIZE = 32  # examples per forward pass, the default of a spec's task.batch_size
+
+
+# --------------------------------------------------------------------------- ablation values
+
+Ablated = tuple[PairedBatch, list[torch.Tensor]]  # a chunk of examples and, per layer, the values that ablate it
+
+
+def ablated_chunks(
+    sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0, batch_size: int = BATCH_SIZE
+) -> Iterator[Ablated]:
+    """Each chunk of at most ``batch_size`` examples of ``data``, in order, with its ablation values.
+
+    The values are per layer ``[chunk, positions, neurons]``. ``mean``: the mean counterfactual
+    activation per position over all examples of that length; ``zero``; ``resample``: the
+    counterfactual activation of another example of the same length, drawn with ``seed``;
+    ``patch``: the counterfactual activation of the same example. Values are made chunk by chunk
+    (``mean`` after one pass over the counterfactuals), so memory follows ``batch_size``.
+    """
+    if kind not in (*ABLATIONS, PATCH):
+        raise ValueError(f"Unknown ablation {kind!r}; use one of {', '.join(ABLATIONS)} (or {PATCH!r}).")
+    if kind == "zero":
+        return ((chunk, _zeros(sites, chunk)) for chunk in data.chunks(batch_size))
+    if kind == "mean":
+        means = _mean_counterfactuals(sites, data, batch_size)
+        return ((chunk, [m.expand(len(chunk), -1, -1) for m in means[chunk.n_positions]]) for chunk in data.chunks(batch_size))
+    sources = _resampled_sources(data, seed) if kind == "resample" else [batch.patch_ids for batch in data.batches]
+    return _counterfactual_chunks(sites, data, sources, batch_size)
+
+
+def _zeros(sites: NeuronSites, chunk: PairedBatch) -> list[torch.Tensor]:
+    shape = (len(chunk), chunk.n_positions, sites.n_neurons)
+    return [torch.zeros(shape, dtype=sites.model.dtype, device=sites.layer_device(layer)) for layer in range(sites.n_layers)]
+
+
+def _mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int) -> dict[int, list[torch.Tensor]]:
+    """Per token length, per layer, the ``[1, positions, neurons]`` mean counterfactual activation.
+
+    One pass over the chunks, summing in float64 on each layer's device.
+    """
+    sums: dict[int, list[torch.Tensor]] = {}
+    counts: dict[int, int] = {}
+    for chunk in data.chunks(batch_size):
+        length = chunk.n_positions
+        totals = sums.setdefault(length, [
+            torch.zeros(length, sites.n_neurons, dtype=torch.float64, device=sites.layer_device(layer))
+            for layer in range(sites.n_layers)
+        ])
+        for total, values in zip(totals, neuron_values(sites, chunk.patch_ids.to(sites.device))):
+            total += values.sum(0, dtype=torch.float64).to(total.device)
+        counts[length] = counts.get(length, 0) + len(chunk)
+    dtype = sites.model.dtype
+    return {length: [(total / counts[length]).to(dtype).unsqueeze(0) for total in totals] for length, totals in sums.items()}
+
+
+def _resampled_sources(data: Tokenized, seed: int) -> list[torch.Tensor]:
+    """Per batch, the counterfactual token ids of examples of the same length, drawn with ``seed``."""
+    pools: dict[int, list[torch.Tensor]] = {}
+    for batch in data.batches:
+        pools.setdefault(batch.n_positions, []).append(batch.patch_ids)
+    pooled = {length: torch.cat(ids) for length, ids in pools.items()}
+    generator = torch.Generator().manual_seed(seed)
+    sources = []
+    for batch in data.batches:
+        pool = pooled[batch.n_positions]
+        sources.append(pool[torch.randint(len(pool), (len(batch),), generator=generator)])
+    return sources
+
+
+def _counterfactual_chunks(
+    sites: NeuronSites, data: Tokenized, sources: Sequence[torch.Tensor], batch_size: int
+) -> Iterator[Ablated]:
+    """Each chunk of ``data`` with the activations on the rows of ``sources`` (one ``[batch, positions]`` per batch)."""
+    for batch, ids in zip(data.batches, sources):
+        for start in range(0, len(batch), batch_size):
+            rows = slice(start, start + batch_size)
+            yield batch.rows(rows), neuron_values(sites, ids[rows].to(sites.device))
+
+
+# --------------------------------------------------------------------------- runs with a circuit's nodes replaced
+
+
+def _ranks(sites: NeuronSites, circuit: Circuit, data: Tokenized) -> dict[int, torch.Tensor]:
+    """Per token length in ``data``, the ``[1, layers, positions, neurons]`` ranks of the circuit's nodes."""
+    lengths = {batch.n_positions for batch in data.batches}
+    return {length: circuit.ranks(sites.n_layers, length, sites.n_neurons).unsqueeze(0) for length in lengths}
+
+
+@torch.no_grad()
+def masked_last_logits(
+    sites: NeuronSites,
+    batch: PairedBatch,
+    chosen: torch.Tensor,
+    inside: list[torch.Tensor] | None,
+    outside: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[copies, batch, vocab]`` next-token logits on the clean prompts, one copy per mask in ``chosen``
+    (:func:`~circuit_tests.model.interventions.per_copy`)."""
+    copies = chosen.shape[0]
+    with per_copy(sites, chosen, inside, outside):
+        logits = next_token_logits(sites.model, batch.clean_ids.to(sites.device).repeat(copies, 1))
+    return logits.float().view(copies, len(batch), -1)
+
+
+def masked_preferences(
+    sites: NeuronSites,
+    batch: PairedBatch,
+    chosen: torch.Tensor,
+    inside: list[torch.Tensor] | None,
+    outside: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[copies, batch]`` preferences for the clean answer under :func:`masked_last_logits`."""
+    logits = masked_last_logits(sites, batch, chosen, inside, outside)
+    copies = logits.shape[0]
+    return preference(logits.flatten(0, 1).unsqueeze(1), batch.repeat(copies)).view(copies, -1)
+
+
+def _patched(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], batch_size: int, what: str
+) -> Iterator[tuple[PairedBatch, torch.Tensor]]:
+    """Each chunk with its ``[len(sizes), chunk, vocab]`` logits when the top ``sizes`` nodes take counterfactual values."""
+    ranks = _ranks(sites, circuit, data)
+    bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
+    chunks = ablated_chunks(sites, data, PATCH, batch_size=batch_size)
+    for batch, counterfactual in bar(chunks, what, len(data.chunks(batch_size))):
+        yield batch, masked_last_logits(sites, batch, ranks[batch.n_positions] < bounds, counterfactual, None)
+
+
+# --------------------------------------------------------------------------- measures
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Faithfulness and completeness of the top-``size`` circuits, with per-example values for bootstrapping."""
+
+    sizes: tuple[int, ...]
+    per_example: torch.Tensor  # [len(sizes) + 2, examples]: sizes..., then M (nothing ablated), then empty
+    complement: torch.Tensor  # [len(sizes), examples]: only the circuit ablated
+
+    @property
+    def faithfulness(self) -> list[float]:
+        return faithfulness_from(self.per_example[:-2], self.per_example[-2], self.per_example[-1]).tolist()
+
+    @property
+    def completeness(self) -> list[float]:
+        return faithfulness_from(self.complement, self.per_example[-2], self.per_example[-1]).tolist()
+
+    def nodes_for(self, target: float) -> float | None:
+        """The smallest circuit size reaching ``target`` faithfulness, interpolated linearly in log size."""
+        previous: tuple[int, float] | None = None
+        for size, value in zip(self.sizes, self.faithfulness):
+            if value >= target:
+                if previous is None:
+                    return float(size)
+                small, below = previous
+                t = (target - below) / (value - below)
+                return math.exp(math.log(small) + t * (math.log(size) - math.log(small)))
+            previous = (size, value)
+        return None
+
+
+def faithfulness_from(circuit: torch.Tensor, model: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``(F(C) - F(empty)) / (F(M) - F(empty))`` from per-example metrics (means over the last dim)."""
+    return (circuit.mean(-1) - empty.mean(-1)) / (model.mean(-1) - empty.mean(-1))
+
+
+def faithfulness_curve(
+    sites: NeuronSites,
+    data: Tokenized,
+    circuit: Circuit,
+    sizes: Sequence[int],
+    ablation: str = "mean",
+    seed: int = 0,
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> Curve:
+    """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes."""
+    ranks = _ranks(sites, circuit, data)
+    bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
+    kept, removed = [], []
+    chunks = ablated_chunks(sites, data, ablation, seed, batch_size)
+    for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
+        rank = ranks[batch.n_positions]
+        kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
+        removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
+    return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu())
+
+
+def flip_rates(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
+) -> torch.Tensor:
+    """``[len(sizes), examples]``: whether each example's preferred answer flips when the top nodes take
+    counterfactual values."""
+    flips = []
+    for batch, logits in _patched(sites, data, circuit, sizes, batch_size, "flip rates"):
+        copies = logits.shape[0]
+        flips.append(preference(logits.flatten(0, 1).unsqueeze(1), batch.repeat(copies)).view(copies, -1) < 0)
+    return torch.cat(flips, 1).float().cpu()
+
+
+def patch_success(
+    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
+) -> torch.Tensor:
+    """``[len(sizes), examples]``: 1 where the top answer becomes ``patch_answer`` with the top nodes patched."""
+    hits = []
+    for batch, logits in _patched(sites, data, circuit, sizes, batch_size, "steering"):
+        top = logits.argmax(-1)
+        hits.append(top == batch.patch_answer.to(top.device))
+    return torch.cat(hits, 1).float().cpu()
+
+
+@torch.no_grad()
+def multiplier_sweep(
+    sites: NeuronSites,
+    ids: torch.Tensor,
+    circuit: Circuit,
+    factors: Sequence[float],
+    tokens: Sequence[int],
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> torch.Tensor:
+    """``[len(factors), batch, len(tokens)]``: next-token probabilities of ``tokens`` with the circuit scaled
+    by each factor (0 ablates, 1 is the model as it is); the prompts run ``batch_size`` at a time."""
+    chunks = [ids[start : start + batch_size] for start in range(0, len(ids), batch_size)]
+    return torch.cat([_scaled_probabilities(sites, chunk, circuit, factors, tokens) for chunk in chunks], 1)
+
+
+def _scaled_probabilities(
+    sites: NeuronSites, ids: torch.Tensor, circuit: Circuit, factors: Sequence[float], tokens: Sequence[int]
+) -> torch.Tensor:
+    probabilities = []
+    for factor in factors:
+        with intervene(sites, [scale(circuit, factor)]):
+            last = next_token_logits(sites.model, ids.to(sites.device))[:, -1].float().softmax(-1)
+        probabilities.append(last[:, list(tokens)])
+    return torch.stack(probabilities).cpu()
+
+
+@torch.no_grad()
+def preferences(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt, the model as it is."""
+    device = sites.device
+    return torch.cat([preference(next_token_logits(sites.model, chunk.clean_ids.to(device)), chunk)
+                      for chunk in data.chunks(batch_size)]).cpu()
+
+
+def accuracy(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> float:
+    """Fraction of clean prompts on which the model prefers the clean answer."""
+    return (preferences(sites, data, batch_size=batch_size) > 0).float().mean().item()

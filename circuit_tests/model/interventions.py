@@ -1,0 +1,109 @@
+"""Edit chosen MLP neurons during a forward pass: replace, scale, add, or patch from a cache.
+
+Every intervention names its nodes with a :class:`~circuit_tests.model.nodes.Circuit`. Two
+forms share one hook mechanism (:func:`~circuit_tests.model.sites.on_neurons`), and both remove
+their hooks when the ``with`` block exits, error or not:
+
+- :func:`intervene` applies :class:`Edit`\\ s (``new = op(old, value)`` on the circuit's nodes) to
+  every forward pass inside the block;
+- :func:`per_copy` runs several variants of one batch in one pass: the batch is repeated, and in
+  copy ``k`` the nodes chosen for ``k`` take one set of values and the rest another. Circuits of
+  several sizes, with and without ablation, are measured this way in a single forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.model.sites import NeuronSites, on_neurons
+
+Value = float | torch.Tensor | Sequence[torch.Tensor | None]  # a scalar, a tensor, or one tensor per layer
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An operation on the neurons of a circuit: ``new = op(old, value)`` where its mask is set."""
+
+    nodes: Circuit
+    op: Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
+    value: Value
+
+    def apply(self, layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        mask = self.nodes.mask(layer, neurons.shape[-2], neurons.shape[-1], neurons.device)
+        new = self.op(neurons, self._value_for(layer, neurons))
+        return torch.where(mask, new.to(neurons.dtype), neurons)
+
+    def _value_for(self, layer: int, neurons: torch.Tensor) -> torch.Tensor | float:
+        value = self.value[layer] if isinstance(self.value, Sequence) else self.value
+        if value is None:
+            raise ValueError(f"No value given for layer {layer}.")
+        return value.to(neurons.device) if isinstance(value, torch.Tensor) else value
+
+
+def replace(nodes: Circuit, value: Value) -> Edit:
+    """Set the nodes to ``value`` (a scalar, or a tensor broadcastable to ``[batch, pos, neurons]``)."""
+    return Edit(nodes, lambda old, value: torch.as_tensor(value, device=old.device).expand_as(old), value)
+
+
+def scale(nodes: Circuit, factor: Value) -> Edit:
+    """Multiply the nodes by ``factor`` (0 ablates to zero, 1 is a no-op)."""
+    return Edit(nodes, lambda old, factor: old * factor, factor)
+
+
+def add(nodes: Circuit, delta: Value) -> Edit:
+    """Add ``delta`` to the nodes."""
+    return Edit(nodes, lambda old, delta: old + delta, delta)
+
+
+def patch(nodes: Circuit, source: Sequence[torch.Tensor | None]) -> Edit:
+    """Set the nodes to their values in ``source``: per-layer activations captured on another prompt."""
+    return replace(nodes, source)
+
+
+@contextmanager
+def intervene(sites: NeuronSites, edits: Iterable[Edit]) -> Iterator[None]:
+    """Apply ``edits`` to every forward pass inside the block, in order."""
+    edits = list(edits)
+    layers = sorted({layer for edit in edits for layer in edit.nodes.layers})
+
+    def apply(layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        for edit in edits:
+            if layer in edit.nodes.layers:
+                neurons = edit.apply(layer, neurons)
+        return neurons
+
+    with on_neurons(sites, apply, layers):
+        yield
+
+
+@contextmanager
+def per_copy(
+    sites: NeuronSites,
+    chosen: torch.Tensor,
+    inside: Sequence[torch.Tensor] | None,
+    outside: Sequence[torch.Tensor] | None,
+) -> Iterator[None]:
+    """Inside the block, forward passes run ``copies`` stacked copies of one batch (copy-major).
+
+    ``chosen`` is ``[copies, layers, positions, neurons]`` (bool). In copy ``k``, chosen neurons
+    take the ``inside`` values and the others the ``outside`` values (per layer, ``[batch,
+    positions, neurons]``); ``None`` keeps the model's own values.
+    """
+    copies = chosen.shape[0]
+
+    def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:  # on the layer's device, which may be any shard
+        neurons = neurons.view(copies, -1, *neurons.shape[1:])
+        mask = chosen[:, layer].unsqueeze(1).to(neurons.device)
+        if inside is not None:
+            neurons = torch.where(mask, inside[layer].to(neurons.device, neurons.dtype), neurons)
+        if outside is not None:
+            neurons = torch.where(mask, neurons, outside[layer].to(neurons.device, neurons.dtype))
+        return neurons.flatten(0, 1)
+
+    with on_neurons(sites, mix):
+        yield

@@ -1,0 +1,105 @@
+"""Nodes and circuits: the one way a set of neurons is named.
+
+A node is ``(layer, position, neuron)``. ``position`` counts from the first token (negative from
+the end), or is ``None`` for every position; ``neuron`` is ``None`` for every neuron of the layer.
+A :class:`Circuit` is an ordered set of nodes, strongest first, each with the weight (the
+|score| that chose it; 1 for a node listed by hand). Interventions edit a circuit's nodes
+(:meth:`Circuit.mask`), measures evaluate its top nodes in one pass (:meth:`Circuit.ranks`),
+and reports print them (:func:`format_node`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+Node = tuple[int, int | None, int | None]
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """Nodes, strongest first, with the weight that chose each (for overlap)."""
+
+    nodes: tuple[Node, ...]
+    weights: tuple[float, ...]
+
+    @classmethod
+    def of(cls, nodes: Iterable[Sequence[int | None]], weights: Iterable[float] | None = None) -> Circuit:
+        """A circuit of the given nodes; without weights, each weighs 1 (a circuit written by hand)."""
+        listed = tuple((int(node[0]), _int_or_none(node[1]), _int_or_none(node[2])) for node in nodes)
+        return cls(listed, tuple(weights) if weights is not None else (1.0,) * len(listed))
+
+    @classmethod
+    def from_neurons(cls, neurons: Iterable[Sequence[int]], position: int | None = None) -> Circuit:
+        """(layer, neuron) pairs at one position (``None``: every position)."""
+        return cls.of((layer, position, neuron) for layer, neuron in neurons)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def top(self, k: int) -> Circuit:
+        """The ``k`` strongest nodes."""
+        return Circuit(self.nodes[:k], self.weights[:k])
+
+    def neurons(self) -> set[tuple[int, int | None]]:
+        """The (layer, neuron) pairs, positions dropped."""
+        return {(layer, neuron) for layer, _, neuron in self.nodes}
+
+    @cached_property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _, _ in self.nodes})
+
+    def mask(self, layer: int, n_positions: int, n_neurons: int, device: torch.device) -> torch.Tensor:
+        """A boolean ``[positions, neurons]`` mask of this circuit's nodes in ``layer``."""
+        mask = torch.zeros(n_positions, n_neurons, dtype=torch.bool, device=device)
+        for position, neuron in self._by_layer[layer]:
+            if position is not None and not -n_positions <= position < n_positions:
+                raise IndexError(f"Position {position} is outside a prompt of {n_positions} tokens (layer {layer}).")
+            mask[_every_if_none(position), _every_if_none(neuron)] = True
+        return mask
+
+    def ranks(self, n_layers: int, n_positions: int, n_neurons: int) -> torch.Tensor:
+        """``[layers, positions, neurons]``: each node's rank in the circuit, ``len(self)`` outside it.
+
+        ``ranks < k`` is the mask of the top ``k`` nodes, so circuits of several sizes are masked at
+        once. A node listed twice (or covered by a whole-layer entry) keeps its best rank; positions
+        past the prompt are left out.
+        """
+        rank = torch.full((n_layers, n_positions, n_neurons), len(self), dtype=torch.long)
+        for index, (layer, position, neuron) in reversed(list(enumerate(self.nodes))):  # strongest last: it wins
+            if position is None or -n_positions <= position < n_positions:
+                rank[layer, _every_if_none(position), _every_if_none(neuron)] = index
+        return rank
+
+    @cached_property
+    def _by_layer(self) -> dict[int, list[tuple[int | None, int | None]]]:
+        groups: dict[int, list[tuple[int | None, int | None]]] = defaultdict(list)
+        for layer, position, neuron in self.nodes:
+            groups[layer].append((position, neuron))
+        return groups
+
+
+def format_node(node: Node) -> str:
+    """``L3/P1/N77`` (``L3/N77`` for every position, ``L3`` for the whole layer)."""
+    layer, position, neuron = node
+    return f"L{layer}" + ("" if position is None else f"/P{position}") + ("" if neuron is None else f"/N{neuron}")
+
+
+def format_nodes(nodes: Sequence[Node], shown: int = 12) -> str:
+    """The first ``shown`` nodes, then how many more; ``none`` for no node."""
+    if not nodes:
+        return "none"
+    text = ", ".join(format_node(node) for node in nodes[:shown])
+    return text + (f", ... {len(nodes) - shown} more" if len(nodes) > shown else "")
+
+
+def _int_or_none(value: int | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _every_if_none(index: int | None) -> int | slice:
+    return slice(None) if index is None else index

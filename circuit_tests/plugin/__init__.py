@@ -1,0 +1,143 @@
+"""The pytest plugin: every (spec, model, expectation) in a YAML circuit spec is one test item.
+
+This module holds the plugin's options, the checks of those options at start-up, the device
+policy (one GPU per pytest-xdist worker, deterministic kernels) and the fixtures for Python tests.
+Collection lives in :mod:`~circuit_tests.plugin.items`; one
+:class:`~circuit_tests.spec.session.CircuitSession` per pytest process does the work, driven by
+the :class:`~circuit_tests.plugin.hooks.SessionHooks` registered beside it, which finish it once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from circuit_tests.errors import CircuitTestsError
+from circuit_tests.model.loading import LoadOptions, check_device, check_dtype
+from circuit_tests.model.references import check_trusted
+from circuit_tests.plugin.hooks import SessionHooks
+from circuit_tests.plugin.items import SESSION, SpecFile
+from circuit_tests.spec.schema import spec_from_mapping
+from circuit_tests.spec.session import CircuitSession, RunOptions
+from circuit_tests.spec.subject import Subject
+from circuit_tests.spec.traces import default_trace_cache
+from circuit_tests.text import printable
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("circuit-tests", "MLP-neuron circuit specs")
+    group.addoption("--circuit-model", action="append", default=[], metavar="NAME",
+                    help="run every spec against this model instead of the spec's own list (repeatable); "
+                         "a model given here that cannot be loaded fails")
+    group.addoption("--circuit-device", default=None, metavar="DEVICE",
+                    help="cpu, cuda, cuda:N or auto (default: cpu; given explicitly, specs marked gpu run there too)")
+    group.addoption("--circuit-dtype", default=None, metavar="DTYPE",
+                    help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)")
+    group.addoption("--circuit-update", action="store_true", help="record each spec's circuit and metrics as its baseline")
+    group.addoption("--circuit-report", metavar="PATH.html", help="write a self-contained HTML report")
+    group.addoption("--circuit-json", metavar="PATH.json", help="write the report's data as JSON")
+    group.addoption("--circuit-strict", action="store_true",
+                    help="a model that is not on this machine (hub id not in the local cache) fails instead of skipping")
+    group.addoption("--circuit-no-cache", action="store_true", help="trace again instead of reading cached traces")
+    group.addoption("--circuit-trust-remote-code", action="append", default=[], metavar="MODEL",
+                    help="let this model run the code shipped with its checkpoint (a hub id, any revision, or id@revision; "
+                         "or a directory outside the project); repeatable. No spec can allow this.")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for line in ("circuit: a test item collected from a YAML circuit spec",
+                 "gpu: needs a CUDA device (skipped with a reason when there is none)",
+                 "slow: loads a real model or runs long"):
+        config.addinivalue_line("markers", line)
+    try:
+        options = run_options(config)
+    except CircuitTestsError as error:
+        raise pytest.UsageError(printable(str(error))) from None
+    if options.load.device != "cpu":
+        deterministic_cuda()
+    session = CircuitSession(options)
+    config.stash[SESSION] = session
+    config.pluginmanager.register(SessionHooks(config, session), "circuit-tests-session")
+
+
+def run_options(config: pytest.Config) -> RunOptions:
+    """The command line's choices, checked before anything runs."""
+    device = config.getoption("circuit_device") or "cpu"
+    check_device(device)
+    check_dtype(config.getoption("circuit_dtype"))
+    trusted = tuple(config.getoption("circuit_trust_remote_code"))
+    check_trusted(trusted, config.rootpath)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return RunOptions(
+        project=config.rootpath,
+        load=LoadOptions(worker_device(device, worker, torch.cuda.device_count()), config.getoption("circuit_dtype")),
+        update=config.getoption("circuit_update"),
+        strict=config.getoption("circuit_strict"),
+        trace_cache=None if config.getoption("circuit_no_cache") else default_trace_cache(),
+        trusted=trusted,
+        html=_path(config, "circuit_report"),
+        json=_path(config, "circuit_json"),
+    )
+
+
+def _path(config: pytest.Config, option: str) -> Path | None:
+    value = config.getoption(option)
+    return None if value is None else Path(value).absolute()
+
+
+def deterministic_cuda() -> None:
+    """Same spec, same checkpoint, same numbers on a GPU too: deterministic kernels where torch has them
+    (``warn_only``: an op without one warns instead of failing), and cuBLAS's fixed workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
+    """``cuda`` under pytest-xdist means one GPU per worker: worker ``gwN`` takes ``cuda:(N mod n_gpus)``."""
+    if device != "cuda" or worker is None or n_gpus < 2:
+        return device
+    return f"cuda:{int(worker.removeprefix('gw')) % n_gpus}"
+
+
+def is_spec_path(path: Path) -> bool:
+    """Spec files: YAML under a ``specs`` directory, or named ``circuit_*.yaml`` / ``*.circuit.yaml``."""
+    if path.suffix not in (".yaml", ".yml"):
+        return False
+    return "specs" in path.parent.parts or path.name.startswith("circuit_") or path.stem.endswith(".circuit")
+
+
+def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:
+    return SpecFile.from_parent(parent, path=file_path) if is_spec_path(file_path) else None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available() and item.config.getoption("circuit_device") is None:
+        pytest.skip("marked gpu and no CUDA device is visible (--circuit-device cpu runs it on the CPU anyway)")
+
+
+# --------------------------------------------------------------------------- fixtures for Python tests
+
+
+@pytest.fixture(scope="session")
+def circuit_model(pytestconfig: pytest.Config):
+    """``circuit_model(name)``: a loaded, frozen model, shared with the session's specs."""
+    return pytestconfig.stash[SESSION].model
+
+
+@pytest.fixture(scope="session")
+def circuit_trace(pytestconfig: pytest.Config):
+    """``circuit_trace(model, dataset=... or examples=..., trace={...})``: a traced
+    :class:`~circuit_tests.spec.subject.Subject` (scores, circuit, curve, flip rates) built by the
+    same machinery as a YAML spec; ``dataset`` is relative to the rootdir."""
+    session = pytestconfig.stash[SESSION]
+    root = pytestconfig.rootpath
+
+    def make(model: str, trace: dict | None = None, **task) -> Subject:
+        raw = {"name": "python", "models": [model], "task": task, "trace": trace or {},
+               "expect": [{"behaves": {"min_accuracy": 1.0}}]}
+        return session.subject(spec_from_mapping(raw, root / "python-api.yaml", root), model, from_command_line=True)
+
+    return make

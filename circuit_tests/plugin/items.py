@@ -1,0 +1,126 @@
+"""Spec files as pytest items, following pytest's documented YAML example.
+
+:func:`~circuit_tests.plugin.pytest_collect_file` turns a spec file into a :class:`SpecFile`,
+which yields a :class:`SpecNode` for the spec, which yields one :class:`ExpectationItem` per
+expectation and model, parametrized by the model the way pytest parametrizes a test:
+``specs/sva_simple.yaml::sva-simple::sparse[smollm2-135m-instruct]``. (The model stays in the
+trailing brackets, where pytest reads parameters, so that node ids given on the command line,
+``--lf`` and ``--ff`` find the item.) A spec that cannot be read is one failing
+:class:`BrokenSpecItem`; every other spec still runs. An item asks the session for a verdict and
+shows it: a failure as the domain report (``repr_failure``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from circuit_tests.errors import CircuitTestsError
+from circuit_tests.spec.report import PROPERTY, payload
+from circuit_tests.spec.schema import Expectation, Spec, load_spec
+from circuit_tests.spec.session import CircuitSession
+from circuit_tests.text import printable
+
+SESSION = pytest.StashKey[CircuitSession]()
+
+
+class SpecFile(pytest.File):
+    """A YAML spec; a spec that cannot be read becomes one failing item with the reason."""
+
+    def collect(self):
+        try:
+            spec = load_spec(self.path, self.config.rootpath)
+        except CircuitTestsError as error:
+            yield BrokenSpecItem.from_parent(self, name="spec", message=str(error))
+            return
+        except Exception as error:  # noqa: BLE001 -- one unreadable spec must never stop the session
+            yield BrokenSpecItem.from_parent(self, name="spec", message=(
+                f"{self.path}: circuit-tests failed while reading this spec ({type(error).__name__}: {error}). "
+                "This is a bug in circuit-tests; please report it with the spec."))
+            return
+        yield SpecNode.from_parent(self, name=spec.name, spec=spec)
+
+
+class SpecNode(pytest.Collector):
+    """One spec: an item per (model, expectation), grouped by model so a model's items run together."""
+
+    def __init__(self, *, spec: Spec, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+
+    def collect(self):
+        given = list(dict.fromkeys(self.config.getoption("circuit_model")))
+        for model in given or self.spec.models:
+            for expectation in self.spec.expectations:
+                item = ExpectationItem.from_parent(self, name=f"{expectation.label}[{model}]", model=model,
+                                                   expectation=expectation, from_command_line=bool(given))
+                for marker in ("circuit", *self.spec.markers):
+                    item.add_marker(marker)
+                yield item
+
+
+class ExpectationItem(pytest.Item):
+    """One expectation of one spec on one model."""
+
+    def __init__(self, *, model: str, expectation: Expectation, from_command_line: bool, parent: SpecNode, **kwargs) -> None:
+        super().__init__(parent=parent, nodeid=_parametrized_id(parent, expectation.label, model), **kwargs)
+        self.model = model
+        self.expectation = expectation
+        self.from_command_line = from_command_line
+
+    def runtest(self) -> None:
+        session = self.config.stash[SESSION]
+        spec = self.parent.spec
+        verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
+        result = payload(spec.name, self.model, spec.path, self.expectation.label, spec.description) | {
+            "message": verdict.message, "figures": verdict.figures, "stale": session.stale(spec)}
+        self.user_properties.append((PROPERTY, result))
+        if verdict.status == "skipped":
+            pytest.skip(printable(verdict.message))
+        if verdict.status == "failed":
+            raise ExpectationFailed(verdict.message)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        if isinstance(excinfo.value, ExpectationFailed):
+            return printable(f"{self.parent.name}::{self.name}\n{_indent(str(excinfo.value))}")
+        return super().repr_failure(excinfo, style)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.parent.name}::{self.name}"
+
+
+def _parametrized_id(parent: pytest.Collector, name: str, param: str):
+    """The node id of ``name[param]`` as pytest builds a parametrized test's, so ``--lf`` can match it.
+
+    pytest 9 keeps ids structured (``NodeId``) and reads the trailing ``[...]`` of a stored id as
+    the parameters; pytest 8's string id ``parent::name[param]`` is what the default gives.
+    """
+    structured = getattr(parent, "id", None)
+    return None if structured is None else structured.child(name).with_params(param)
+
+
+class BrokenSpecItem(pytest.Item):
+    """Stands for a spec file that could not be read, so the error shows as one failed item."""
+
+    def __init__(self, *, message: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.message = message
+
+    def runtest(self) -> None:
+        self.user_properties.append((PROPERTY, payload(self.path.name, "-", self.path, "spec") | {"message": self.message}))
+        raise ExpectationFailed(self.message)
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
+        return printable(f"invalid circuit spec: {self.message}")
+
+    def reportinfo(self):
+        return self.path, None, "spec"
+
+
+class ExpectationFailed(Exception):
+    """An expectation that did not hold (or could not be checked); its message is the domain report."""
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+

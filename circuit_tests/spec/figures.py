@@ -1,0 +1,82 @@
+"""What one spec measured on one model, as typed figures: what reports show and baselines store.
+
+A :class:`~circuit_tests.spec.subject.Subject` fills a :class:`Figures` as it measures (a
+figure is ``None``, or empty, until measured), expectations read their numbers from the subject,
+and the report and baselines read the figures. Between pytest-xdist workers and the controller,
+and in the JSON report, figures travel as :meth:`Figures.to_json`: plain data with the keys
+the report has always had (``nodes_for_0.8``, circuit sizes as strings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CurveFigures:
+    """Faithfulness and completeness of the top-``size`` circuits, per size."""
+
+    sizes: list[int]
+    faithfulness: list[float]
+    completeness: list[float]
+
+
+@dataclass
+class Figures:
+    """Every figure of one (spec, model); measurements are added as the subject makes them."""
+
+    model: str
+    revision: str
+    device: str
+    dtype: str
+    n_train: int
+    n_test: int
+    n_dropped: int
+    accuracy: float | None = None
+    curve: CurveFigures | None = None
+    nodes_for_08: float | None = None  # circuit size reaching 0.8 faithfulness; None with the curve: not reached
+    flip_rate: dict[int, float] = field(default_factory=dict)  # by circuit size
+    steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
+    sweep: dict[str, dict[str, float]] = field(default_factory=dict)  # "N neurons" -> factor -> mean P(token)
+    top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
+    overlap: float | None = None  # with the stored baseline circuit (stable)
+    baseline: str | None = None  # whose baseline that was
+    stored_circuit_faithfulness: float | None = None  # the stored circuit's faithfulness now
+
+    def to_json(self) -> dict:
+        """Plain data: the figures measured so far, under the report's keys."""
+        data: dict = {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
+                      "n_train": self.n_train, "n_test": self.n_test, "n_dropped": self.n_dropped}
+        if self.accuracy is not None:
+            data["accuracy"] = self.accuracy
+        if self.curve is not None:
+            data["curve"] = {"sizes": self.curve.sizes, "faithfulness": self.curve.faithfulness,
+                             "completeness": self.curve.completeness}
+            data["nodes_for_0.8"] = self.nodes_for_08
+        if self.flip_rate:
+            data["flip_rate"] = {str(size): rate for size, rate in sorted(self.flip_rate.items())}
+        if self.steering:
+            data["steering"] = {str(size): rate for size, rate in self.steering.items()}
+        if self.sweep:
+            data["sweep"] = self.sweep
+        if self.top:
+            data["top"] = self.top
+        for name in ("overlap", "baseline", "stored_circuit_faithfulness"):
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Figures:
+        """The figures :meth:`to_json` wrote (an empty mapping: a spec that could not be read)."""
+        curve = data.get("curve")
+        return cls(
+            model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
+            dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
+            n_dropped=data.get("n_dropped", 0), accuracy=data.get("accuracy"),
+            curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
+            flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
+            steering={int(size): rate for size, rate in data.get("steering", {}).items()},
+            sweep=data.get("sweep", {}), top=data.get("top", []), overlap=data.get("overlap"),
+            baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
+        )

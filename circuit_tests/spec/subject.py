@@ -1,0 +1,218 @@
+"""One spec on one model, measured lazily and once: split, trace, circuit, curve, flips, steering.
+
+A :class:`Subject` is what every expectation of a (spec, model) shares. Each measurement is made
+on first use and kept, so a spec with ten expectations loads and traces once, and each is
+recorded in the subject's :class:`~circuit_tests.spec.figures.Figures`, which reports and
+baselines read: an expectation measures through the subject, never around it. Attribution sees
+only the training split; every measurement uses the held-out test split. Traces are cached on
+disk (:mod:`circuit_tests.spec.traces`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from circuit_tests.analysis.attribution import Scores, trace
+from circuit_tests.analysis.measures import (
+    Curve,
+    accuracy,
+    faithfulness_curve,
+    faithfulness_from,
+    flip_rates,
+    multiplier_sweep,
+    patch_success,
+)
+from circuit_tests.analysis.selection import overlap, top_k
+from circuit_tests.analysis.stats import Interval, bootstrap
+from circuit_tests.errors import SpecError
+from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
+from circuit_tests.model.loading import LoadedModel, context_length
+from circuit_tests.model.nodes import Circuit, Node
+from circuit_tests.model.sites import NeuronSites
+from circuit_tests.spec.figures import CurveFigures, Figures
+from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
+from circuit_tests.spec.traces import TraceCache
+
+STANDARD_SIZES = (10, 30, 100, 300, 1000)
+
+
+class Subject:
+    """A spec on a loaded model. Raises :class:`SpecError` at once if the data cannot be used."""
+
+    def __init__(self, spec: Spec, loaded: LoadedModel, trace_cache: Path | None = None) -> None:
+        self.spec = spec
+        self.loaded = loaded
+        self.sites = NeuronSites(loaded.model)
+        self.traces = TraceCache(trace_cache)
+        kept = tokenize_pairs(self._prompts(), loaded.tokenizer, self._token_limit())  # one-token answers, lengths checked here
+        if not all(example.paired for example in spec.examples):
+            raise SpecError(f"{spec.path}: field 'task': every example needs a counterfactual (clean_prefix, "
+                            "patch_prefix, clean_answer, patch_answer); unpaired prompts cannot be tested by a spec.")
+        if kept.n_examples < 2:
+            raise SpecError(
+                f"{spec.path}: field 'task': {kept.n_examples} usable example(s) for {loaded.ref.name} "
+                f"({len(kept.dropped)} dropped because their two prefixes tokenize to different lengths). "
+                "A spec needs at least two: one to trace, one to test. Add examples of equal token length."
+            )
+        train, test = split(kept.examples, spec.task.test_fraction, spec.task.seed)
+        if not train:
+            raise SpecError(f"{spec.path}: field 'task.test_fraction': {spec.task.test_fraction} of {kept.n_examples} usable "
+                            "examples leaves none to trace the circuit on. Lower it, or add examples.")
+        self.dropped = kept.dropped
+        self.train = train[: spec.task.max_train]
+        self.test: Tokenized = tokenize_pairs(test, loaded.tokenizer)
+        self.figures = Figures(model=loaded.ref.name, revision=loaded.revision, device=str(loaded.device),
+                               dtype=str(loaded.model.dtype).removeprefix("torch."), n_train=len(self.train),
+                               n_test=self.test.n_examples, n_dropped=len(self.dropped))
+        self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
+        self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
+        self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
+
+    def _token_limit(self) -> TokenLimit:
+        """``task.max_prompt_tokens``, or the model's context when that is shorter."""
+        asked, context = self.spec.task.max_prompt_tokens, context_length(self.loaded.model)
+        if context is not None and context < asked:
+            return TokenLimit(context, f"the context of {self.loaded.ref.name}")
+        return TokenLimit(asked, "task.max_prompt_tokens")
+
+    def _prompts(self) -> list[PairedExample]:
+        """The spec's examples, wrapped in the chat template when ``task.chat`` asks for it."""
+        chat, tokenizer = self.spec.task.chat, self.loaded.tokenizer
+        if chat is None:
+            return list(self.spec.examples)
+        if not tokenizer.chat_template:
+            raise SpecError(f"{self.spec.path}: field 'task.chat': the tokenizer of {self.loaded.ref.name} has no chat "
+                            "template. Remove 'task.chat' for a base model, or test an instruction-tuned checkpoint.")
+        return [in_chat(example, tokenizer, chat.system, chat.assistant_prefix) for example in self.spec.examples]
+
+    # ------------------------------------------------------------------ trace and circuit
+
+    @cached_property
+    def scores(self) -> Scores:
+        options = self.spec.trace.to_options()
+        scores = self.traces.scores(self.loaded, self.train, options, (self.sites.n_layers, self.sites.n_neurons),
+                                    lambda: trace(self.loaded, self.train, options, self.batch_size)[0])
+        self.figures.top = [[*node, score] for node, score in scores.ranked(20, aggregate=self.by_neuron)]
+        return scores
+
+    @property
+    def by_neuron(self) -> bool:
+        """Whether the spec's nodes are (layer, neuron) pairs summed over positions (``trace.nodes: neuron``)."""
+        return self.spec.trace.nodes == "neuron"
+
+    def circuit(self, size: int) -> Circuit:
+        """The top ``size`` nodes, as the spec's ``trace.nodes`` defines a node."""
+        return top_k(self.scores, size, aggregate=self.by_neuron)
+
+    def ranked(self, size: int) -> list[tuple[Node, float]]:
+        """The top ``size`` nodes with their signed scores (what a baseline stores)."""
+        return self.scores.ranked(size, aggregate=self.by_neuron)
+
+    def top_neurons(self, size: int) -> Circuit:
+        """The top ``size`` (layer, neuron) pairs by their score summed over positions: what steering patches."""
+        return top_k(self.scores, size, aggregate=True)
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.task.batch_size
+
+    @property
+    def n_nodes(self) -> int:
+        """How many nodes the model has, as the spec's ``trace.nodes`` counts them: a circuit of this size is everything."""
+        return self.scores.by_neuron().numel() if self.by_neuron else self.scores.scores.numel()
+
+    @property
+    def shape(self) -> dict:
+        return {"layers": self.sites.n_layers, "neurons": self.sites.n_neurons}
+
+    @property
+    def shortest_prompt(self) -> int:
+        """Tokens in the shortest held-out prompt: a position must exist in every prompt."""
+        return min(batch.n_positions for batch in self.test.batches)
+
+    @property
+    def longest_prompt(self) -> int:
+        """Tokens in the longest held-out prompt: a stored node past it is measured on no prompt at all."""
+        return max(batch.n_positions for batch in self.test.batches)
+
+    # ------------------------------------------------------------------ measurements on the test split
+
+    @cached_property
+    def accuracy(self) -> float:
+        self.figures.accuracy = accuracy(self.sites, self.test, batch_size=self.batch_size)
+        return self.figures.accuracy
+
+    @cached_property
+    def curve(self) -> Curve:
+        sizes = self._sizes()
+        curve = self.faithfulness_curve(self.circuit(max(sizes)), sizes)
+        self.figures.curve = CurveFigures(list(curve.sizes), curve.faithfulness, curve.completeness)
+        self.figures.nodes_for_08 = curve.nodes_for(0.8)
+        return curve
+
+    def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int]) -> Curve:
+        """The curve of any circuit (a stored one, say) on the held-out split, with this spec's ablation."""
+        return faithfulness_curve(self.sites, self.test, circuit, sizes, self.spec.trace.ablation, self.spec.task.seed,
+                                  batch_size=self.batch_size)
+
+    def _sizes(self) -> tuple[int, ...]:
+        asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
+                 for e in self.spec.expectations if isinstance(e.params, (Sparse, Necessary, Stable))}
+        return tuple(sorted(set(STANDARD_SIZES) | asked))
+
+    def faithfulness(self, size: int) -> tuple[float, Interval]:
+        index = self.curve.sizes.index(size)
+        samples = [self.curve.per_example[index], self.curve.per_example[-2], self.curve.per_example[-1]]
+        return self.curve.faithfulness[index], bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
+
+    def completeness(self, size: int) -> tuple[float, Interval]:
+        index = self.curve.sizes.index(size)
+        samples = [self.curve.complement[index], self.curve.per_example[-2], self.curve.per_example[-1]]
+        return self.curve.completeness[index], bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
+
+    def flip_rate(self, size: int) -> tuple[float, Interval]:
+        value, interval = self._rate(self._flips, size, lambda: self.flips(self.circuit(size)))
+        self.figures.flip_rate[size] = value
+        return value, interval
+
+    def flips(self, circuit: Circuit) -> torch.Tensor:
+        """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
+        return flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]
+
+    def steering(self, circuit: Circuit) -> tuple[float, Interval]:
+        """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
+        value, interval = self._rate(self._steering, circuit.nodes, lambda: patch_success(
+            self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0])
+        self.figures.steering[len(circuit.nodes)] = value
+        return value, interval
+
+    def sweep(self, circuit: Circuit, factors: tuple[float, ...], token: int | None) -> torch.Tensor:
+        """``[len(factors), test examples]``: P(``token``, else each clean answer) with ``circuit`` scaled by each factor."""
+        key = (circuit.nodes, factors, token)
+        if key not in self._sweeps:
+            rows = []
+            for batch in self.test.chunks(self.batch_size):
+                tokens = [token] if token is not None else batch.clean_answer.tolist()
+                probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens, batch_size=self.batch_size)
+                rows.append(probabilities[..., 0] if token is not None else probabilities.diagonal(dim1=1, dim2=2))
+            self._sweeps[key] = torch.cat(rows, 1)
+            self.figures.sweep[f"{len(circuit.nodes)} neurons"] = {
+                f"{factor:g}": p.mean().item() for factor, p in zip(factors, self._sweeps[key])}
+        return self._sweeps[key]
+
+    def stability(self, stored: Circuit, size: int, baseline: str) -> tuple[float, float]:
+        """Jaccard overlap of the top ``size`` nodes with a stored circuit, and the stored circuit's faithfulness now."""
+        jaccard, _ = overlap(self.circuit(size), stored)
+        now = self.faithfulness_curve(stored, [len(stored)]).faithfulness[0]
+        self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = jaccard, baseline, now
+        return jaccard, now
+
+    def _rate(self, memo: dict, key: object, compute) -> tuple[float, Interval]:
+        if key not in memo:
+            memo[key] = compute()
+        hits = memo[key]
+        return hits.mean().item(), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed)

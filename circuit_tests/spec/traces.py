@@ -1,0 +1,71 @@
+"""Traces cached on disk, so a re-run with nothing changed skips the backward passes.
+
+A trace is keyed by everything that determines it: the model and its revision, dtype and device
+type, the training data, the attribution options, and the library and torch versions. Entries are
+written atomically; one that cannot be read, or has the wrong shape or non-finite scores, is a
+cache miss and is traced again (the cache may sit where others can write, so it is checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import circuit_tests
+from circuit_tests.analysis.attribution import AttributionOptions, Scores, data_hash
+from circuit_tests.files import replace_atomically
+from circuit_tests.model.data import PairedExample
+from circuit_tests.model.loading import LoadedModel, cache_dir
+
+
+def default_trace_cache() -> Path:
+    return cache_dir() / "traces"
+
+
+class TraceCache:
+    """A directory of cached traces (``None``: no cache, always trace)."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    def scores(self, loaded: LoadedModel, train: list[PairedExample], options: AttributionOptions,
+               shape: tuple[int, int], trace: Callable[[], Scores]) -> Scores:
+        """The cached trace of this model, data and options if there is a usable one, else ``trace()`` (then cached)."""
+        path = self._path(loaded, train, options)
+        cached = _read(path, shape)
+        if cached is not None:
+            return cached
+        scores = trace()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, scores.save)
+        return scores
+
+    def _path(self, loaded: LoadedModel, train: list[PairedExample], options: AttributionOptions) -> Path | None:
+        if self.directory is None:
+            return None
+        key = {
+            "model": loaded.ref.name, "revision": loaded.revision, "dtype": str(loaded.model.dtype),
+            "device": loaded.device.type, "data": data_hash(train), "options": asdict(options),
+            "library": circuit_tests.__version__, "torch": torch.__version__,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.directory / f"{digest}.safetensors"
+
+
+def _read(path: Path | None, shape: tuple[int, int]) -> Scores | None:
+    """The trace cached at ``path``, if there is a readable one of ``(layers, neurons)`` with finite scores."""
+    if path is None or not path.is_file() or path.is_symlink():
+        return None
+    try:
+        scores = Scores.load(path)
+    except Exception:  # noqa: BLE001 -- a damaged cache entry is a cache miss; tracing again overwrites it
+        return None
+    found = scores.scores.shape
+    usable = len(found) == 3 and (found[0], found[2]) == shape and bool(torch.isfinite(scores.scores).all())
+    return scores if usable else None
