@@ -16,12 +16,13 @@ from circuit_tests.analysis.measures import (
     flip_rates,
     masked_preferences,
     multiplier_sweep,
+    accuracy,
     patch_success,
     preferences,
 )
 from circuit_tests.analysis.metrics import preference
 from circuit_tests.analysis.selection import above, overlap, share, top_k
-from circuit_tests.analysis.stats import bootstrap
+from circuit_tests.analysis.stats import bootstrap, fraction_true
 from circuit_tests.model.data import PairedBatch, Tokenized
 from circuit_tests.model.interventions import intervene, patch
 from circuit_tests.model.nodes import Circuit
@@ -159,6 +160,17 @@ def test_bootstrap_interval_is_seeded_and_covers_the_estimate():
     assert wide[1] - wide[0] > high - low
     f = bootstrap(faithfulness_from, [values + 1, values + 2, values])
     assert f[0] <= 0.5 <= f[1]
+
+
+def test_rates_are_counted_so_27_of_30_meets_a_threshold_of_0_9(monkeypatch):
+    hits = torch.tensor([1.0] * 27 + [0.0] * 3)
+    assert hits.mean().item() < 0.9  # a float32 mean: 0.8999999761581421, which failed `min_accuracy: 0.9`
+    assert fraction_true(hits) == fraction_true(hits.bool()) == 0.9
+    assert fraction_true(torch.tensor([True] * 2 + [False])) == 2 / 3
+    import circuit_tests.analysis.measures as measures
+
+    monkeypatch.setattr(measures, "preferences", lambda *_, **__: hits - 0.5)  # 27 of 30 prefer the clean answer
+    assert accuracy(None, None) == 0.9
 
 
 @pytest.fixture(scope="module")

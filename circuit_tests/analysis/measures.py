@@ -26,6 +26,7 @@ import torch
 
 from circuit_tests.analysis.attribution import neuron_values
 from circuit_tests.analysis.metrics import preference
+from circuit_tests.analysis.stats import fraction_true
 from circuit_tests.model.data import PairedBatch, Tokenized
 from circuit_tests.model.interventions import intervene, per_copy, scale
 from circuit_tests.model.nodes import Circuit
@@ -282,4 +283,4 @@ def preferences(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_
 
 def accuracy(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> float:
     """Fraction of clean prompts on which the model prefers the clean answer."""
-    return (preferences(sites, data, batch_size=batch_size) > 0).float().mean().item()
+    return fraction_true(preferences(sites, data, batch_size=batch_size) > 0)

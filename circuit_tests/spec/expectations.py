@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from circuit_tests.analysis.stats import bootstrap
+from circuit_tests.analysis.stats import bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_nodes
@@ -128,7 +128,7 @@ def _flips(subject: Subject, params: Flips) -> Outcome:
 def _pinned(subject: Subject, params: Pinned) -> Outcome:
     nodes = pinned_nodes(subject, params)
     _check_position(subject, params.position, "pinned.position")
-    value = subject.flips(Circuit(nodes.nodes, (1.0,) * len(nodes))).mean().item()
+    value = fraction_true(subject.flips(Circuit(nodes.nodes, (1.0,) * len(nodes))))
     what = f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(nodes)} pinned neurons"
     at = "" if params.position is None else f" at position {params.position}"
     return Outcome(

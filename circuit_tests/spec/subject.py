@@ -27,7 +27,7 @@ from circuit_tests.analysis.measures import (
     patch_success,
 )
 from circuit_tests.analysis.selection import overlap, top_k
-from circuit_tests.analysis.stats import Interval, bootstrap
+from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
@@ -215,4 +215,4 @@ class Subject:
         if key not in memo:
             memo[key] = compute()
         hits = memo[key]
-        return hits.mean().item(), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed)
+        return fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed)
