@@ -147,7 +147,11 @@ def masked_preferences(
     outside: list[torch.Tensor] | None,
 ) -> torch.Tensor:
     """``[copies, batch]`` preferences for the clean answer under :func:`masked_last_logits`."""
-    logits = masked_last_logits(sites, batch, chosen, inside, outside)
+    return _preferences_per_copy(masked_last_logits(sites, batch, chosen, inside, outside), batch)
+
+
+def _preferences_per_copy(logits: torch.Tensor, batch: PairedBatch) -> torch.Tensor:
+    """``[copies, batch]`` preferences for the clean answer from ``[copies, batch, vocab]`` next-token logits."""
     copies = logits.shape[0]
     return preference(logits.flatten(0, 1).unsqueeze(1), batch.repeat(copies)).view(copies, -1)
 
@@ -230,8 +234,7 @@ def flip_rates(
     counterfactual values."""
     flips = []
     for batch, logits in _patched(sites, data, circuit, sizes, batch_size, "flip rates"):
-        copies = logits.shape[0]
-        flips.append(preference(logits.flatten(0, 1).unsqueeze(1), batch.repeat(copies)).view(copies, -1) < 0)
+        flips.append(_preferences_per_copy(logits, batch) < 0)
     return torch.cat(flips, 1).float().cpu()
 
 
