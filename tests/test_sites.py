@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from circuit_tests.errors import UnsupportedArchitectureError
 from circuit_tests.model.interventions import intervene, replace, scale
 from circuit_tests.model.nodes import Circuit
-from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, on_neurons
+from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, copies_from, on_neurons
 from circuit_tests.testing import TINY_ARCHITECTURES
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -95,6 +95,24 @@ def test_zeroing_a_layer_removes_its_mlp_contribution(tiny_sites, tiny_ids):
             handle.remove()
         with intervene(tiny_sites, [scale(Circuit.of([(site.layer, None, None)]), 0.0)]):
             torch.testing.assert_close(logits(tiny_sites, tiny_ids), removed)
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_copies_branched_at_a_layer_equal_copies_run_from_the_start(tiny_sites, tiny_ids, layer):
+    """Exact patching runs the layers below its lowest patched one once; the logits must not change."""
+    copies, batch, hooks = 3, len(tiny_ids), hook_count(tiny_sites)
+
+    def scale_each_copy(at: int, neurons: torch.Tensor) -> torch.Tensor:
+        factors = torch.tensor([0.0, 1.0, 2.5]).repeat_interleave(batch).view(-1, 1, 1)
+        return neurons * factors
+
+    with on_neurons(tiny_sites, scale_each_copy, layers=range(layer, 3)):
+        expected = logits(tiny_sites, tiny_ids.repeat(copies, 1))
+        with copies_from(tiny_sites, layer, copies):
+            branched = logits(tiny_sites, tiny_ids)
+    torch.testing.assert_close(branched, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[:batch], expected[batch : 2 * batch])  # the copies do differ
+    assert hook_count(tiny_sites) == hooks
 
 
 def test_hooks_are_removed_on_exit_and_on_error(tiny_sites, tiny_ids):

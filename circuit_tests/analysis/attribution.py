@@ -34,7 +34,7 @@ from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedBatch, PairedExample, Tokenized, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel
 from circuit_tests.model.nodes import Node
-from circuit_tests.model.sites import NeuronSites, capture, next_token_logits, on_neurons
+from circuit_tests.model.sites import NeuronSites, capture, copies_from, next_token_logits, on_neurons
 from circuit_tests.progress import bar
 
 METHODS = ("relp", "atp", "ig", "exact")
@@ -216,8 +216,8 @@ def _add_integrated_gradients(
 ) -> None:
     """IG: per layer, the mean gradient at ``a + alpha (a' - a)``, ``alpha = 0, 1/steps, ...``, times ``a' - a``.
 
-    The ``steps`` points of one layer run as one batch of ``steps x batch`` rows: one forward and
-    one backward per layer.
+    The ``steps`` points of one layer run as one batch of ``steps x batch`` rows from that layer on
+    (the layers below run once): one forward and one backward per layer.
     """
     clean = neuron_values(sites, batch.clean_ids)
     repeated = batch.repeat(steps)
@@ -225,8 +225,8 @@ def _add_integrated_gradients(
         delta = baseline[layer] - clean[layer]
         alphas = torch.arange(steps, device=delta.device, dtype=delta.dtype).view(-1, 1, 1, 1) / steps
         points = (clean[layer] + alphas * delta).requires_grad_(True)  # [steps, batch, positions, neurons]
-        with torch.enable_grad(), on_neurons(sites, lambda _, __: points.flatten(0, 1), layers=[layer]):
-            value = metric(next_token_logits(sites.model, repeated.clean_ids), repeated).sum()
+        with torch.enable_grad(), copies_from(sites, layer, steps), on_neurons(sites, lambda _, __: points.flatten(0, 1), [layer]):
+            value = metric(next_token_logits(sites.model, batch.clean_ids), repeated).sum()
         grad = torch.autograd.grad(value, points)[0]
         total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0).to(total.device)
 
@@ -244,8 +244,9 @@ def _add_exact(
     """Exact patching: move each candidate node alone to its baseline value and measure the metric."""
     clean_value = metric(next_token_logits(sites.model, batch.clean_ids), batch)
     chunk = max(1, max_rows // len(batch))
-    for start in range(0, len(candidates), chunk):
-        nodes = list(candidates[start : start + chunk])
+    ordered = sorted(candidates)  # by layer, so that a chunk's copies share the layers below it
+    for start in range(0, len(ordered), chunk):
+        nodes = ordered[start : start + chunk]
         effects = _patched_metric(sites, batch, baseline, metric, nodes) - clean_value.repeat(len(nodes))
         for node, effect in zip(nodes, effects.view(len(nodes), len(batch)).sum(1, dtype=torch.float64)):
             total[node] += effect
@@ -254,7 +255,10 @@ def _add_exact(
 def _patched_metric(
     sites: NeuronSites, batch: PairedBatch, baseline: list[torch.Tensor], metric: Metric, nodes: list[Node]
 ) -> torch.Tensor:
-    """The metric on copies of the batch, copy ``i`` with node ``i`` patched: ``[len(nodes) * batch]``."""
+    """The metric on copies of the batch, copy ``i`` with node ``i`` patched: ``[len(nodes) * batch]``.
+
+    The copies share the layers below the lowest patched one, so patching a late layer costs little.
+    """
     n, b = len(nodes), len(batch)
 
     def patch_one_node_per_copy(layer: int, neurons: torch.Tensor) -> torch.Tensor:
@@ -265,8 +269,8 @@ def _patched_metric(
         return neurons.view(n * b, *neurons.shape[2:])
 
     layers = sorted({node[0] for node in nodes})
-    with on_neurons(sites, patch_one_node_per_copy, layers):
-        logits = next_token_logits(sites.model, batch.clean_ids.repeat(n, 1))
+    with copies_from(sites, layers[0], n), on_neurons(sites, patch_one_node_per_copy, layers):
+        logits = next_token_logits(sites.model, batch.clean_ids)
     return metric(logits, batch.repeat(n))
 
 

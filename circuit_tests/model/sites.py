@@ -96,6 +96,7 @@ class Site:
 
     layer: int
     name: str  # e.g. "model.layers.3.mlp.down_proj"
+    block: nn.Module  # the decoder layer holding ``mlp``, e.g. "model.layers.3"
     mlp: nn.Module
     down_proj: nn.Module
     activation: nn.Module
@@ -111,6 +112,7 @@ class NeuronSites:
             Site(
                 layer,
                 f"{name}.{self.arch.down_proj}",
+                model.get_submodule(name.rpartition(".")[0]),
                 mlp,
                 getattr(mlp, self.arch.down_proj),
                 getattr(mlp, self.arch.activation),
@@ -192,6 +194,34 @@ def on_neurons(sites: NeuronSites, fn: PreHook, layers: Iterable[int] | None = N
 
 
 @contextmanager
+def copies_from(sites: NeuronSites, layer: int, copies: int) -> Iterator[None]:
+    """Forward passes inside run their batch once below ``layer``, then as ``copies`` stacked copies.
+
+    For interventions that differ per copy only at ``layer`` and above: the layers below compute
+    the same thing for every copy, so they run once. From ``layer`` on, each block's batched inputs
+    (hidden states, attention masks, position embeddings) are repeated copy-major, as
+    ``batch.repeat(copies)`` would have made them; the logits come out ``[copies * batch, ...]``.
+    """
+    batch: list[int] = []  # the batch size, read from the hidden states entering ``layer``
+
+    def repeated(value: object) -> object:
+        if isinstance(value, tuple):
+            return tuple(repeated(item) for item in value)
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == batch[0]:
+            return value.repeat(copies, *[1] * (value.ndim - 1))
+        return value
+
+    def expand(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if module is first:
+            batch[:] = [(args[0] if args else kwargs["hidden_states"]).shape[0]]
+        return tuple(repeated(arg) for arg in args), {key: repeated(value) for key, value in kwargs.items()}
+
+    first = sites.sites[layer].block
+    with registered(site.block.register_forward_pre_hook(expand, with_kwargs=True) for site in sites.sites[layer:]):
+        yield
+
+
+@contextmanager
 def gradients_enabled(model: PreTrainedModel) -> Iterator[None]:
     """Make activations of a frozen model carry gradients, by marking the embedding output."""
 
@@ -228,4 +258,4 @@ def next_token_logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor
     Metrics read nothing else, and skipping the vocabulary projection at the other positions
     is the largest saving for small models with big vocabularies.
     """
-    return model(ids, logits_to_keep=1).logits
+    return model(ids, logits_to_keep=1, use_cache=False).logits
