@@ -1,5 +1,6 @@
 """The ``circuit-tests`` command line.
 
+``check`` (how a dataset or a spec's task tokenizes, pair by pair, before any trace),
 ``trace`` (attribute a dataset or a spec's task; the JSON contract other tools rely on),
 ``run`` (evaluate specs without pytest), ``diff`` (two checkpoints' circuits side by side),
 ``new`` (scaffold a spec from a dataset), ``schema`` (the spec JSON Schema), ``models`` and
@@ -15,6 +16,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 from pathlib import Path
 from typing import TextIO
 
@@ -23,16 +25,24 @@ from circuit_tests.analysis.metrics import METRICS
 from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.files import inside
-from circuit_tests.model.data import read_jsonl
+from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
 from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
 from circuit_tests.model.nodes import format_nodes
 from circuit_tests.model.references import check_trusted
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.report import payload
-from circuit_tests.spec.schema import NAME_PATTERN, json_schema, load_spec, parse_yaml, reference_markdown, spec_from_mapping
+from circuit_tests.spec.schema import (
+    NAME_PATTERN,
+    Task,
+    json_schema,
+    load_spec,
+    parse_yaml,
+    reference_markdown,
+    spec_from_mapping,
+)
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
-from circuit_tests.spec.subject import STANDARD_SIZES
+from circuit_tests.spec.subject import STANDARD_SIZES, prompts, token_limit
 from circuit_tests.spec.traces import default_trace_cache
 from circuit_tests.text import has_control, printable
 
@@ -59,15 +69,15 @@ def _trace(args: argparse.Namespace) -> int:
         dropped = data.dropped
     else:
         raise CircuitTestsError("give --dataset FILE.jsonl or --spec SPEC.yaml")
-    for example in dropped:
-        _say(f"dropped {example.source}: clean and counterfactual prefixes differ in token length", sys.stderr)
+    for drop in dropped:
+        _say(f"dropped {drop}", sys.stderr)
     if args.save:
         scores.save(_output(args.save))
     report = {
         "model": scores.metadata["model"],
         "method": scores.metadata["method"],
         "n_examples": scores.n_examples,
-        "dropped": [example.source for example in dropped],
+        "dropped": [drop.example.source for drop in dropped],
         "metadata": scores.metadata,
         "nodes": [
             {"layer": layer, "position": position, "neuron": neuron, "score": score}
@@ -80,6 +90,45 @@ def _trace(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    """Tokenize a dataset (or a spec's task) for each model and say, pair by pair, what a run would use, drop or refuse.
+
+    Exit 1 when a pair would stop the spec (an answer of several tokens, a prompt too long) or more
+    pairs would be dropped than ``task.max_dropped`` allows (a dataset: the default, 10%).
+    """
+    session = _session(args)
+    path = Path(args.data)
+    spec = load_spec(path, session.options.project) if path.suffix in (".yaml", ".yml") else None
+    allowed = spec.task.max_dropped if spec else Task.model_fields["max_dropped"].default
+    ok = True
+    for model in dict.fromkeys(args.model or (spec.models if spec else [DEFAULT_MODEL])):
+        loaded = session.model(model, None if args.model or spec is None else spec)
+        if spec is None:
+            checks = check_pairs(read_jsonl(path), loaded.tokenizer)
+        else:
+            checks = check_pairs(prompts(spec, loaded), loaded.tokenizer, token_limit(spec, loaded))
+        ok &= _say_checks(model, checks, allowed, args.all)
+    return 0 if ok else 1
+
+
+def _say_checks(model: str, checks: list[PairCheck], allowed: float, every: bool) -> bool:
+    """Print one model's pair checks (problems only, unless ``every``) and a summary; whether the data is usable."""
+    dropped = [check for check in checks if check.dropped]
+    refused = [check for check in checks if check.problem and not check.dropped]
+    _say(f"{model}: {len(checks)} pairs")
+    for check in checks:
+        if every or check.problem:
+            source = check.example.source
+            verdict = "ok" if not check.problem else ("DROPPED: " if check.dropped else "ERROR: ") + check.problem.removeprefix(f"{source}: ")
+            _say(f"  {source}: {verdict}\n    clean {check.clean}\n    counterfactual {check.patch}")
+    lengths = sorted({len(check.clean) for check in checks if not check.problem})
+    share = len(dropped) / len(checks)
+    _say(f"  usable {len(checks) - len(dropped) - len(refused)}, dropped {len(dropped)} ({share:.1%}; "
+         f"task.max_dropped allows {allowed:.0%}), errors {len(refused)}; prompt lengths (tokens): "
+         + (", ".join(map(str, lengths)) or "-"))
+    return not refused and Fraction(len(dropped), len(checks)) <= Fraction(str(allowed))
 
 
 def _session(args: argparse.Namespace, **options) -> CircuitSession:
@@ -241,13 +290,18 @@ def _positive(text: str) -> int:
     return value
 
 
-COMMANDS = {"models": _models, "fetch": _fetch, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "schema": _schema}
+COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "schema": _schema}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="circuit-tests", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("models", help="list the registered models and whether they are available offline")
+    checker = commands.add_parser("check", help="how a dataset or a spec's task tokenizes, pair by pair: what a run would use, drop or refuse")
+    checker.add_argument("data", metavar="DATA.jsonl|SPEC.yaml")
+    checker.add_argument("--model", action="append", help=f"the tokenizer of this model (repeatable; default: the spec's models, else {DEFAULT_MODEL})")
+    checker.add_argument("--all", action="store_true", help="list every pair, not only those with a problem")
+    _device_options(checker)
     tracer = commands.add_parser("trace", help="score every neuron node on a paired dataset; write the top nodes as JSON")
     tracer.add_argument("--model", help=f"model name (default: the spec's first model, else {DEFAULT_MODEL})")
     tracer.add_argument("--dataset", help="JSON lines: clean_prefix, patch_prefix, clean_answer, patch_answer")

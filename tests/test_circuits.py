@@ -5,18 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.analysis.attribution import AttributionOptions, Scores, attribute, neuron_values
+from circuit_tests.analysis.attribution import (
+    AttributionOptions,
+    Scores,
+    attribute,
+    neuron_values,
+)
 from circuit_tests.analysis.measures import (
     ABLATIONS,
     PATCH,
     Curve,
     ablated_chunks,
+    accuracy,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
     masked_preferences,
     multiplier_sweep,
-    accuracy,
     patch_success,
     preferences,
 )

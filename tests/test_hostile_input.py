@@ -118,6 +118,15 @@ def cases(outside: Path) -> list[Case]:
         Case("nothing_left_to_trace", spec("a", CONTROL, task=one.replace("test_fraction: 0.5", "test_fraction: 0.9")),
              "field 'task.test_fraction': 0.9 of 2 usable examples leaves none to trace the circuit on"),
         Case("every_pair_dropped", spec("a", CONTROL, task=examples(("The author", "The authors near", " is", " are"), ("The key", "The keys of", " is", " are"))),
+             "field 'task.max_dropped': 2 of 2 examples dropped for ./ckpt ("),
+        Case("too_many_pairs_dropped", spec("a", CONTROL, task=examples(
+            ("The author", "The authors", " is", " are"), ("The baker", "The bakers", " is", " are"),
+            ("The pilot", "The pilots", " is", " are"), ("The key", "The keys of", " is", " are"))),
+             "circuit_too_many_pairs_dropped.yaml: task.examples[3]: the clean prefix is 3 tokens and the counterfactual 4, "
+             "so positions do not align), more than the 10% allowed. Rewrite those pairs"),
+        Case("all_dropped_though_allowed", spec("a", CONTROL, task=examples(("The author", "The authors near", " is", " are"),
+                                                                            ("The key", "The keys of", " is", " are"))
+                                                 .replace("  test_fraction: 0.5\n", "  test_fraction: 0.5\n  max_dropped: 1.0\n")),
              "0 usable example(s) for ./ckpt (2 dropped because their two prefixes tokenize to different lengths)"),
         Case("model_outside_project", spec("a", CONTROL, models=f"[{outside / 'ckpt'}]"), "outside the project"),
         Case("model_path_missing", spec("a", CONTROL, models="[./no-such-checkpoint]"), "no such directory"),
@@ -403,6 +412,42 @@ def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(sma
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["good  ./ckpt  *1.00     passed (2/2)"])  # the overlap column
+
+
+def test_dropped_examples_are_counted_named_and_reported_everywhere(small, pytester):
+    """Under task.max_dropped the spec runs, and the item, the terminal table and both reports say what was lost."""
+    pairs = [(f"The {singular}", f"The {plural}", " is", " are") for singular, plural in PAIRS[:5]] + [("The key", "The keys of", " is", " are")]
+    task = examples(*pairs).replace("  test_fraction: 0.5\n", "  test_fraction: 0.5\n  max_dropped: 0.2\n")
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL, task=task))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--circuit-json=r.json", "--circuit-report=r.html")
+    result.assert_outcomes(passed=1)
+    why = "circuit_good.yaml: task.examples[5]: the clean prefix is 3 tokens and the counterfactual 4, so positions do not align"
+    result.stdout.fnmatch_lines(["spec  model   dropped  acc*", "good  ./ckpt  1  *passed (1/1)", f"good on ./ckpt dropped *{why.replace('[5]', '[[]5[]]')}"])
+    row = json.loads((small / "r.json").read_text())["rows"][0]
+    assert row["figures"]["n_dropped"] == 1 and [text.endswith(why) for text in row["figures"]["dropped"]] == [True]
+    assert "note: 1 of 6 examples dropped for ./ckpt (" in row["results"][0]["message"]
+    assert why in (small / "r.html").read_text()
+
+
+def test_check_lists_what_a_run_would_drop_or_refuse_before_any_trace(small, monkeypatch, capsys):
+    monkeypatch.chdir(small)
+    lines = [json.dumps({"clean_prefix": a, "patch_prefix": b, "clean_answer": c, "patch_answer": d}) for a, b, c, d in (
+        ("The author", "The authors", " is", " are"), ("The key", "The keys of", " is", " are"),
+        ("The baker", "The bakers", " is are", " are"), ("The pilot", "The pilots", " is", " are"))]
+    (small / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["check", "mixed.jsonl", "--model", "./ckpt"]) == 1  # an answer of two tokens stops a spec
+    out = capsys.readouterr().out
+    assert "mixed.jsonl:2: DROPPED: the clean prefix is 3 tokens and the counterfactual 4, so positions do not align" in out
+    assert "    clean ['<bos>', 'The', 'key']\n    counterfactual ['<bos>', 'The', 'keys', 'of']\n" in out  # the tokens, to see why
+    assert "mixed.jsonl:3: ERROR: clean_answer ' is are' is 2 tokens" in out
+    assert "usable 2, dropped 1 (25.0%; task.max_dropped allows 10%), errors 1" in out
+    assert "mixed.jsonl:1" not in out  # a usable pair is listed only with --all
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL, task=examples(
+        ("The author", "The authors", " is", " are"), ("The key", "The keys of", " is", " are"))
+        .replace("  test_fraction: 0.5\n", "  test_fraction: 0.5\n  max_dropped: 0.5\n")))
+    assert main(["check", "circuit_good.yaml", "--all"]) == 0  # the spec's own model and its own max_dropped
+    out = capsys.readouterr().out
+    assert "task.examples[0]: ok" in out and "usable 1, dropped 1 (50.0%; task.max_dropped allows 50%), errors 0" in out
 
 
 def test_two_spec_files_with_one_name_keep_two_report_rows(small, pytester):

@@ -212,7 +212,7 @@ def test_bad_input_found_at_run_time_fails_only_its_spec(pytester):
     result.stdout.fnmatch_lines([
         "*neuron (layer 30, neuron 0) is outside smollm2-135m-instruct's 30 layers x 1536 neurons*",
         "*task.examples[[]0[]]: clean_answer ' is not' is 2 tokens*must be one token*",
-        "*0 usable example(s) for smollm2-135m-instruct (2 dropped because their two prefixes tokenize to different lengths)*",
+        "*field 'task.max_dropped': 2 of 2 examples dropped for smollm2-135m-instruct (*task.examples[[]0[]]: the clean prefix is*",
     ])
     assert "Traceback" not in result.stdout.str()
 

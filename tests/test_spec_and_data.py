@@ -100,7 +100,8 @@ def test_pairs_of_different_lengths_are_dropped_and_reported():
     data = tokenize_pairs([example("ab", "cd"), example("abc", "ab"), example("xyz", "uvw")], CharTokenizer())
     assert data.n_examples == 2
     assert [len(batch) for batch in data.batches] == [1, 1]
-    assert [e.clean_prefix for e in data.dropped] == ["abc"]
+    assert [drop.example.clean_prefix for drop in data.dropped] == ["abc"]
+    assert str(data.dropped[0]) == "d.jsonl:7: the clean prefix is 3 tokens and the counterfactual 2, so positions do not align"
     for batch in data.batches:
         assert batch.clean_ids.shape == batch.patch_ids.shape
 

@@ -155,11 +155,24 @@ class PairedBatch:
 
 
 @dataclass(frozen=True)
+class Dropped:
+    """A pair that cannot be measured, and why: its two prefixes tokenize to different lengths."""
+
+    example: PairedExample
+    clean_tokens: int
+    patch_tokens: int
+
+    def __str__(self) -> str:
+        return (f"{self.example.source}: the clean prefix is {self.clean_tokens} tokens and the counterfactual "
+                f"{self.patch_tokens}, so positions do not align")
+
+
+@dataclass(frozen=True)
 class Tokenized:
     """Batches grouped by prompt length, and the pairs dropped because their prefixes differ in length."""
 
     batches: tuple[PairedBatch, ...]
-    dropped: tuple[PairedExample, ...] = field(default=())
+    dropped: tuple[Dropped, ...] = field(default=())
 
     @property
     def n_examples(self) -> int:
@@ -215,25 +228,57 @@ def tokenize_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedToken
     groups: dict[int, list[tuple[list[int], list[int], int, int, PairedExample]]] = defaultdict(list)
     dropped = []
     for example in examples:
-        clean = tokenizer(example.clean_prefix).input_ids
-        patch = tokenizer(example.patch_prefix).input_ids
-        answers = (
-            answer_token(tokenizer, example.clean_answer, example.source, "clean_answer"),
-            answer_token(tokenizer, example.patch_answer, example.source, "patch_answer"),
-        )
-        if example.paired and answers[0] == answers[1]:
-            raise SpecError(f"{example.source}: clean_answer {example.clean_answer!r} and patch_answer {example.patch_answer!r} "
-                            f"are the same token ({answers[0]}) for this tokenizer, so no measurement can tell them apart. "
-                            "Give answers that differ as tokens.")
-        longest = max(len(clean), len(patch))
-        if limit is not None and longest > limit.tokens:
-            raise SpecError(f"{example.source}: a prompt of this example is {longest} tokens, more than the {limit.tokens} "
-                            f"allowed ({limit.reason}). Shorten it or drop the example.")
+        clean, patch, answers = _tokenize(example, tokenizer, limit)
         if len(clean) != len(patch):
-            dropped.append(example)
+            dropped.append(Dropped(example, len(clean), len(patch)))
             continue
         groups[len(clean)].append((clean, patch, *answers, example))
     return Tokenized(tuple(_batch(rows) for _, rows in sorted(groups.items())), tuple(dropped))
+
+
+@dataclass(frozen=True)
+class PairCheck:
+    """How one example tokenizes, and whether it can be used: ``problem`` is why not (``None``: usable)."""
+
+    example: PairedExample
+    clean: list[str]  # the clean prefix's tokens, as text
+    patch: list[str]
+    problem: str | None = None
+    dropped: bool = False  # the problem only drops the example; other problems stop the spec
+
+
+def check_pairs(examples: Iterable[PairedExample], tokenizer: PreTrainedTokenizerBase, limit: TokenLimit | None = None) -> list[PairCheck]:
+    """What :func:`tokenize_pairs` would make of each example, every problem reported instead of the first raised."""
+    checks = []
+    for example in examples:
+        pieces = [[tokenizer.decode([i]) for i in tokenizer(text).input_ids] for text in (example.clean_prefix, example.patch_prefix)]
+        try:
+            clean, patch, _ = _tokenize(example, tokenizer, limit)
+        except SpecError as error:
+            checks.append(PairCheck(example, *pieces, problem=str(error)))
+            continue
+        drop = str(Dropped(example, len(clean), len(patch))) if len(clean) != len(patch) else None
+        checks.append(PairCheck(example, *pieces, problem=drop, dropped=drop is not None))
+    return checks
+
+
+def _tokenize(example: PairedExample, tokenizer: PreTrainedTokenizerBase, limit: TokenLimit | None) -> tuple[list[int], list[int], tuple[int, int]]:
+    """Both prefixes' token ids and the two answer tokens; an unusable answer or a prompt over ``limit`` is an error."""
+    clean = tokenizer(example.clean_prefix).input_ids
+    patch = tokenizer(example.patch_prefix).input_ids
+    answers = (
+        answer_token(tokenizer, example.clean_answer, example.source, "clean_answer"),
+        answer_token(tokenizer, example.patch_answer, example.source, "patch_answer"),
+    )
+    if example.paired and answers[0] == answers[1]:
+        raise SpecError(f"{example.source}: clean_answer {example.clean_answer!r} and patch_answer {example.patch_answer!r} "
+                        f"are the same token ({answers[0]}) for this tokenizer, so no measurement can tell them apart. "
+                        "Give answers that differ as tokens.")
+    longest = max(len(clean), len(patch))
+    if limit is not None and longest > limit.tokens:
+        raise SpecError(f"{example.source}: a prompt of this example is {longest} tokens, more than the {limit.tokens} "
+                        f"allowed ({limit.reason}). Shorten it or drop the example.")
+    return clean, patch, answers
 
 
 def _batch(rows: Sequence[tuple[list[int], list[int], int, int, PairedExample]]) -> PairedBatch:

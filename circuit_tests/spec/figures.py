@@ -32,6 +32,7 @@ class Figures:
     n_train: int
     n_test: int
     n_dropped: int
+    dropped: list[str] = field(default_factory=list)  # "FILE:LINE: why", one per dropped example
     accuracy: float | None = None
     curve: CurveFigures | None = None
     nodes_for_08: float | None = None  # circuit size reaching 0.8 faithfulness; None with the curve: not reached
@@ -47,6 +48,8 @@ class Figures:
         """Plain data: the figures measured so far, under the report's keys."""
         data: dict = {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,
                       "n_train": self.n_train, "n_test": self.n_test, "n_dropped": self.n_dropped}
+        if self.dropped:
+            data["dropped"] = self.dropped
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy
         if self.curve is not None:
@@ -73,7 +76,7 @@ class Figures:
         return cls(
             model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
-            n_dropped=data.get("n_dropped", 0), accuracy=data.get("accuracy"),
+            n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
             curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},

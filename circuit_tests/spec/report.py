@@ -74,16 +74,23 @@ class Report:
     # ------------------------------------------------------------------ terminal
 
     def terminal_lines(self) -> list[str]:
-        header = ("spec", "model", "acc", "n@0.8", "flip", "steer", "overlap", "result")
+        header = ("spec", "model", "dropped", "acc", "n@0.8", "flip", "steer", "overlap", "result")
         table = [header] + [
             (printable(self._label(row), one_line=True), printable(row.model, one_line=True),
-             _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"), _last(figures.flip_rate),
+             str(figures.n_dropped) if row.figures else "-", _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"), _last(figures.flip_rate),
              _last(figures.steering), _number(figures.overlap),
              f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
             for row, figures in ((row, row.figures or NOTHING) for row in self.rows.values())
         ]
         widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-        return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+        return lines + [printable(line, one_line=True) for row in self.rows.values() for line in self._drops(row)]
+
+    def _drops(self, row: Row, shown: int = 3) -> list[str]:
+        """Under the table, what each row dropped: the first few examples, then how many more the reports list."""
+        dropped = row.figures.dropped if row.figures else []
+        more = [f"  ... and {len(dropped) - shown} more (the JSON and HTML reports list every one)"] if len(dropped) > shown else []
+        return [f"{self._label(row)} on {row.model} dropped {drop}" for drop in dropped[:shown]] + more
 
     def _label(self, row: Row) -> str:
         """The spec's name, with its file when another spec file has the same name."""
@@ -156,6 +163,7 @@ def _section(row: Row) -> str:
     split = (figures.n_train, figures.n_test, figures.n_dropped) if row.figures else ("-",) * 3
     facts = [("checkpoint revision", figures.revision), ("device / dtype", f"{figures.device} / {figures.dtype}"),
              ("train / test / dropped", " / ".join(map(str, split))),
+             *(("dropped", drop) for drop in figures.dropped),
              ("accuracy", _number(figures.accuracy)), ("nodes for 0.8 faithfulness", _number(figures.nodes_for_08, "{:.0f}")),
              ("flip rate", _rates(figures.flip_rate)), ("steering success", _rates(figures.steering)),
              ("overlap with baseline", _number(figures.overlap))]

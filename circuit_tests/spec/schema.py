@@ -122,6 +122,8 @@ class Task(Strict):
     max_train: Count = Field(128, description="attribute on at most this many training examples")
     batch_size: Count = Field(32, description="examples per forward/backward pass, in attribution and evaluation")
     max_prompt_tokens: Count = Field(512, description="longest prompt allowed, in tokens (never more than the model's context)")
+    max_dropped: float = Field(0.1, ge=0.0, le=1.0, description="largest share of examples that may be dropped because "
+                               "their two prefixes tokenize to different lengths; above it every expectation fails")
     chat: Chat | None = Field(None, description="wrap prefixes in the model's chat template (default: plain text)")
 
     @model_validator(mode="after")

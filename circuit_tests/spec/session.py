@@ -107,7 +107,8 @@ class CircuitSession:
             return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", _figures(subject))
         except CircuitTestsError as error:
             return Verdict("failed", str(error), _figures(subject))
-        return Verdict("passed" if outcome.passed else "failed", outcome.message, subject.figures.to_json())
+        message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
+        return Verdict("passed" if outcome.passed else "failed", message, subject.figures.to_json())
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists."""

@@ -11,6 +11,7 @@ disk (:mod:`circuit_tests.spec.traces`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
@@ -48,10 +49,12 @@ class Subject:
         self.loaded = loaded
         self.sites = NeuronSites(loaded.model)
         self.traces = TraceCache(trace_cache)
-        kept = tokenize_pairs(self._prompts(), loaded.tokenizer, self._token_limit())  # one-token answers, lengths checked here
+        kept = tokenize_pairs(prompts(spec, loaded), loaded.tokenizer, token_limit(spec, loaded))  # one-token answers, lengths checked here
         if not all(example.paired for example in spec.examples):
             raise SpecError(f"{spec.path}: field 'task': every example needs a counterfactual (clean_prefix, "
                             "patch_prefix, clean_answer, patch_answer); unpaired prompts cannot be tested by a spec.")
+        self.dropped, self.n_examples = kept.dropped, kept.n_examples + len(kept.dropped)
+        self._refuse_too_many_drops()
         if kept.n_examples < 2:
             raise SpecError(
                 f"{spec.path}: field 'task': {kept.n_examples} usable example(s) for {loaded.ref.name} "
@@ -62,32 +65,32 @@ class Subject:
         if not train:
             raise SpecError(f"{spec.path}: field 'task.test_fraction': {spec.task.test_fraction} of {kept.n_examples} usable "
                             "examples leaves none to trace the circuit on. Lower it, or add examples.")
-        self.dropped = kept.dropped
         self.train = train[: spec.task.max_train]
         self.test: Tokenized = tokenize_pairs(test, loaded.tokenizer)
         self.figures = Figures(model=loaded.ref.name, revision=loaded.revision, device=str(loaded.device),
                                dtype=str(loaded.model.dtype).removeprefix("torch."), n_train=len(self.train),
-                               n_test=self.test.n_examples, n_dropped=len(self.dropped))
+                               n_test=self.test.n_examples, n_dropped=len(self.dropped),
+                               dropped=[str(drop) for drop in self.dropped])
         self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
 
-    def _token_limit(self) -> TokenLimit:
-        """``task.max_prompt_tokens``, or the model's context when that is shorter."""
-        asked, context = self.spec.task.max_prompt_tokens, context_length(self.loaded.model)
-        if context is not None and context < asked:
-            return TokenLimit(context, f"the context of {self.loaded.ref.name}")
-        return TokenLimit(asked, "task.max_prompt_tokens")
+    def _refuse_too_many_drops(self) -> None:
+        """Fail the spec when more of its examples are dropped than ``task.max_dropped`` allows (compared exactly)."""
+        allowed = self.spec.task.max_dropped
+        if Fraction(len(self.dropped), self.n_examples) <= Fraction(str(allowed)):
+            return
+        raise SpecError(f"{self.spec.path}: field 'task.max_dropped': {self.drop_summary}, more than the {allowed:.0%} "
+                        "allowed. Rewrite those pairs so that both prefixes tokenize to the same length "
+                        "(`circuit-tests check` lists each one), or raise task.max_dropped.")
 
-    def _prompts(self) -> list[PairedExample]:
-        """The spec's examples, wrapped in the chat template when ``task.chat`` asks for it."""
-        chat, tokenizer = self.spec.task.chat, self.loaded.tokenizer
-        if chat is None:
-            return list(self.spec.examples)
-        if not tokenizer.chat_template:
-            raise SpecError(f"{self.spec.path}: field 'task.chat': the tokenizer of {self.loaded.ref.name} has no chat "
-                            "template. Remove 'task.chat' for a base model, or test an instruction-tuned checkpoint.")
-        return [in_chat(example, tokenizer, chat.system, chat.assistant_prefix) for example in self.spec.examples]
+    @property
+    def drop_summary(self) -> str:
+        """"3 of 120 examples dropped for MODEL (FILE:LINE: why; ...)", the first three named; "" when none is."""
+        if not self.dropped:
+            return ""
+        shown = "; ".join(str(drop) for drop in self.dropped[:3]) + ("; ..." if len(self.dropped) > 3 else "")
+        return f"{len(self.dropped)} of {self.n_examples} examples dropped for {self.loaded.ref.name} ({shown})"
 
     # ------------------------------------------------------------------ trace and circuit
 
@@ -216,3 +219,22 @@ class Subject:
             memo[key] = compute()
         hits = memo[key]
         return fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed)
+
+
+def token_limit(spec: Spec, loaded: LoadedModel) -> TokenLimit:
+    """``task.max_prompt_tokens``, or the model's context when that is shorter."""
+    asked, context = spec.task.max_prompt_tokens, context_length(loaded.model)
+    if context is not None and context < asked:
+        return TokenLimit(context, f"the context of {loaded.ref.name}")
+    return TokenLimit(asked, "task.max_prompt_tokens")
+
+
+def prompts(spec: Spec, loaded: LoadedModel) -> list[PairedExample]:
+    """The spec's examples, wrapped in the model's chat template when ``task.chat`` asks for it."""
+    chat, tokenizer = spec.task.chat, loaded.tokenizer
+    if chat is None:
+        return list(spec.examples)
+    if not tokenizer.chat_template:
+        raise SpecError(f"{spec.path}: field 'task.chat': the tokenizer of {loaded.ref.name} has no chat "
+                        "template. Remove 'task.chat' for a base model, or test an instruction-tuned checkpoint.")
+    return [in_chat(example, tokenizer, chat.system, chat.assistant_prefix) for example in spec.examples]
