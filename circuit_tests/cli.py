@@ -198,8 +198,8 @@ def _diff(args: argparse.Namespace) -> int:
     first, second = (session.subject(spec, model, from_command_line=True) for model in args.models)
     rows = [("accuracy", lambda s: f"{s.accuracy:.3f}"),
             ("nodes for 0.8 faithfulness", lambda s: f"{s.curve.nodes_for(0.8) or float('nan'):.0f}"),
-            *[(f"faithfulness of top {n}", lambda s, n=n: f"{s.faithfulness(n)[0]:.3f}") for n in STANDARD_SIZES],
-            *[(f"flip rate of top {n}", lambda s, n=n: f"{s.flip_rate(n)[0]:.3f}") for n in (30, 100)]]
+            *[(f"faithfulness of top {n}", lambda s, n=n: f"{s.faithfulness(n).value:.3f}") for n in STANDARD_SIZES],
+            *[(f"flip rate of top {n}", lambda s, n=n: f"{s.flip_rate(n).value:.3f}") for n in (30, 100)]]
     width = max(len(name) for name in args.models)
     _say(f"{'':28} {args.models[0]:>{width}} {args.models[1]:>{width}}")
     for name, measure in rows:

@@ -219,15 +219,25 @@ def test_bad_input_found_at_run_time_fails_only_its_spec(pytester):
 
 @pytest.mark.slow
 def test_python_tests_use_the_same_machinery_through_fixtures(pytester):
+    """As the README reads: a loaded model or a name, data beside the test file, figures that compare and print."""
     lines = (ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:20]
-    pytester.path.joinpath("data.jsonl").write_text("\n".join(lines) + "\n")
-    pytester.makepyfile(test_api="""
+    (pytester.path / "tests").mkdir()
+    pytester.path.joinpath("tests", "data.jsonl").write_text("\n".join(lines) + "\n")
+    pytester.path.joinpath("tests", "test_api.py").write_text(textwrap.dedent("""
         def test_circuit(circuit_model, circuit_trace):
-            subject = circuit_trace("smollm2-135m-instruct", dataset="data.jsonl", test_fraction=0.5)
-            assert subject.loaded is circuit_model("smollm2-135m-instruct")
+            model = circuit_model("smollm2-135m-instruct")
+            subject = circuit_trace(model, dataset="data.jsonl", test_fraction=0.5)
+            assert subject.loaded is model is circuit_trace("smollm2-135m-instruct", dataset="data.jsonl", test_fraction=0.5).loaded
             assert subject.accuracy >= 0.9
-            assert subject.flip_rate(30)[0] >= 0.8
-    """)
+            flips = subject.flip_rate(30)
+            assert flips >= 0.8 and not flips < 0.8 and flips.n == 10 and flips.interval[0] <= flips.value <= flips.interval[1]
+            assert str(flips).startswith(f"{flips.value:.3f} (95% CI ") and str(flips).endswith(", n=10)")
+            assert subject.faithfulness(100) > 0.5
+            strongest, _ = subject.ranked(1)[0]
+            assert strongest in subject.circuit(5) and list(strongest) in subject.circuit(5)
+            assert (strongest[0], strongest[1], strongest[2] + 1) not in subject.circuit(1)
+            assert list(subject.circuit(5))[0] == strongest
+    """))
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 

@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 Interval = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A figure measured on ``n`` held-out examples, with its bootstrap interval.
+
+    It compares as its value (``subject.faithfulness(100) >= 0.8``) and prints with its interval.
+    """
+
+    value: float
+    interval: Interval
+    n: int
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __lt__(self, other: float) -> bool:
+        return self.value < float(other)
+
+    def __le__(self, other: float) -> bool:
+        return self.value <= float(other)
+
+    def __gt__(self, other: float) -> bool:
+        return self.value > float(other)
+
+    def __ge__(self, other: float) -> bool:
+        return self.value >= float(other)
+
+    def __str__(self) -> str:
+        low, high = self.interval
+        return f"{self.value:.3f} (95% CI {low:.3f} to {high:.3f}, n={self.n})"
 
 
 def fraction_true(flags: torch.Tensor) -> float:

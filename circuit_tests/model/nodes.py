@@ -11,7 +11,7 @@ and reports print them (:func:`format_node`).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -40,6 +40,17 @@ class Circuit:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes)
+
+    def __contains__(self, node: object) -> bool:
+        """``(layer, position, neuron) in circuit``."""
+        return isinstance(node, (tuple, list)) and tuple(node) in self._members
+
+    @cached_property
+    def _members(self) -> frozenset[Node]:
+        return frozenset(self.nodes)
 
     def top(self, k: int) -> Circuit:
         """The ``k`` strongest nodes."""

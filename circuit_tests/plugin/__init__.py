@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from circuit_tests.errors import CircuitTestsError
-from circuit_tests.model.loading import LoadOptions, check_device, check_dtype
+from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, check_dtype
 from circuit_tests.model.references import check_trusted
 from circuit_tests.plugin.hooks import SessionHooks
 from circuit_tests.plugin.items import SESSION, SpecFile
@@ -127,17 +127,19 @@ def circuit_model(pytestconfig: pytest.Config):
     return pytestconfig.stash[SESSION].model
 
 
-@pytest.fixture(scope="session")
-def circuit_trace(pytestconfig: pytest.Config):
+@pytest.fixture(scope="module")
+def circuit_trace(pytestconfig: pytest.Config, request: pytest.FixtureRequest):
     """``circuit_trace(model, dataset=... or examples=..., trace={...})``: a traced
     :class:`~circuit_tests.spec.subject.Subject` (scores, circuit, curve, flip rates) built by the
-    same machinery as a YAML spec; ``dataset`` is relative to the rootdir."""
+    same machinery as a YAML spec. ``model`` is a name or what ``circuit_model`` gave; a relative
+    ``dataset`` is read from the test file's directory. Subjects are shared by the whole session."""
     session = pytestconfig.stash[SESSION]
-    root = pytestconfig.rootpath
+    where = request.path.parent
 
-    def make(model: str, trace: dict | None = None, **task) -> Subject:
-        raw = {"name": "python", "models": [model], "task": task, "trace": trace or {},
+    def make(model: str | LoadedModel, trace: dict | None = None, **task) -> Subject:
+        name = model.ref.name if isinstance(model, LoadedModel) else model
+        raw = {"name": "python", "models": [name], "task": task, "trace": trace or {},
                "expect": [{"behaves": {"min_accuracy": 1.0}}]}
-        return session.subject(spec_from_mapping(raw, root / "python-api.yaml", root), model, from_command_line=True)
+        return session.subject(spec_from_mapping(raw, where / "python-api.yaml", pytestconfig.rootpath), model, from_command_line=True)
 
     return make

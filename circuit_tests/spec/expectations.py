@@ -11,13 +11,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from circuit_tests.analysis.stats import bootstrap, fraction_true
+from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_nodes
 from circuit_tests.spec.baselines import BaselineStore, baseline_path
 from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
-from circuit_tests.spec.subject import Interval, Subject
+from circuit_tests.spec.subject import Subject
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def _behaves(subject: Subject, params: Behaves) -> Outcome:
 
 def _sparse(subject: Subject, params: Sparse) -> Outcome:
     _check_size(subject, params.max_nodes, "sparse.max_nodes")
-    value, interval = subject.faithfulness(params.max_nodes)
+    measured = subject.faithfulness(params.max_nodes)
+    value, interval = measured.value, measured.interval
     needed = subject.curve.nodes_for(params.min_faithfulness)
     expected = f"the top {params.max_nodes} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
     if not math.isfinite(value):
@@ -106,7 +107,8 @@ def _fewer(subject: Subject, size: int) -> tuple[str, ...]:
 
 def _necessary(subject: Subject, params: Necessary) -> Outcome:
     _check_size(subject, params.nodes, "necessary.nodes")
-    value, interval = subject.completeness(params.nodes)
+    measured = subject.completeness(params.nodes)
+    value, interval = measured.value, measured.interval
     expected = f"with the top {params.nodes} nodes ablated, completeness <= {params.max_completeness:.2f}"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "completeness"))
@@ -116,7 +118,8 @@ def _necessary(subject: Subject, params: Necessary) -> Outcome:
 
 def _flips(subject: Subject, params: Flips) -> Outcome:
     _check_size(subject, params.nodes, "flips.nodes")
-    value, interval = subject.flip_rate(params.nodes)
+    measured = subject.flip_rate(params.nodes)
+    value, interval = measured.value, measured.interval
     return Outcome(
         value >= params.min_flip_rate,
         f"patching the top {params.nodes} nodes from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
@@ -169,7 +172,8 @@ def _steers(subject: Subject, params: Steers) -> Outcome:
         _check_shape(subject, list(params.neurons))
         circuit = Circuit.from_neurons(params.neurons)
         what = f"{len(circuit.neurons())} listed neurons"
-    value, interval = subject.steering(circuit)
+    measured = subject.steering(circuit)
+    value, interval = measured.value, measured.interval
     return Outcome(
         value >= params.min_success,
         f"patching {what} at every position from the source prompt makes the source's answer the top token in "

@@ -77,12 +77,12 @@ class CircuitSession:
         load = LoadOptions(self.options.load.device, self.options.load.dtype, trust_remote_code=trusted)
         return self.models.get(ref, load)
 
-    def subject(self, spec: Spec, model: str, from_command_line: bool = False) -> Subject:
-        """The prepared (spec, model); a failure to prepare is remembered, not retried per expectation."""
-        key = (spec.path, spec.model_dump_json(), model, from_command_line)
+    def subject(self, spec: Spec, model: str | LoadedModel, from_command_line: bool = False) -> Subject:
+        """The prepared (spec, model), the model named or already loaded; a failure to prepare is remembered, not retried."""
+        key = (spec.path, spec.model_dump_json(), model if isinstance(model, str) else id(model), from_command_line)
         if key not in self._subjects:
             try:
-                loaded = self.model(model, None if from_command_line else spec)
+                loaded = model if isinstance(model, LoadedModel) else self.model(model, None if from_command_line else spec)
                 self._subjects[key] = Subject(spec, loaded, self.options.trace_cache)
             except CircuitTestsError as error:
                 self._subjects[key] = error

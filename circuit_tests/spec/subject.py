@@ -28,7 +28,7 @@ from circuit_tests.analysis.measures import (
     patch_success,
 )
 from circuit_tests.analysis.selection import overlap, top_k
-from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
+from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
@@ -167,31 +167,36 @@ class Subject:
                  for e in self.spec.expectations if isinstance(e.params, (Sparse, Necessary, Stable))}
         return tuple(sorted(set(STANDARD_SIZES) | asked))
 
-    def faithfulness(self, size: int) -> tuple[float, Interval]:
+    def faithfulness(self, size: int) -> Measured:
+        """Faithfulness of the top ``size`` nodes (a size of the curve)."""
         index = self.curve.sizes.index(size)
         samples = [self.curve.per_example[index], self.curve.per_example[-2], self.curve.per_example[-1]]
-        return self.curve.faithfulness[index], bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
+        return self._measured(self.curve.faithfulness[index], samples)
 
-    def completeness(self, size: int) -> tuple[float, Interval]:
+    def completeness(self, size: int) -> Measured:
+        """Completeness with the top ``size`` nodes ablated (a size of the curve)."""
         index = self.curve.sizes.index(size)
         samples = [self.curve.complement[index], self.curve.per_example[-2], self.curve.per_example[-1]]
-        return self.curve.completeness[index], bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
+        return self._measured(self.curve.completeness[index], samples)
 
-    def flip_rate(self, size: int) -> tuple[float, Interval]:
-        value, interval = self._rate(self._flips, size, lambda: self.flips(self.circuit(size)))
-        self.figures.flip_rate[size] = value
-        return value, interval
+    def _measured(self, value: float, samples: list[torch.Tensor]) -> Measured:
+        return Measured(value, bootstrap(faithfulness_from, samples, seed=self.spec.task.seed), samples[0].shape[-1])
+
+    def flip_rate(self, size: int) -> Measured:
+        measured = self._rate(self._flips, size, lambda: self.flips(self.circuit(size)))
+        self.figures.flip_rate[size] = measured.value
+        return measured
 
     def flips(self, circuit: Circuit) -> torch.Tensor:
         """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
         return flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]
 
-    def steering(self, circuit: Circuit) -> tuple[float, Interval]:
+    def steering(self, circuit: Circuit) -> Measured:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
-        value, interval = self._rate(self._steering, circuit.nodes, lambda: patch_success(
+        measured = self._rate(self._steering, circuit.nodes, lambda: patch_success(
             self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0])
-        self.figures.steering[len(circuit.nodes)] = value
-        return value, interval
+        self.figures.steering[len(circuit.nodes)] = measured.value
+        return measured
 
     def sweep(self, circuit: Circuit, factors: tuple[float, ...], token: int | None) -> torch.Tensor:
         """``[len(factors), test examples]``: P(``token``, else each clean answer) with ``circuit`` scaled by each factor."""
@@ -214,11 +219,11 @@ class Subject:
         self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = jaccard, baseline, now
         return jaccard, now
 
-    def _rate(self, memo: dict, key: object, compute) -> tuple[float, Interval]:
+    def _rate(self, memo: dict, key: object, compute) -> Measured:
         if key not in memo:
             memo[key] = compute()
         hits = memo[key]
-        return fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed)
+        return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed), hits.numel())
 
 
 def token_limit(spec: Spec, loaded: LoadedModel) -> TokenLimit:
