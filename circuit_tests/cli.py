@@ -196,6 +196,11 @@ def _diff(args: argparse.Namespace) -> int:
     session = _session(args)
     spec = load_spec(Path(args.spec), session.options.project)
     first, second = (session.subject(spec, model, from_command_line=True) for model in args.models)
+    if first.shape != second.shape:
+        raise CircuitTestsError(
+            f"{args.models[0]} has {first.shape['layers']} layers x {first.shape['neurons']} neurons and {args.models[1]} "
+            f"{second.shape['layers']} x {second.shape['neurons']}: their nodes are different neurons, so their circuits "
+            "cannot be compared. Diff two checkpoints of one architecture (e.g. two steps of a training run).")
     rows = [("accuracy", lambda s: f"{s.accuracy:.3f}"),
             ("nodes for 0.8 faithfulness", lambda s: f"{s.curve.nodes_for(0.8) or float('nan'):.0f}"),
             *[(f"faithfulness of top {n}", lambda s, n=n: f"{s.faithfulness(n).value:.3f}") for n in STANDARD_SIZES],

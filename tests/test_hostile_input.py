@@ -450,6 +450,15 @@ def test_check_lists_what_a_run_would_drop_or_refuse_before_any_trace(small, mon
     assert "task.examples[0]: ok" in out and "usable 1, dropped 1 (50.0%; task.max_dropped allows 50%), errors 0" in out
 
 
+def test_diff_refuses_models_of_different_shapes(small, monkeypatch, capsys):
+    save_tiny_checkpoint(small / "ckpt_wide", intermediate_size=128)
+    monkeypatch.chdir(small)
+    assert main(["diff", "circuit_good.yaml", "--models", "./ckpt", "./ckpt_wide"]) == 2
+    captured = capsys.readouterr()
+    assert "./ckpt has 3 layers x 96 neurons and ./ckpt_wide 3 x 128: their nodes are different neurons" in captured.err
+    assert "Jaccard" not in captured.out
+
+
 def test_two_spec_files_with_one_name_keep_two_report_rows(small, pytester):
     small.joinpath("circuit_twin.yaml").write_text(spec("good", CONTROL))
     result = pytester.runpytest("-p", "no:cacheprovider", "--circuit-json=r.json")

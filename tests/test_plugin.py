@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -40,27 +41,37 @@ def sva(pytester) -> pytest.Pytester:
 
 
 def test_spec_files_are_collected_with_readable_ids(pytester):
+    """Ids come from the claims, not their order: inserting or re-thresholding a claim renames no other item."""
+    pinned = ("- pinned: {layers: [0, 9], position: -1, min_flip_rate: 1.0}\n"
+              "- pinned: {id: texas, neurons: [[3, 5]], min_flip_rate: 0.5}\n")
     pytester.mkdir("specs")
-    pytester.path.joinpath("specs", "agree.yaml").write_text(
-        spec("agree", "- behaves: {min_accuracy: 1.0}\n- pinned: {layers: [0, 9], position: -1, min_flip_rate: 1.0}\n"
-             "- pinned: {neurons: [[3, 5]], min_flip_rate: 0.5}\n")
-    )
+    pytester.path.joinpath("specs", "agree.yaml").write_text(spec("agree", "- behaves: {min_accuracy: 1.0}\n" + pinned))
     pytester.path.joinpath("circuit_other.yaml").write_text(spec("other", "- behaves: {min_accuracy: 0.5}\n"))
     pytester.path.joinpath("not_a_spec.yaml").write_text("a: 1\n")
     result = pytester.runpytest("--collect-only", "-q")
-    result.stdout.fnmatch_lines(
-        [
-            "circuit_other.yaml::other::behaves[[]smollm2-135m-instruct[]]",
-            "specs/agree.yaml::agree::behaves[[]smollm2-135m-instruct[]]",
-            "specs/agree.yaml::agree::pinned[[]smollm2-135m-instruct[]]",
-            "specs/agree.yaml::agree::pinned-2[[]smollm2-135m-instruct[]]",
-            "*4 tests collected*",
-        ]
-    )
-    result = pytester.runpytest("--collect-only", "-q", "-k", "pinned and not pinned-2")
-    result.stdout.fnmatch_lines(["*agree::pinned[[]*", "*1/4 tests collected (3 deselected)*"])
-    result = pytester.runpytest("--collect-only", "-q", "specs/agree.yaml::agree::pinned-2[smollm2-135m-instruct]")
-    result.stdout.fnmatch_lines(["specs/agree.yaml::agree::pinned-2[[]smollm2-135m-instruct[]]", "*1 test collected*"])
+    ids = [line for line in result.outlines if "::" in line]
+    assert len(ids) == 4 and ids[:2] == ["circuit_other.yaml::other::behaves[smollm2-135m-instruct]",
+                                         "specs/agree.yaml::agree::behaves[smollm2-135m-instruct]"]
+    assert re.fullmatch(r"specs/agree.yaml::agree::pinned-[0-9a-f]{6}\[smollm2-135m-instruct\]", ids[2])
+    assert ids[3] == "specs/agree.yaml::agree::texas[smollm2-135m-instruct]"
+    pytester.path.joinpath("specs", "agree.yaml").write_text(spec("agree", (
+        "- pinned: {neurons: [[1, 1]], min_flip_rate: 0.2}\n- behaves: {min_accuracy: 0.9}\n"
+        + pinned.replace("min_flip_rate: 1.0", "min_flip_rate: 0.7"))))
+    again = [line for line in pytester.runpytest("--collect-only", "-q").outlines if "::" in line]
+    assert set(ids) < set(again) and len(again) == 5  # the new claim has a new id; every old id is kept
+    result = pytester.runpytest("--collect-only", "-q", "-k", "texas")
+    result.stdout.fnmatch_lines(["*agree::texas[[]*", "*1/5 tests collected (4 deselected)*"])
+    result = pytester.runpytest("--collect-only", "-q", ids[2])
+    assert [line for line in result.outlines if "::" in line] == [ids[2]] and "1 test collected" in result.stdout.str()
+
+
+def test_two_claims_of_one_kind_and_content_need_an_id(pytester):
+    pytester.path.joinpath("circuit_twice.yaml").write_text(spec("twice", "- flips: {nodes: 30, min_flip_rate: 0.9}\n"
+                                                                         "- flips: {nodes: 30, min_flip_rate: 0.5}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*field 'expect': two expectations are both named 'flips-*' (test ids must differ): "
+                                 "give one of them an id*"])
 
 
 def test_circuit_model_option_replaces_the_specs_models(pytester):
@@ -105,16 +116,19 @@ def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
 def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     pytester.path.joinpath("circuit_sva.yaml").write_text(
         spec("sva", "- behaves: {min_accuracy: 1.0}\n- pinned: {layers: [0, 9], position: -1, min_flip_rate: 1.0}\n"
-             "- pinned: {neurons: [[29, 0]], position: -1, min_flip_rate: 1.0}\n")
+             "- pinned: {id: one-neuron, neurons: [[29, 0]], position: -1, min_flip_rate: 1.0}\n")
     )
-    result = pytester.runpytest("-rA")
+    result = pytester.runpytest("-rA", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines([
-        "*sva::pinned-2[[]smollm2-135m-instruct[]]",
+        "_* ./circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]] _*",  # the FAILURES header: a runnable id
+        "circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]]",
         "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of answers",
         "*measured: flip rate 0.000 on 1 held-out examples",
     ])
     assert "Traceback" not in result.stdout.str()
+    header = next(line for line in result.outlines if line.startswith("_") and "one-neuron" in line).strip("_ ")
+    pytester.runpytest(header, "-p", "no:cacheprovider").assert_outcomes(failed=1)  # pasted back, it runs that item
 
 
 @pytest.mark.slow
@@ -127,7 +141,7 @@ def test_exitfirst_and_last_failed_select_spec_items(pytester):
     pytester.runpytest().assert_outcomes(passed=2, failed=1)
     again = pytester.runpytest("--lf", "-v")
     again.assert_outcomes(failed=1, deselected=2)
-    again.stdout.fnmatch_lines(["*circuit_sva.yaml::sva::pinned[[]smollm2-135m-instruct[]] FAILED*"])
+    again.stdout.fnmatch_lines(["*circuit_sva.yaml::sva::pinned-*[[]smollm2-135m-instruct[]] FAILED*"])
 
 
 @pytest.mark.slow

@@ -81,11 +81,15 @@ class ExpectationItem(pytest.Item):
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:
         if isinstance(excinfo.value, ExpectationFailed):
-            return printable(f"{self.parent.name}::{self.name}\n{_indent(str(excinfo.value))}")
+            return printable(f"{self.nodeid}\n{_indent(str(excinfo.value))}")
         return super().repr_failure(excinfo, style)
 
     def reportinfo(self):
-        return self.path, None, f"{self.parent.name}::{self.name}"
+        """The FAILURES header: the item's id from the current directory, as a path (``./``) that pytest runs when pasted.
+
+        The ``./`` also keeps pytest from reading the id as a Python name (it turns dots into ``::`` there).
+        """
+        return self.path, None, f"./{self.config.cwd_relative_nodeid(self.nodeid)}"
 
 
 def _parametrized_id(parent: pytest.Collector, name: str, param: str):

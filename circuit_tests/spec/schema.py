@@ -22,6 +22,7 @@ also the published JSON Schema (``circuit-tests schema``). Every problem is one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -154,38 +155,66 @@ class Trace(Strict):
 # --------------------------------------------------------------------------- expectations
 
 
-class Behaves(Strict):
+class Claim(Strict):
+    """What every kind of expectation has: an optional ``id``, and which of its fields are thresholds.
+
+    An item's name is its ``id``, else its kind, else (several claims of one kind) the kind and a
+    digest of what the claim is about, its fields other than thresholds: ``flips-3fa2c1``. Adding,
+    moving or re-thresholding a claim renames no other item.
+    """
+
+    THRESHOLDS: ClassVar[tuple[str, ...]] = ()
+    id: str | None = Field(None, pattern=NAME_PATTERN, max_length=100, description="the item's name in test ids and "
+                           "reports (default: the kind; with several of a kind, the kind and a digest of the claim's fields "
+                           "other than its thresholds)")
+
+    def digest(self) -> str:
+        about = self.model_dump(mode="json", exclude={"id", *self.THRESHOLDS})
+        return hashlib.sha256(json.dumps(about, sort_keys=True).encode()).hexdigest()[:6]
+
+
+class Behaves(Claim):
     """The model does the task at all: it prefers the clean answer on held-out prompts."""
+
+    THRESHOLDS = ('min_accuracy',)
 
     min_accuracy: Rate = Field(description="fraction of test prompts (above 0)")
 
 
-class Sparse(Strict):
+class Sparse(Claim):
     """A small circuit suffices: the top ``max_nodes`` nodes are at least this faithful."""
+
+    THRESHOLDS = ('min_faithfulness',)
 
     RENAMED = {"max_neurons": "max_nodes"}
     max_nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was max_neurons)")
     min_faithfulness: float = Field(gt=0.0, description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation (above 0)")
 
 
-class Necessary(Strict):
+class Necessary(Claim):
     """Ablating the top ``nodes`` nodes (and keeping the rest) destroys the behaviour."""
+
+    THRESHOLDS = ('max_completeness',)
 
     RENAMED = {"neurons": "nodes"}
     nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was neurons)")
     max_completeness: float = Field(lt=1.0, description="faithfulness of the model without the circuit (below 1)")
 
 
-class Flips(Strict):
+class Flips(Claim):
     """Patching the top ``nodes`` nodes from the counterfactual flips the preferred answer."""
+
+    THRESHOLDS = ('min_flip_rate',)
 
     RENAMED = {"neurons": "nodes"}
     nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was neurons)")
     min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
 
 
-class Pinned(Strict):
+class Pinned(Claim):
     """Explicit neurons (or whole layers) flip the answer when patched from the counterfactual."""
+
+    THRESHOLDS = ('min_flip_rate',)
 
     neurons: Neurons | None = Field(None, description="[[layer, neuron], ...]")
     layers: tuple[Index, Index] | None = Field(None, description="[first, last]: every neuron of these layers")
@@ -202,17 +231,21 @@ class Pinned(Strict):
         return self
 
 
-class Steers(Strict):
+class Steers(Claim):
     """Patching neurons with their values from the source (counterfactual) prompt makes the
     model answer the source's answer, e.g. another landmark's capital."""
+
+    THRESHOLDS = ('min_success',)
 
     neurons: Count | Neurons = Field(description="the top N (layer, neuron) pairs, or an explicit list")
     min_success: Rate = Field(description="fraction of test prompts whose top token becomes the source's answer (above 0)")
 
 
-class Scales(Strict):
+class Scales(Claim):
     """Multiplying explicit neurons by each factor in turn (0 ablates, 1 is the model as is) moves the
     probability of a token, e.g. "say a capital" neurons and the capital's probability."""
+
+    THRESHOLDS = ('min_change', 'max_change')
 
     neurons: Neurons = Field(description="[[layer, neuron], ...]")
     position: int | None = Field(-1, description="the position scaled (negative counts from the end); null for every position")
@@ -232,8 +265,10 @@ class Scales(Strict):
         return self
 
 
-class Stable(Strict):
+class Stable(Claim):
     """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
+
+    THRESHOLDS = ('min_overlap', 'faithfulness_tolerance')
 
     vs: Literal["baseline"] = Field("baseline", description="what to compare with (the stored baseline file)")
     RENAMED = {"neurons": "nodes"}
@@ -243,7 +278,7 @@ class Stable(Strict):
     faithfulness_tolerance: float = Field(0.05, ge=0.0, lt=1.0, description="how far the stored circuit's faithfulness may drop (below 1)")
 
 
-KINDS: dict[str, type[Strict]] = {
+KINDS: dict[str, type[Claim]] = {
     "behaves": Behaves, "sparse": Sparse, "necessary": Necessary, "flips": Flips,
     "pinned": Pinned, "steers": Steers, "scales": Scales, "stable": Stable,
 }
@@ -259,6 +294,12 @@ def _kind_of(entry: Any) -> str | None:
     if isinstance(entry, dict) and len(entry) == 1:
         return next(iter(entry))
     return None
+
+
+def _labels(entries: list) -> list[str]:
+    kinds = [_kind_of(entry) for entry in entries]
+    claims = [getattr(entry, kind) for entry, kind in zip(entries, kinds)]
+    return [claim.id or (kind if kinds.count(kind) == 1 else f"{kind}-{claim.digest()}") for kind, claim in zip(kinds, claims)]
 
 
 ExpectationEntry = Annotated[
@@ -306,13 +347,19 @@ class Spec(Strict):
 
     @property
     def expectations(self) -> list[Expectation]:
-        """The claims in order, labelled by kind and numbered from the second of a kind on: ``pinned``, ``pinned-2``."""
-        expectations: list[Expectation] = []
-        for index, entry in enumerate(self.expect):
-            kind = _kind_of(entry)
-            nth = 1 + sum(earlier.kind == kind for earlier in expectations)
-            expectations.append(Expectation(kind, getattr(entry, kind), index, kind if nth == 1 else f"{kind}-{nth}"))
-        return expectations
+        """The claims in order, each named as :class:`Claim` says: ``pinned``, ``pinned-3fa2c1``, or its ``id``."""
+        return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index, label)
+                for index, (entry, label) in enumerate(zip(self.expect, _labels(self.expect)))]
+
+    @field_validator("expect")
+    @classmethod
+    def _names_differ(cls, expect: list) -> list:
+        labels = _labels(expect)
+        twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+        if twice is not None:
+            raise ValueError(f"two expectations are both named {twice!r} (test ids must differ): give one of them "
+                             f"an id, e.g. {{id: {twice.split('-')[0]}-2, ...}}, or remove the repeated claim")
+        return expect
 
 
 @dataclass(frozen=True)
@@ -322,7 +369,7 @@ class Expectation:
     kind: str
     params: Strict
     index: int  # position in the spec's ``expect`` list
-    label: str  # the kind, or ``kind-N`` for the N-th of a kind: the name in test ids and reports
+    label: str  # the name in test ids and reports: the claim's id, its kind, or kind-DIGEST (see Claim)
 
 
 def json_schema() -> dict:
