@@ -20,7 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TextIO
 
-from circuit_tests.analysis.attribution import BASELINES, TRACE_METHODS, AttributionOptions, trace
+from circuit_tests.analysis.attribution import ALIGNMENTS, BASELINES, TRACE_METHODS, AttributionOptions, trace
 from circuit_tests.analysis.metrics import METRICS
 from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import CircuitTestsError
@@ -56,6 +56,7 @@ def _trace(args: argparse.Namespace) -> int:
         detach_attention=args.detach_attention,
         baseline=args.baseline,
         metric=args.metric,
+        align=args.align,
     )
     out = _output(args.json)
     session = _session(args)
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--steps", type=_positive, default=10, help="integrated-gradients steps (default 10)")
     tracer.add_argument("--baseline", default="counterfactual", choices=BASELINES)
     tracer.add_argument("--metric", default="logit_diff", choices=list(METRICS))
+    tracer.add_argument("--align", default="end", choices=ALIGNMENTS,
+                        help="prompts of several lengths line up at their last tokens (positions -1, -2, ...) or first (0, 1, ...)")
     tracer.add_argument("--no-half-rule", action="store_true", help="relp without the half rule on gate * up")
     tracer.add_argument("--detach-attention", action="store_true", help="relp with the attention pattern detached")
     tracer.add_argument("--batch-size", type=_positive, default=32)

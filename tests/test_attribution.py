@@ -69,7 +69,7 @@ def linear_sites() -> NeuronSites:
 def test_atp_equals_exact_patching_where_the_metric_is_linear(linear_sites):
     batch = paired_batch()
     last = linear_sites.n_layers - 1
-    nodes = [(last, p, n) for p in range(batch.n_positions) for n in range(linear_sites.n_neurons)]
+    nodes = [(last, p, n) for p in range(-batch.n_positions, 0) for n in range(linear_sites.n_neurons)]
     atp = attribute(linear_sites, [batch], AttributionOptions(method="atp"))
     exact = attribute(linear_sites, [batch], AttributionOptions(method="exact"), candidates=nodes)
     torch.testing.assert_close(values(atp, nodes), values(exact, nodes), rtol=1e-3, atol=1e-7)
@@ -168,12 +168,26 @@ def test_zero_and_mean_baselines(tiny_sites):
 
 def test_scores_round_trip_and_rank_by_magnitude(tmp_path):
     scores = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.4]]]), 7, {"model": "m", "method": "relp"})
-    assert scores.ranked(3) == [((0, 0, 1), -0.5), ((1, 1, 1), pytest.approx(0.4)), ((0, 1, 0), pytest.approx(0.3))]
+    assert scores.ranked(3) == [((0, -2, 1), -0.5), ((1, -1, 1), pytest.approx(0.4)), ((0, -1, 0), pytest.approx(0.3))]
     torch.testing.assert_close(scores.by_neuron(), torch.tensor([[0.4, -0.5], [-0.2, 0.45]]))
     scores.save(tmp_path / "s.safetensors")
     loaded = Scores.load(tmp_path / "s.safetensors")
     assert torch.equal(loaded.scores, scores.scores)
     assert (loaded.n_examples, loaded.metadata) == (7, {"model": "m", "method": "relp"})
+
+
+@pytest.mark.parametrize("align", ["end", "start"])
+def test_prompts_of_several_lengths_add_up_at_the_end_they_are_aligned_by(tiny_sites, align):
+    """align=end: the last tokens of a 3-token and a 6-token prompt are one node (-1); align=start: their first (0)."""
+    short, long = paired_batch(length=3, seed=1), paired_batch(n=5, length=6, seed=2)
+    options = AttributionOptions(method="atp", align=align)
+    apart = [attribute(tiny_sites, [batch], options) for batch in (short, long)]
+    together = attribute(tiny_sites, [short, long], options)
+    expected = apart[1].scores * len(long)
+    expected[:, slice(-3, None) if align == "end" else slice(0, 3)] += apart[0].scores * len(short)
+    torch.testing.assert_close(together.scores, expected / (len(short) + len(long)), rtol=1e-5, atol=1e-7)
+    positions = {position for (_, position, _), _ in together.ranked()}
+    assert positions and positions <= (set(range(-6, 0)) if align == "end" else set(range(6)))  # named from that end
 
 
 def test_bad_options_are_named():

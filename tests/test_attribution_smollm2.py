@@ -22,7 +22,7 @@ NOUNS = (
 ).split()
 METHODS = ("atp", "relp", "ig")
 POOL_PER_METHOD = 300
-SUBJECT = 1  # "The" is position 0 and identical in both prompts
+SUBJECT = -1  # the noun, the last token ("The" is the first, and identical in both prompts)
 
 
 @pytest.fixture(scope="module")

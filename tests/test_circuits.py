@@ -38,12 +38,13 @@ SCORES = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.
 
 
 def test_ranking_and_selection():
-    assert [node for node, _ in SCORES.ranked()] == [(0, 0, 1), (1, 1, 1), (0, 1, 0), (1, 0, 0), (0, 0, 0), (1, 0, 1)]
-    assert top_k(SCORES, 2).nodes == ((0, 0, 1), (1, 1, 1))
+    """Positions are named from the end: of SCORES' two positions, index 0 is -2 and index 1 is -1."""
+    assert [node for node, _ in SCORES.ranked()] == [(0, -2, 1), (1, -1, 1), (0, -1, 0), (1, -2, 0), (0, -2, 0), (1, -2, 1)]
+    assert top_k(SCORES, 2).nodes == ((0, -2, 1), (1, -1, 1))
     assert top_k(SCORES, 2).weights == (0.5, pytest.approx(0.4))
-    assert above(SCORES, 0.25).nodes == ((0, 0, 1), (1, 1, 1), (0, 1, 0))
-    assert share(SCORES, 0.5).nodes == ((0, 0, 1), (1, 1, 1))  # 0.5 + 0.4 of 1.55 passes half
-    assert top_k(SCORES, 9, layers=range(1, 2)).nodes == ((1, 1, 1), (1, 0, 0), (1, 0, 1))
+    assert above(SCORES, 0.25).nodes == ((0, -2, 1), (1, -1, 1), (0, -1, 0))
+    assert share(SCORES, 0.5).nodes == ((0, -2, 1), (1, -1, 1))  # 0.5 + 0.4 of 1.55 passes half
+    assert top_k(SCORES, 9, layers=range(1, 2)).nodes == ((1, -1, 1), (1, -2, 0), (1, -2, 1))
     # Aggregated over positions: (0, 0) = 0.4, (0, 1) = -0.5, (1, 0) = -0.2, (1, 1) = 0.45
     assert top_k(SCORES, 3, aggregate=True).nodes == ((0, None, 1), (1, None, 1), (0, None, 0))
 

@@ -408,10 +408,31 @@ def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(sma
     small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 50, min_overlap: 0.9}\n"))
     pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
     stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:50]
-    assert max(position for _, position, _, _ in stored) >= 3  # past the 3-token prompts: only the 6-token ones have it
+    assert min(position for _, position, _, _ in stored) <= -4  # past the 3-token prompts: only the 6-token ones have it
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["good  ./ckpt  *1.00     passed (2/2)"])  # the overlap column
+
+
+def test_a_baseline_counting_positions_from_the_first_token_is_read_where_it_can_be(small, pytester):
+    """Entries recorded before positions counted from the end: renamed on prompts of one length, refused on several."""
+    pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
+    path = small / "circuit_good.baseline.json"
+    content = json.loads(path.read_text())
+    entry = content["models"]["./ckpt"]
+    assert entry.pop("align") == "end"  # as entries before 0.2: no align, positions from the first token
+    entry["circuit"] = [[layer, position + 3, neuron, score] for layer, position, neuron, score in entry["circuit"]]  # 3 tokens
+    path.write_text(json.dumps(content))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["good  ./ckpt  *1.00     passed (2/2)"])  # the same nodes, renamed
+    longer = "".join(json.dumps({"clean_prefix": f"The {a} near the key", "patch_prefix": f"The {b} near the key",
+                                 "clean_answer": " is", "patch_answer": " are"}) + "\n" for a, b in PAIRS)
+    (small / "data.jsonl").write_text(DATA + longer)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*'s entry counts positions from the first token (trace.align, or an entry recorded before "
+                                 "0.2), and the held-out prompts have 3 to 6 tokens, so its nodes cannot be placed*"])
 
 
 def test_dropped_examples_are_counted_named_and_reported_everywhere(small, pytester):

@@ -40,6 +40,7 @@ from circuit_tests.progress import bar
 METHODS = ("relp", "atp", "ig", "exact")
 TRACE_METHODS = ("relp", "atp", "ig")  # the methods that score every node; "exact" scores given candidates
 BASELINES = ("counterfactual", "zero", "mean")
+ALIGNMENTS = ("end", "start")  # positions named from the end (-1: the last token) or from the start (0: the first)
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,11 @@ class AttributionOptions:
     detach_attention: bool = False  # relp only
     baseline: str = "counterfactual"
     metric: str = "logit_diff"
+    align: str = "end"  # how prompts of several lengths line up: at their last tokens, or their first (ALIGNMENTS)
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("method", self.method, METHODS), ("baseline", self.baseline, BASELINES)):
+        for name, value, allowed in (("method", self.method, METHODS), ("baseline", self.baseline, BASELINES),
+                                     ("align", self.align, ALIGNMENTS)):
             if value not in allowed:
                 raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(allowed)}.")
         if self.metric not in METRICS:
@@ -72,7 +75,13 @@ class AttributionOptions:
 
 @dataclass
 class Scores:
-    """Signed mean attribution scores, ``[layers, positions, neurons]``, and where they came from."""
+    """Signed mean attribution scores, ``[layers, positions, neurons]``, and where they came from.
+
+    Prompts of several lengths line up as ``metadata["align"]`` says (docs/method.md section 1):
+    ``end`` (the default) adds up their last tokens, and :meth:`ranked` names positions from the
+    end (-1: the last token); ``start`` adds up their first tokens and names positions from 0. The
+    tensor is as long as the longest prompt.
+    """
 
     scores: torch.Tensor
     n_examples: int
@@ -81,6 +90,11 @@ class Scores:
     def by_neuron(self) -> torch.Tensor:
         """Scores summed over positions: ``[layers, neurons]``."""
         return self.scores.sum(dim=1)
+
+    @property
+    def align(self) -> str:
+        """How prompts of several lengths lined up (ALIGNMENTS)."""
+        return self.metadata.get("align", "end")
 
     def ranked(self, limit: int | None = None, aggregate: bool = False,
                layers: Iterable[int] | None = None) -> list[tuple[Node, float]]:
@@ -98,7 +112,8 @@ class Scores:
         order = flat.abs().argsort(descending=True, stable=True)
         order = order[flat[order] != 0][:limit]
         layer, position, neuron = torch.unravel_index(order, table.shape)
-        return [((int(l), None if aggregate else int(p), int(n)), float(flat[i]))
+        offset = table.shape[1] if self.align == "end" else 0
+        return [((int(l), None if aggregate else int(p) - offset, int(n)), float(flat[i]))
                 for l, p, n, i in zip(layer, position, neuron, order)]
 
     def save(self, path: Path) -> None:
@@ -111,6 +126,8 @@ class Scores:
         with safe_open(str(path), "pt") as handle:
             header = json.loads(handle.metadata()["circuit_tests"])
         n_examples = header.pop("n_examples")
+        if "library_version" in header:  # written by circuit-tests: before 0.2 it lined prompts up at their start
+            header.setdefault("align", "start")
         return cls(load_file(str(path))["scores"], n_examples, header)
 
 
@@ -143,13 +160,17 @@ def attribute(
         if options.method == "exact":
             if candidates is None:
                 raise ValueError("method 'exact' needs candidate nodes: patching every node one by one is too slow.")
+            if any(position is None or (position >= 0) == (options.align == "end") for _, position, _ in candidates):
+                raise ValueError(f"exact patching with align={options.align!r} takes nodes at one position each, counted "
+                                 "from that end (-1 the last token; 0 the first), as Scores.ranked names them.")
             _add_exact(total, sites, batch, baseline, metric, candidates)
         elif options.method == "ig":
-            _add_integrated_gradients(total, sites, batch, baseline, metric, options.steps)
+            _add_integrated_gradients(total[:, _aligned(batch, options.align)], sites, batch, baseline, metric, options.steps)
         else:
-            _add_gradient_times_delta(total, sites, batch, baseline, metric, options.rules())
+            _add_gradient_times_delta(total[:, _aligned(batch, options.align)], sites, batch, baseline, metric, options.rules())
     n_examples = sum(len(batch) for batch in batches)
-    return Scores((total / n_examples).float().cpu(), n_examples, {"library_version": circuit_tests.__version__, **asdict(options)})
+    metadata = {"library_version": circuit_tests.__version__, **asdict(options)}
+    return Scores((total / n_examples).float().cpu(), n_examples, metadata)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -189,6 +210,11 @@ def _baseline(sites: NeuronSites, batch: PairedBatch, kind: str, mean: list[torc
 # --------------------------------------------------------------------------- methods
 
 
+def _aligned(batch: PairedBatch, align: str) -> slice:
+    """Where a batch's positions sit in the scores of all prompts: its last ones (``end``) or its first ones (``start``)."""
+    return slice(-batch.n_positions, None) if align == "end" else slice(0, batch.n_positions)
+
+
 def _add_gradient_times_delta(
     total: torch.Tensor,
     sites: NeuronSites,
@@ -197,13 +223,13 @@ def _add_gradient_times_delta(
     metric: Metric,
     rules: RelPRules,
 ) -> None:
-    """AtP / RelP: one forward with gradients and one backward for every layer at once."""
+    """AtP / RelP: one forward with gradients and one backward for every layer at once (``total``: this batch's positions)."""
     with relp_rules(sites, rules), capture(sites, grad=True) as acts:
         value = metric(next_token_logits(sites.model, batch.clean_ids), batch).sum()
     grads = torch.autograd.grad(value, acts)
     for layer, (act, grad) in enumerate(zip(acts, grads)):  # products in float32 at least, whatever the model's dtype
         delta = baseline[layer].float() - act.detach().float()
-        total[layer, : batch.n_positions] += (delta * grad.float()).sum(0, dtype=torch.float64).to(total.device)
+        total[layer] += (delta * grad.float()).sum(0, dtype=torch.float64).to(total.device)
 
 
 def _add_integrated_gradients(
@@ -228,7 +254,7 @@ def _add_integrated_gradients(
         with torch.enable_grad(), copies_from(sites, layer, steps), on_neurons(sites, lambda _, __: points.flatten(0, 1), [layer]):
             value = metric(next_token_logits(sites.model, batch.clean_ids), repeated).sum()
         grad = torch.autograd.grad(value, points)[0]
-        total[layer, : batch.n_positions] += (grad.mean(0, dtype=torch.float64) * delta).sum(0).to(total.device)
+        total[layer] += (grad.mean(0, dtype=torch.float64) * delta).sum(0).to(total.device)
 
 
 @torch.no_grad()
@@ -264,7 +290,7 @@ def _patched_metric(
     def patch_one_node_per_copy(layer: int, neurons: torch.Tensor) -> torch.Tensor:
         neurons = neurons.clone().view(n, b, *neurons.shape[1:])
         for copy, (node_layer, position, neuron) in enumerate(nodes):
-            if node_layer == layer:
+            if node_layer == layer and -batch.n_positions <= position < batch.n_positions:  # a shorter prompt lacks it
                 neurons[copy, :, position, neuron] = baseline[layer][:, position, neuron]
         return neurons.view(n * b, *neurons.shape[2:])
 

@@ -1,7 +1,8 @@
 """Nodes and circuits: the one way a set of neurons is named.
 
-A node is ``(layer, position, neuron)``. ``position`` counts from the first token (negative from
-the end), or is ``None`` for every position; ``neuron`` is ``None`` for every neuron of the layer.
+A node is ``(layer, position, neuron)``. ``position`` counts from the end of the prompt (``-1``:
+the last token; traced circuits always name positions so, whatever the prompts' lengths), from the
+first token when non-negative (a position written by hand), or is ``None`` for every position; ``neuron`` is ``None`` for every neuron of the layer.
 A :class:`Circuit` is an ordered set of nodes, strongest first, each with the weight (the
 |score| that chose it; 1 for a node listed by hand). Interventions edit a circuit's nodes
 (:meth:`Circuit.mask`), measures evaluate its top nodes in one pass (:meth:`Circuit.ranks`),
@@ -95,7 +96,7 @@ class Circuit:
 
 
 def format_node(node: Node) -> str:
-    """``L3/P1/N77`` (``L3/N77`` for every position, ``L3`` for the whole layer)."""
+    """``L3/P-1/N77`` (``L3/N77`` for every position, ``L3`` for the whole layer)."""
     layer, position, neuron = node
     return f"L{layer}" + ("" if position is None else f"/P{position}") + ("" if neuron is None else f"/N{neuron}")
 

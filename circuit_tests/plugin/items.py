@@ -12,6 +12,9 @@ shows it: a failure as the domain report (``repr_failure``), never a traceback.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from circuit_tests.errors import CircuitTestsError
@@ -89,7 +92,8 @@ class ExpectationItem(pytest.Item):
 
         The ``./`` also keeps pytest from reading the id as a Python name (it turns dots into ``::`` there).
         """
-        return self.path, None, f"./{self.config.cwd_relative_nodeid(self.nodeid)}"
+        where = Path(os.path.relpath(self.path, self.config.invocation_params.dir)).as_posix()
+        return self.path, None, f"./{where}::{str(self.nodeid).split('::', 1)[1]}"
 
 
 def _parametrized_id(parent: pytest.Collector, name: str, param: str):

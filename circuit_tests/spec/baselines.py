@@ -3,7 +3,8 @@
 ``specs/sva_simple.yaml`` keeps its baseline in ``specs/sva_simple.baseline.json``::
 
     {"models": {"smollm2-135m-instruct": {"circuit": [[layer, position, neuron, score], ...],
-                                          "machine": {...}, "metrics": {...}, "revision": "..."}},
+                                          "align": "end", "machine": {...}, "metrics": {...},
+                                          "revision": "..."}},
      "spec": "sva-simple", "version": 1}
 
 Like syrupy's session, a :class:`BaselineStore` reads files lazily, collects updates during the
@@ -22,13 +23,14 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import circuit_tests
+from circuit_tests.analysis.attribution import ALIGNMENTS
 from circuit_tests.errors import SpecError
 from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text, replace_atomically, resolved
 from circuit_tests.model.loading import cache_dir
@@ -59,7 +61,8 @@ class _Entry(BaseModel):
 
     shape: _Shape | None = None
     metrics: _Metrics
-    circuit: list[tuple[Index, Index | None, Index, float]] = Field(min_length=1)
+    circuit: list[tuple[Index, int | None, Index, float]] = Field(min_length=1)
+    align: Literal[ALIGNMENTS] = "start"  # how its positions count (trace.align); entries before 0.2 have none: start
 
 
 class _File(BaseModel):
@@ -80,6 +83,7 @@ def entry_for(subject: Subject) -> dict:
         "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": str(torch.__version__),
                     "circuit_tests": circuit_tests.__version__, "method": subject.spec.trace.method},
         "metrics": metrics | {"faithfulness": dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))},
+        "align": subject.spec.trace.align,
         "circuit": [[*node, round(score, 8)] for node, score in subject.ranked(max(size, BASELINE_NODES))],
     }
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
-from circuit_tests.model.nodes import Circuit, format_nodes
+from circuit_tests.model.nodes import Circuit, format_node, format_nodes
 from circuit_tests.spec.baselines import BaselineStore, baseline_path
 from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
 from circuit_tests.spec.subject import Subject
@@ -225,7 +225,7 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
                        f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}; {name}'s baseline is for "
                        "a model of another shape, so its circuit cannot be compared",
                        ("record one for this model with `pytest --circuit-update` (with `--circuit-model` if the spec does not list it)",))
-    stored = _stored_circuit(subject, entry["circuit"][: params.nodes], name)
+    stored = _stored_circuit(subject, entry, params.nodes, name)
     current = subject.circuit(params.nodes)
     jaccard, now = subject.stability(stored, params.nodes, name)
     then = entry["metrics"]["faithfulness"].get(str(params.nodes))
@@ -244,18 +244,35 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     )
 
 
-def _stored_circuit(subject: Subject, rows: list, name: str) -> Circuit:
-    """The baseline's circuit; a node at a position no held-out prompt has would silently measure fewer nodes.
+def _stored_circuit(subject: Subject, entry: dict, size: int, name: str) -> Circuit:
+    """The baseline's top ``size`` nodes, positions counted as the spec's ``trace.align`` counts them.
 
-    Prompts of several lengths are measured batch by batch, each with the nodes its length has (as the
-    circuit traced now is), so a node needs only the longest prompt to reach it.
+    An entry that counted the other way (entries before 0.2 counted from the first token and say
+    nothing) is renamed when the held-out prompts have one length, the only case where both
+    countings name the same tokens. A node no held-out prompt reaches would silently measure fewer
+    nodes: it is an error.
     """
+    rows, align, longest = entry["circuit"][:size], subject.spec.trace.align, subject.longest_prompt
+    if entry.get("align", "start") != align:
+        rows = _recounted(subject, rows, name)
     for layer, position, neuron, _ in rows:
-        if position is not None and position >= subject.longest_prompt:
-            raise SpecError(f"{baseline_path(subject.spec.path)}: {name}'s stored circuit has node L{layer}/P{position}/N{neuron}, "
-                            f"but the longest held-out prompt has {subject.longest_prompt} tokens: the baseline was recorded on "
+        if position is not None and not (-longest <= position < 0 if align == "end" else 0 <= position < longest):
+            raise SpecError(f"{baseline_path(subject.spec.path)}: {name}'s stored circuit has node {format_node((layer, position, neuron))}, "
+                            f"but the longest held-out prompt has {longest} tokens: the baseline was recorded on "
                             "other data. Record it again with `pytest --circuit-update`.")
     return Circuit(tuple(tuple(row[:3]) for row in rows), tuple(abs(row[3]) for row in rows))
+
+
+def _recounted(subject: Subject, rows: list, name: str) -> list:
+    """Rows whose positions count from the other end, renamed (held-out prompts of one length only)."""
+    length = subject.longest_prompt
+    if subject.shortest_prompt != length:
+        raise SpecError(f"{baseline_path(subject.spec.path)}: {name}'s entry counts positions from the "
+                        f"{'first' if subject.spec.trace.align == 'end' else 'last'} token (trace.align, or an entry recorded "
+                        f"before 0.2), and the held-out prompts have {subject.shortest_prompt} to {length} tokens, so its "
+                        "nodes cannot be placed. Record it again with `pytest --circuit-update`.")
+    shift = -length if subject.spec.trace.align == "end" else length
+    return [[layer, None if position is None else position + shift, neuron, score] for layer, position, neuron, score in rows]
 
 
 def _same_shape(subject: Subject, entry: dict) -> bool:

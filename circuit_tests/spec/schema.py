@@ -46,7 +46,7 @@ from pydantic import (
     model_validator,
 )
 
-from circuit_tests.analysis.attribution import TRACE_METHODS, AttributionOptions
+from circuit_tests.analysis.attribution import ALIGNMENTS, TRACE_METHODS, AttributionOptions
 from circuit_tests.analysis.measures import ABLATIONS
 from circuit_tests.errors import SpecError
 from circuit_tests.files import SPEC_LIMIT, UnreadableInput, inside, read_text, resolved
@@ -145,11 +145,13 @@ class Trace(Strict):
     nodes: Literal["position", "neuron"] = Field(
         "position", description="'position': nodes are (layer, position, neuron); 'neuron': summed over positions"
     )
+    align: Literal[ALIGNMENTS] = Field("end", description="how prompts of several lengths line up, so that one position "
+                                       "is one role: 'end' (positions from the last token, -1) or 'start' (from the first, 0)")
 
     def to_options(self) -> AttributionOptions:
         """The attribution these fields ask for (the one place a spec's trace becomes attribution options)."""
         return AttributionOptions(method=self.method, steps=self.steps, half_rule=self.half_rule,
-                                  detach_attention=self.detach_attention)
+                                  detach_attention=self.detach_attention, align=self.align)
 
 
 # --------------------------------------------------------------------------- expectations
