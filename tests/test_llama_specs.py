@@ -4,6 +4,7 @@ Llama with the same layers and neurons (32 x 14336) around a narrow residual str
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,15 @@ def scaled_llama(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_they_run_end_to_end_on_a_scaled_down_random_llama(pytester, scaled_llama):
+    """SmolLM2's tokenizer stands in for Llama's and splits more names: the two multi-hop specs drop 58% and 50%
+    of their pairs with it. A copy of the specs allows that (max_dropped 0.6), so that every claim still runs."""
+    for folder in ("specs/llama-3.1-8b", "fixtures/multihop", "fixtures/sva"):
+        shutil.copytree(ROOT / folder, pytester.path / folder)
+    for name in ("state_capitals.yaml", "texas_california.yaml"):
+        path = pytester.path / "specs" / "llama-3.1-8b" / name
+        path.write_text(path.read_text().replace("\n  seed: 0\n", "\n  seed: 0\n  max_dropped: 0.6\n", 1))
     report = pytester.path / "report.json"
-    result = pytester.runpytest_subprocess(str(SPECS), f"--circuit-model={scaled_llama}", "--circuit-device", "cpu",
+    result = pytester.runpytest_subprocess("specs/llama-3.1-8b", f"--circuit-model={scaled_llama}", "--circuit-device", "cpu",
                                            "--circuit-json", str(report), "-p", "no:cacheprovider")
     outcomes = result.parseoutcomes()
     assert "errors" not in outcomes and "skipped" not in outcomes  # every expectation measured, none crashed
@@ -52,3 +60,4 @@ def test_they_run_end_to_end_on_a_scaled_down_random_llama(pytester, scaled_llam
     assert len(rows) == 6 and all(row["figures"]["n_test"] > 0 for row in rows.values())
     texas = {r["expectation"]: r["message"] for r in rows["llama-texas-california"]["results"]}
     assert "measured: flip rate" in texas["pinned"] and "x0 -> x1" in texas["scales"]  # the paper's neurons, in range
+    assert "note: 8 of 16 examples dropped for " in texas["pinned"] and rows["llama-texas-california"]["figures"]["n_dropped"] == 8
