@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from fractions import Fraction
 from pathlib import Path
 from typing import TextIO
 
@@ -42,7 +41,7 @@ from circuit_tests.spec.schema import (
     spec_from_mapping,
 )
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
-from circuit_tests.spec.subject import STANDARD_SIZES, prompts, token_limit
+from circuit_tests.spec.subject import STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import default_trace_cache
 from circuit_tests.text import has_control, printable
 
@@ -129,7 +128,7 @@ def _say_checks(model: str, checks: list[PairCheck], allowed: float, every: bool
     _say(f"  usable {len(checks) - len(dropped) - len(refused)}, dropped {len(dropped)} ({share:.1%}; "
          f"task.max_dropped allows {allowed:.0%}), errors {len(refused)}; prompt lengths (tokens): "
          + (", ".join(map(str, lengths)) or "-"))
-    return not refused and Fraction(len(dropped), len(checks)) <= Fraction(str(allowed))
+    return not refused and drops_allowed(len(dropped), len(checks), allowed)
 
 
 def _session(args: argparse.Namespace, **options) -> CircuitSession:

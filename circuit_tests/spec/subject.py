@@ -78,7 +78,7 @@ class Subject:
     def _refuse_too_many_drops(self) -> None:
         """Fail the spec when more of its examples are dropped than ``task.max_dropped`` allows (compared exactly)."""
         allowed = self.spec.task.max_dropped
-        if Fraction(len(self.dropped), self.n_examples) <= Fraction(str(allowed)):
+        if drops_allowed(len(self.dropped), self.n_examples, allowed):
             return
         raise SpecError(f"{self.spec.path}: field 'task.max_dropped': {self.drop_summary}, more than the {allowed:.0%} "
                         "allowed. Rewrite those pairs so that both prefixes tokenize to the same length "
@@ -224,6 +224,11 @@ class Subject:
             memo[key] = compute()
         hits = memo[key]
         return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed), hits.numel())
+
+
+def drops_allowed(dropped: int, total: int, max_dropped: float) -> bool:
+    """Whether ``dropped`` of ``total`` examples is within ``task.max_dropped``, compared exactly (1 of 10 is 0.1)."""
+    return Fraction(dropped, total) <= Fraction(str(max_dropped))
 
 
 def token_limit(spec: Spec, loaded: LoadedModel) -> TokenLimit:
