@@ -202,7 +202,7 @@ def _diff(args: argparse.Namespace) -> int:
             f"{second.shape['layers']} x {second.shape['neurons']}: their nodes are different neurons, so their circuits "
             "cannot be compared. Diff two checkpoints of one architecture (e.g. two steps of a training run).")
     rows = [("accuracy", lambda s: f"{s.accuracy:.3f}"),
-            ("nodes for 0.8 faithfulness", lambda s: f"{s.curve.nodes_for(0.8) or float('nan'):.0f}"),
+            ("nodes for 0.8 faithfulness", lambda s: str(s.nodes_for(0.8) or f"> {max(STANDARD_SIZES)}")),
             *[(f"faithfulness of top {n}", lambda s, n=n: f"{s.faithfulness(n).value:.3f}") for n in STANDARD_SIZES],
             *[(f"flip rate of top {n}", lambda s, n=n: f"{s.flip_rate(n).value:.3f}") for n in (30, 100)]]
     width = max(len(name) for name in args.models)

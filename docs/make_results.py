@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from circuit_tests.analysis.attribution import AttributionOptions, attribute  # noqa: E402
-from circuit_tests.analysis.measures import accuracy, faithfulness_curve, flip_rates, multiplier_sweep, patch_success  # noqa: E402  # noqa: E402
+from circuit_tests.analysis.measures import accuracy, faithfulness_curve, flip_rates, multiplier_sweep, nodes_for, patch_success  # noqa: E402
 from circuit_tests.analysis.selection import top_k  # noqa: E402
 from circuit_tests.analysis.stats import bootstrap  # noqa: E402
 from circuit_tests.model.data import PairedBatch, PairedExample, read_jsonl, split, tokenize_pairs  # noqa: E402
@@ -65,7 +65,8 @@ def sva_section(sites: NeuronSites, tokenizer, lines: list[str], figure) -> None
             circuit = top_k(scores, max(SIZES))
             curve = faithfulness_curve(sites, test_data, circuit, SIZES)
             faithful = dict(zip(SIZES, curve.faithfulness))
-            needed = curve.nodes_for(0.8)
+            needed = nodes_for(0.8, lambda sizes: faithfulness_curve(sites, test_data, circuit, sizes, complement=False)
+                               .faithfulness, SIZES)
             completeness = _completeness_at(sites, test_data, circuit, needed)
             flips = flip_rates(sites, test_data, circuit, [30, 100]).mean(1).tolist()
             summary.append(
@@ -81,17 +82,17 @@ def sva_section(sites: NeuronSites, tokenizer, lines: list[str], figure) -> None
     lines += summary + ["", "![Faithfulness curves](faithfulness.png)", ""]
 
 
-def _completeness_at(sites, data, circuit: Circuit, needed: float | None) -> str:
+def _completeness_at(sites, data, circuit: Circuit, needed: int | None) -> str:
     if needed is None:
         return "n/a"
-    curve = faithfulness_curve(sites, data, circuit, [round(needed)])
+    curve = faithfulness_curve(sites, data, circuit, [needed])
     low, high = bootstrap(lambda c, m, e: (c.mean() - e.mean()) / (m.mean() - e.mean()),
                           [curve.complement[0], curve.per_example[-2], curve.per_example[-1]])
     return f"{curve.completeness[0]:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _fmt(value: float | None) -> str:
-    return "not reached" if value is None else f"{value:.0f}"
+def _fmt(value: int | None) -> str:
+    return "not reached" if value is None else str(value)
 
 
 def multihop_section(sites: NeuronSites, tokenizer, lines: list[str]) -> None:

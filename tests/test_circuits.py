@@ -14,7 +14,6 @@ from circuit_tests.analysis.attribution import (
 from circuit_tests.analysis.measures import (
     ABLATIONS,
     PATCH,
-    Curve,
     ablated_chunks,
     accuracy,
     faithfulness_curve,
@@ -22,6 +21,7 @@ from circuit_tests.analysis.measures import (
     flip_rates,
     masked_preferences,
     multiplier_sweep,
+    nodes_for,
     patch_success,
     preferences,
 )
@@ -149,12 +149,26 @@ def test_every_measure_gives_the_same_per_example_results_in_any_batch_size(grou
     assert preferences(sites, grouped).shape == (grouped.n_examples,)
 
 
-def test_nodes_for_interpolates_in_log_size():
-    per_example = torch.tensor([[0.2], [0.6], [1.0], [1.0], [0.0]])  # sizes 10, 100, 1000; then M, empty
-    curve = Curve((10, 100, 1000), per_example, torch.zeros(3, 1))
-    assert curve.faithfulness == pytest.approx([0.2, 0.6, 1.0])
-    assert curve.nodes_for(0.8) == pytest.approx(10 ** 2.5)
-    assert curve.nodes_for(0.1) == 10 and curve.nodes_for(1.01) is None
+def test_nodes_for_searches_down_to_one_node_and_measures_few_sizes():
+    measured: list[int] = []
+
+    def faithfulness(sizes):
+        measured.extend(sizes)
+        return [min(1.0, size / 500) for size in sizes]
+
+    assert nodes_for(0.8, faithfulness, (10, 30, 100, 300, 1000)) == 400
+    assert len(measured) <= 5 + 3 * 5  # the grid, then rounds of three sizes over a bracket of 700
+    assert nodes_for(0.01, faithfulness, (10, 30)) == 5
+    assert nodes_for(1.01, faithfulness, (10, 30, 100, 300, 1000)) is None
+
+
+@pytest.mark.parametrize("dip", [150, 260, 299])
+def test_nodes_for_finds_a_size_that_reaches_the_target_where_one_node_less_does_not(dip):
+    def value(size: int) -> float:
+        return 0.5 if dip <= size < dip + 20 else min(1.0, size / 250)
+
+    n = nodes_for(0.6, lambda sizes: [value(size) for size in sizes], (10, 30, 100, 300, 1000))
+    assert value(n) >= 0.6 > value(n - 1)
 
 
 def test_bootstrap_interval_is_seeded_and_covers_the_estimate():

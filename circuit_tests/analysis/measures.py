@@ -19,7 +19,7 @@ values chunk by chunk, so memory follows the batch size, not the number of held-
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,19 +186,6 @@ class Curve:
     def completeness(self) -> list[float]:
         return faithfulness_from(self.complement, self.per_example[-2], self.per_example[-1]).tolist()
 
-    def nodes_for(self, target: float) -> float | None:
-        """The smallest circuit size reaching ``target`` faithfulness, interpolated linearly in log size."""
-        previous: tuple[int, float] | None = None
-        for size, value in zip(self.sizes, self.faithfulness):
-            if value >= target:
-                if previous is None:
-                    return float(size)
-                small, below = previous
-                t = (target - below) / (value - below)
-                return math.exp(math.log(small) + t * (math.log(size) - math.log(small)))
-            previous = (size, value)
-        return None
-
 
 def faithfulness_from(circuit: torch.Tensor, model: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """``(F(C) - F(empty)) / (F(M) - F(empty))`` from per-example metrics (means over the last dim)."""
@@ -214,8 +201,12 @@ def faithfulness_curve(
     seed: int = 0,
     *,
     batch_size: int = BATCH_SIZE,
+    complement: bool = True,
 ) -> Curve:
-    """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes."""
+    """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes.
+
+    ``complement=False`` skips the runs with only the circuit ablated (``Curve.complement`` is then empty).
+    """
     ranks = _ranks(sites, circuit, data)
     bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
     kept, removed = [], []
@@ -223,8 +214,38 @@ def faithfulness_curve(
     for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
         rank = ranks[batch.n_positions]
         kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
-        removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
-    return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu())
+        if complement:
+            removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
+    return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu() if complement else torch.empty(0))
+
+
+SEARCH_PROBES = 3  # circuit sizes evaluated together in each round of nodes_for's search
+
+
+def nodes_for(target: float, faithfulness: Callable[[Sequence[int]], Sequence[float]], grid: Sequence[int]) -> int | None:
+    """The smallest top-k circuit size reaching ``target`` faithfulness; ``None`` when no size of ``grid`` does.
+
+    ``faithfulness(sizes)`` measures the top-k circuits of those sizes. The first size of the fixed,
+    increasing ``grid`` that reaches ``target`` brackets the answer with the grid size before it (or
+    0, the empty circuit); rounds of :data:`SEARCH_PROBES` sizes, measured together, then narrow the
+    bracket to one node. The answer ``n`` reaches ``target`` and ``n - 1`` does not; it depends on the
+    data, the model and the grid, never on which other sizes were measured. Faithfulness need not
+    grow with size: where it dips, this is the first crossing inside the first bracket.
+    """
+    reached = [size for size, value in zip(grid, faithfulness(grid)) if value >= target]
+    if not reached:
+        return None
+    high = reached[0]
+    low = max((size for size in grid if size < high), default=0)
+    while high - low > 1:
+        step = (high - low) / (SEARCH_PROBES + 1)
+        probes = sorted({low + math.ceil(step * j) for j in range(1, SEARCH_PROBES + 1)} - {high})
+        for size, value in zip(probes, faithfulness(probes)):
+            if value >= target:
+                high = size
+                break
+            low = size
+    return high
 
 
 def flip_rates(

@@ -17,7 +17,7 @@ from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes
 from circuit_tests.spec.baselines import BaselineStore, baseline_path
 from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
-from circuit_tests.spec.subject import Subject
+from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 
 @dataclass(frozen=True)
@@ -87,15 +87,15 @@ def _sparse(subject: Subject, params: Sparse) -> Outcome:
     _check_size(subject, params.max_nodes, "sparse.max_nodes")
     measured = subject.faithfulness(params.max_nodes)
     value, interval = measured.value, measured.interval
-    needed = subject.curve.nodes_for(params.min_faithfulness)
+    needed = subject.nodes_for(params.min_faithfulness)
     expected = f"the top {params.max_nodes} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "faithfulness"))
     return Outcome(
         value >= params.min_faithfulness, expected,
         f"faithfulness {_ci(value, interval)} {_on_test(subject)}",
-        (f"faithfulness {params.min_faithfulness:.2f} needs " + (f"about {needed:.0f} nodes" if needed else
-         f"more than {max(subject.curve.sizes)} nodes"), *_fewer(subject, params.max_nodes)),
+        (f"faithfulness {params.min_faithfulness:.2f} needs " + (f"{needed} nodes (the smallest top-k circuit reaching it)"
+         if needed else f"more than {max(STANDARD_SIZES)} nodes"), *_fewer(subject, params.max_nodes)),
     )
 
 

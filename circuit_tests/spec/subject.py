@@ -25,6 +25,7 @@ from circuit_tests.analysis.measures import (
     faithfulness_from,
     flip_rates,
     multiplier_sweep,
+    nodes_for,
     patch_success,
 )
 from circuit_tests.analysis.selection import overlap, top_k
@@ -74,6 +75,7 @@ class Subject:
         self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
+        self._faithful: dict[int, float] = {}  # faithfulness of the top-k circuit, by k
 
     def _refuse_too_many_drops(self) -> None:
         """Fail the spec when more of its examples are dropped than ``task.max_dropped`` allows (compared exactly)."""
@@ -154,13 +156,29 @@ class Subject:
         sizes = self._sizes()
         curve = self.faithfulness_curve(self.circuit(max(sizes)), sizes)
         self.figures.curve = CurveFigures(list(curve.sizes), curve.faithfulness, curve.completeness)
-        self.figures.nodes_for_08 = curve.nodes_for(0.8)
+        self._faithful.update(zip(curve.sizes, curve.faithfulness))
+        self.figures.nodes_for_08 = self.nodes_for(0.8)
         return curve
 
-    def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int]) -> Curve:
+    def nodes_for(self, target: float) -> int | None:
+        """The smallest top-k circuit reaching ``target`` faithfulness, searched over sizes up to the
+        largest standard size (:func:`~circuit_tests.analysis.measures.nodes_for`); ``None`` above it."""
+        if not self._faithful:
+            _ = self.curve  # measures the standard sizes first, which the search reuses
+        return nodes_for(target, self._faithfulness_of, STANDARD_SIZES)
+
+    def _faithfulness_of(self, sizes: Sequence[int]) -> list[float]:
+        """Faithfulness of the top ``sizes`` nodes, each size measured once per subject."""
+        missing = [size for size in sizes if size not in self._faithful]
+        if missing:
+            curve = self.faithfulness_curve(self.circuit(max(missing)), missing, complement=False)
+            self._faithful.update(zip(missing, curve.faithfulness))
+        return [self._faithful[size] for size in sizes]
+
+    def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int], complement: bool = True) -> Curve:
         """The curve of any circuit (a stored one, say) on the held-out split, with this spec's ablation."""
         return faithfulness_curve(self.sites, self.test, circuit, sizes, self.spec.trace.ablation, self.spec.task.seed,
-                                  batch_size=self.batch_size)
+                                  batch_size=self.batch_size, complement=complement)
 
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
