@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 
 from circuit_tests.errors import SpecError
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
-from circuit_tests.spec.report import Report, payload
+from circuit_tests.spec.report import Report, decode, encode, payload
 
 
 def entry(value: float) -> dict:
@@ -114,3 +115,20 @@ def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_p
     assert report.terminal_lines()[1].split() == ["s<x>", "m", "0", "0.95", "70", "1.00@30", "-", "-", "failed", "(1/2)"]
     report.write_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["status"] == "failed"
+
+
+def test_result_property_is_json_with_null_for_what_is_not_a_number():
+    figures = {"curve": {"sizes": [10, 100], "faithfulness": [0.5, math.nan], "completeness": [math.inf, 0.1]},
+               "steering": {5: math.nan}}
+    result = payload("s", "m", Path("specs/s.yaml"), "sparse") | {"figures": figures}
+    text = encode(result)
+    plain = json.loads(text, parse_constant=lambda name: pytest.fail(f"bare {name} in the property"))
+    assert plain["figures"]["curve"]["faithfulness"] == [0.5, None] and plain["undefined"] == [
+        ["figures", "curve", "faithfulness", 1], ["figures", "curve", "completeness", 0], ["figures", "steering", "5"]]
+    decoded = decode(text)
+    assert math.isnan(decoded["figures"]["curve"]["faithfulness"][1]) and math.isnan(decoded["figures"]["steering"]["5"])
+    assert decoded["figures"]["curve"]["completeness"][1] == 0.1 and "undefined" not in decoded
+    report = Report()
+    report.add(decoded, "failed", "faithfulness is not a number")
+    assert report.to_json()["rows"][0]["undefined"] == [
+        "figures.curve.faithfulness[1]", "figures.curve.completeness[0]", "figures.steering.5"]

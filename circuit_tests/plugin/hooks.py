@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from circuit_tests.spec.report import PROPERTY
+from circuit_tests.spec.report import PROPERTY, decode
 from circuit_tests.spec.session import CircuitSession
 from circuit_tests.text import printable
 
@@ -25,9 +25,10 @@ class SessionHooks:
         self.session = session
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        result = dict(report.user_properties).get(PROPERTY)
-        if result is None or (report.when != "call" and not report.failed):
+        encoded = dict(report.user_properties).get(PROPERTY)
+        if encoded is None or (report.when != "call" and not report.failed):
             return
+        result = decode(encoded)
         message = result.get("message") if report.passed else _failure_text(report)
         self.session.report.add(result, report.outcome, message)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from circuit_tests.errors import CircuitTestsError
-from circuit_tests.spec.report import PROPERTY, payload
+from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
 from circuit_tests.spec.session import CircuitSession
 from circuit_tests.text import printable
@@ -76,7 +76,7 @@ class ExpectationItem(pytest.Item):
         verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
         result = payload(spec.name, self.model, spec.path, self.expectation.label, spec.description) | {
             "message": verdict.message, "figures": verdict.figures, "stale": session.stale(spec)}
-        self.user_properties.append((PROPERTY, result))
+        self.user_properties.append((PROPERTY, encode(result)))
         if verdict.status == "skipped":
             pytest.skip(printable(verdict.message))
         if verdict.status == "failed":
@@ -114,7 +114,7 @@ class BrokenSpecItem(pytest.Item):
         self.message = message
 
     def runtest(self) -> None:
-        self.user_properties.append((PROPERTY, payload(self.path.name, "-", self.path, "spec") | {"message": self.message}))
+        self.user_properties.append((PROPERTY, encode(payload(self.path.name, "-", self.path, "spec") | {"message": self.message})))
         raise ExpectationFailed(self.message)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style=None) -> str:

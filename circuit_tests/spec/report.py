@@ -1,8 +1,9 @@
 """Reports of a run: a terminal table, a self-contained HTML page and the same data as JSON.
 
 Each spec item carries its result and its subject's figures as a ``circuit_tests`` user
-property, so the report is built from test reports alone and works the same under
-pytest-xdist (workers send their reports to the controller). One :class:`Row` per (spec file, model).
+property, JSON text (:func:`encode`, :func:`decode`), so the report is built from test reports
+alone and works the same under pytest-xdist (workers send their reports to the controller), and
+JUnit XML holds the same JSON. One :class:`Row` per (spec file, model).
 
 Text in a report may come from a pull request (spec names, model names, answers): the terminal
 table escapes control characters, the HTML page escapes markup, and the JSON holds no bare
@@ -28,6 +29,26 @@ NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywh
 def payload(spec_name: str, model: str, path: Path, expectation: str, description: str = "") -> dict:
     """What one result carries to :meth:`Report.add` (``figures``, ``message`` and ``stale`` are added as measured)."""
     return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation, "description": description}
+
+
+def encode(result: dict) -> str:
+    """A result as the :data:`PROPERTY` user property: JSON text, which JUnit XML holds as it is.
+
+    A number that is not finite is ``null``, and its place (keys and indices) is listed under ``undefined``.
+    """
+    undefined: list[tuple] = []
+    return json.dumps(_finite(result, (), undefined) | {"undefined": undefined}, allow_nan=False)
+
+
+def decode(text: str) -> dict:
+    """The result :func:`encode` wrote, with NaN again at each undefined place."""
+    result = json.loads(text)
+    for *path, last in result.pop("undefined"):
+        container = result
+        for step in path:
+            container = container[step]
+        container[last] = math.nan
+    return result
 
 
 @dataclass
@@ -102,9 +123,9 @@ class Report:
     def to_json(self) -> dict:
         rows = []
         for row in self.rows.values():
-            undefined: list[str] = []
+            undefined: list[tuple] = []
             data = asdict(row) | {"figures": row.figures.to_json() if row.figures else {}}
-            rows.append(_finite(data, "", undefined) | {"status": row.status, "undefined": undefined})
+            rows.append(_finite(data, (), undefined) | {"status": row.status, "undefined": [_place(where) for where in undefined]})
         return {"rows": rows}
 
     def write_json(self, path: Path) -> None:
@@ -115,16 +136,21 @@ class Report:
         path.write_text(PAGE.format(style=STYLE, sections=sections), encoding="utf-8")
 
 
-def _finite(value: object, where: str, undefined: list[str]) -> object:
-    """``value`` with every NaN or infinity replaced by ``None``; their places are appended to ``undefined``."""
+def _finite(value: object, where: tuple, undefined: list[tuple]) -> object:
+    """``value`` with every NaN or infinity replaced by ``None``; their places (keys and indices) are appended to ``undefined``."""
     if isinstance(value, float) and not math.isfinite(value):
         undefined.append(where)
         return None
     if isinstance(value, dict):
-        return {key: _finite(item, f"{where}.{key}" if where else str(key), undefined) for key, item in value.items()}
+        return {key: _finite(item, (*where, str(key)), undefined) for key, item in value.items()}  # as JSON names keys
     if isinstance(value, list):
-        return [_finite(item, f"{where}[{i}]", undefined) for i, item in enumerate(value)]
+        return [_finite(item, (*where, i), undefined) for i, item in enumerate(value)]
     return value
+
+
+def _place(where: tuple) -> str:
+    """A place :func:`_finite` found, as the JSON report names it: ``figures.curve.faithfulness[2]``."""
+    return "".join(f"[{step}]" if isinstance(step, int) else f".{step}" if i else step for i, step in enumerate(where))
 
 
 def _number(value: float | None, form: str = "{:.2f}") -> str:
