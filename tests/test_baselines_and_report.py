@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from circuit_tests.errors import SpecError
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
+from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
 from circuit_tests.spec.report import Report, decode, encode, payload
+from circuit_tests.spec.session import baseline_figures
 
 
 def entry(value: float) -> dict:
@@ -117,6 +122,22 @@ def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_p
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["status"] == "failed"
 
 
+def _page(tmp_path: Path, figures: Figures, description: str = "") -> str:
+    """The HTML page of one row with these figures."""
+    report = Report()
+    report.add(payload("s", "m", Path("specs/s.yaml"), "sparse", description) | {"figures": figures.to_json()}, "passed", "ok")
+    report.write_html(tmp_path / "r.html")
+    return (tmp_path / "r.html").read_text()
+
+
+def _figures(**measured) -> Figures:
+    return Figures(model="m", revision="r", device="cpu", dtype="float32", n_train=4, n_test=4, n_dropped=0, **measured)
+
+
+def _polyline_ys(page: str) -> list[float]:
+    return [float(point.split(",")[1]) for points in re.findall(r"<polyline[^>]* points='([^']*)'", page) for point in points.split()]
+
+
 def test_result_property_is_json_with_null_for_what_is_not_a_number():
     figures = {"curve": {"sizes": [10, 100], "faithfulness": [0.5, math.nan], "completeness": [math.inf, 0.1]},
                "steering": {5: math.nan}}
@@ -132,3 +153,65 @@ def test_result_property_is_json_with_null_for_what_is_not_a_number():
     report.add(decoded, "failed", "faithfulness is not a number")
     assert report.to_json()["rows"][0]["undefined"] == [
         "figures.curve.faithfulness[1]", "figures.curve.completeness[0]", "figures.steering.5"]
+
+
+def test_figures_carry_intervals_tokens_and_the_stored_baseline_through_json():
+    figures = _figures(curve=CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1], [[0.3, 0.5], [0.8, 1.0]], [[0.5, 0.7], [0.0, 0.2]]),
+                       top=[[3, -1, 77, 0.5]], tokens={"-1": " she"},
+                       stored_baseline=BaselineFigures("base", {10: 0.5, 100: 0.95}, [None], [[5, -1, 9, 1]]))
+    assert Figures.from_json(json.loads(json.dumps(figures.to_json()))) == figures
+    assert "faithfulness_interval" not in _figures(curve=CurveFigures([10], [0.4], [0.6])).to_json()["curve"]
+
+
+def test_html_report_shows_the_spec_description(tmp_path):
+    page = _page(tmp_path, _figures(), description="Agreement <is> carried by neurons.")
+    assert "<p class='description'>Agreement &lt;is&gt; carried by neurons.</p>" in page
+
+
+def test_curve_axis_spans_values_above_one_and_below_zero(tmp_path):
+    inside = _polyline_ys(_page(tmp_path, _figures(curve=CurveFigures([10, 100], [0.0, 1.0], [1.0, 0.0]))))
+    assert min(inside) == 40 and max(inside) == 240  # 1 at the top of the plot, 0 at its bottom
+    page = _page(tmp_path, _figures(curve=CurveFigures([10, 100], [0.3, 1.4], [-0.3, 0.1])))
+    ys = _polyline_ys(page)
+    assert min(ys) == 40 and max(ys) == 240  # 1.4 and -0.3 are the plot's ends: nothing drawn outside it
+    assert ">1.40</text>" in page and ">-0.30</text>" in page
+
+
+def test_curve_intervals_are_shaded_bands_that_the_axis_includes(tmp_path):
+    assert "<polygon" not in _page(tmp_path, _figures(curve=CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1])))
+    curve = CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1], [[0.3, 0.5], [0.8, 1.2]], [[0.5, 0.7], [math.nan, 0.2]])
+    page = _page(tmp_path, _figures(curve=curve))
+    bands = re.findall(r"<polygon[^>]*points='([^']*)'><title>95% interval</title>", page)
+    assert len(bands) == 2 and len(bands[0].split()) == 4 and len(bands[1].split()) == 2  # an undefined bound: not drawn
+    assert ">1.20</text>" in page and min(float(p.split(",")[1]) for p in bands[0].split()) == 40
+
+
+def test_top_nodes_show_the_token_at_their_position(tmp_path):
+    figures = _figures(top=[[3, -1, 77, -0.5], [4, -2, 8, 0.25], [5, None, 9, 0.1]], tokens={"-1": " she", "-3": "<b>"})
+    cells = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td>", _page(tmp_path, figures))
+    assert [(layer, html.unescape(position)) for layer, position in cells] == [("3", "-1 ' she'"), ("4", "-2"), ("5", "-")]
+
+
+def test_stored_baseline_curve_is_overlaid_and_top_nodes_show_their_rank_in_it(tmp_path):
+    curve = CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1])
+    top = [[3, -1, 77, -0.5], [4, -1, 8, 0.25]]
+    assert "stroke-dasharray" not in _page(tmp_path, _figures(curve=curve, top=top))
+    stored = BaselineFigures("base<1>", {10: 0.6, 30: 0.8, 100: 0.95}, ranks=[2, None], lost=[[5, -1, 9, 1]])
+    page = _page(tmp_path, _figures(curve=curve, top=top, tokens={"-1": " she"}, stored_baseline=stored))
+    dashed = re.findall(r"<polyline[^>]*stroke-dasharray[^>]*points='([^']*)'", page)
+    assert len(dashed) == 1 and len(dashed[0].split()) == 3 and "base&lt;1&gt;'s baseline</text>" in page
+    assert re.findall(r"<td>[+-]0\.\d+</td><td>(\w+)</td>", page) == ["2", "new"]
+    assert "In the top 2 of base<1>'s baseline, not in this run's: L5/P-1/N9 ' she' (rank 1)" in html.unescape(page)
+
+
+def test_the_session_ranks_top_nodes_in_the_stored_circuit_only_where_its_nodes_mean_the_same():
+    top = [[3, -1, 77, 0.5], [4, -1, 8, 0.25], [5, -2, 9, 0.1]]
+    subject = SimpleNamespace(figures=_figures(top=top), shape={"layers": 6, "neurons": 100},
+                              spec=SimpleNamespace(trace=SimpleNamespace(align="end")))
+    stored = {"shape": {"layers": 6, "neurons": 100}, "align": "end",
+              "metrics": {"faithfulness": {"10": "0.5", "100": 0.9, "0": 0.1, "x": 0.2}},  # what lax validation lets through
+              "circuit": [[1, -1, 2, 0.9], ["3", -1, 77, 0.8], [6, -3, 1, 0.7], [3, -1, 77, 0.6], [4, -1, 8, 0.5]]}
+    compared = baseline_figures("base", stored, subject)
+    assert compared == BaselineFigures("base", {10: 0.5, 100: 0.9}, ranks=[2, 5, None], lost=[[1, -1, 2, 1], [6, -3, 1, 3]])
+    for other in ({"shape": {"layers": 6, "neurons": 50}}, {"align": "start"}):
+        assert baseline_figures("base", stored | other, subject) == BaselineFigures("base", {10: 0.5, 100: 0.9})

@@ -7,8 +7,11 @@ import re
 import shutil
 import textwrap
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+
+from circuit_tests.testing import save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
 
@@ -301,3 +304,25 @@ def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(py
     result.stdout.fnmatch_lines(["*circuit_big.yaml: smollm2-135m-instruct: out of GPU memory. Try a smaller `task.batch_size`, "
                                  "`--circuit-dtype bfloat16`, or `--circuit-device auto`*"])
     result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stored_baseline(pytester):
+    """A tiny checkpoint: recorded once, then run again with --junitxml and --circuit-report."""
+    save_tiny_checkpoint(pytester.path / "ckpt")
+    pairs = [("author", "authors"), ("baker", "bakers"), ("farmer", "farmers"), ("doctor", "doctors"), ("pilot", "pilots")]
+    examples = "".join(f'    - {{clean_prefix: "The {one} near the key", patch_prefix: "The {many} near the key", '
+                       f'clean_answer: " is", patch_answer: " are"}}\n' for one, many in pairs * 2)
+    pytester.path.joinpath("circuit_tiny.yaml").write_text("description: Agreement in a <tiny> model.\n" + spec(
+        "tiny", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n- stable: {nodes: 10, min_overlap: 0.5}\n",
+        models="[./ckpt]", task=f"task:\n  test_fraction: 0.5\n  examples:\n{examples}"))
+    pytester.runpytest("--circuit-update", "-p", "no:cacheprovider")
+    pytester.runpytest("--junitxml", "j.xml", "--circuit-report", "r.html", "-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+    properties = ElementTree.parse(pytester.path / "j.xml").findall(".//property[@name='circuit_tests']")
+    results = [json.loads(prop.get("value"), parse_constant=lambda name: pytest.fail(f"bare {name}")) for prop in properties]
+    assert sorted(result["expectation"] for result in results) == ["sparse", "stable"]
+    figures = results[-1]["figures"]
+    assert figures["curve"]["sizes"] and figures["stored_baseline"]["model"].endswith("ckpt")  # the model as the baseline file names it
+    assert len(figures["stored_baseline"]["ranks"]) == len(figures["top"])
+    page = pytester.path.joinpath("r.html").read_text()
+    assert "Agreement in a &lt;tiny&gt; model." in page and "stroke-dasharray" in page and "s baseline</th>" in page

@@ -4,21 +4,47 @@ A :class:`~circuit_tests.spec.subject.Subject` fills a :class:`Figures` as it me
 figure is ``None``, or empty, until measured), expectations read their numbers from the subject,
 and the report and baselines read the figures. Between pytest-xdist workers and the controller,
 and in the JSON report, figures travel as :meth:`Figures.to_json`: plain data with the keys
-the report has always had (``nodes_for_0.8``, circuit sizes as strings).
+the report has always had (``nodes_for_0.8``, circuit sizes as strings). The session adds the
+stored baseline the report compares with (:class:`BaselineFigures`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
 class CurveFigures:
-    """Faithfulness and completeness of the top-``size`` circuits, per size."""
+    """Faithfulness and completeness of the top-``size`` circuits, per size, with their 95% bootstrap intervals when known."""
 
     sizes: list[int]
     faithfulness: list[float]
     completeness: list[float]
+    faithfulness_interval: list[list[float]] | None = None  # [low, high] per size
+    completeness_interval: list[list[float]] | None = None  # [low, high] per size
+
+
+@dataclass(frozen=True)
+class BaselineFigures:
+    """The stored baseline a report compares this run with: whose it is, its curve, where this run's top nodes stand in it.
+
+    ``ranks`` and ``lost`` are empty when the stored circuit cannot be compared node by node (a
+    model of another shape, positions counted from the other end).
+    """
+
+    model: str
+    faithfulness: dict[int, float]  # the stored faithfulness, by circuit size
+    ranks: list[int | None] = field(default_factory=list)  # per node of Figures.top: rank in the stored circuit (1 first), None: absent
+    lost: list[list] = field(default_factory=list)  # [layer, position, neuron, rank] of stored top-len(top) nodes that Figures.top lacks
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "faithfulness": {str(size): value for size, value in sorted(self.faithfulness.items())},
+                "ranks": self.ranks, "lost": self.lost}
+
+    @classmethod
+    def from_json(cls, data: dict) -> BaselineFigures:
+        return cls(model=data["model"], faithfulness={int(size): value for size, value in data["faithfulness"].items()},
+                   ranks=data["ranks"], lost=data["lost"])
 
 
 @dataclass
@@ -40,9 +66,11 @@ class Figures:
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
     sweep: dict[str, dict[str, float]] = field(default_factory=dict)  # "N neurons" -> factor -> mean P(token)
     top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
+    tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
     overlap: float | None = None  # with the stored baseline circuit (stable)
     baseline: str | None = None  # whose baseline that was
     stored_circuit_faithfulness: float | None = None  # the stored circuit's faithfulness now
+    stored_baseline: BaselineFigures | None = None  # the baseline the report compares with (added by the session)
 
     def to_json(self) -> dict:
         """Plain data: the figures measured so far, under the report's keys."""
@@ -53,8 +81,7 @@ class Figures:
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy
         if self.curve is not None:
-            data["curve"] = {"sizes": self.curve.sizes, "faithfulness": self.curve.faithfulness,
-                             "completeness": self.curve.completeness}
+            data["curve"] = {name: value for name, value in asdict(self.curve).items() if value is not None}
             data["nodes_for_0.8"] = self.nodes_for_08
         if self.flip_rate:
             data["flip_rate"] = {str(size): rate for size, rate in sorted(self.flip_rate.items())}
@@ -64,15 +91,19 @@ class Figures:
             data["sweep"] = self.sweep
         if self.top:
             data["top"] = self.top
+        if self.tokens:
+            data["tokens"] = self.tokens
         for name in ("overlap", "baseline", "stored_circuit_faithfulness"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
+        if self.stored_baseline is not None:
+            data["stored_baseline"] = self.stored_baseline.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> Figures:
         """The figures :meth:`to_json` wrote (an empty mapping: a spec that could not be read)."""
-        curve = data.get("curve")
+        curve, stored = data.get("curve"), data.get("stored_baseline")
         return cls(
             model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
@@ -80,6 +111,7 @@ class Figures:
             curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
-            sweep=data.get("sweep", {}), top=data.get("top", []), overlap=data.get("overlap"),
+            sweep=data.get("sweep", {}), top=data.get("top", []), tokens=data.get("tokens", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
+            stored_baseline=BaselineFigures.from_json(stored) if stored else None,
         )

@@ -19,8 +19,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from circuit_tests.spec.figures import CurveFigures, Figures
-from circuit_tests.text import printable
+from circuit_tests.model.nodes import format_node
+from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
+from circuit_tests.text import printable, quoted
 
 PROPERTY = "circuit_tests"
 NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywhere
@@ -198,31 +199,63 @@ def _section(row: Row) -> str:
         f"<tr><td>{html.escape(r.expectation)}</td><td class='{r.outcome}'>{r.outcome}</td><td><pre>{html.escape(r.message)}</pre></td></tr>"
         for r in row.results
     )
-    top = "".join(
-        f"<tr><td>{layer}</td><td>{'-' if position is None else position}</td><td>{neuron}</td><td>{score:+.4f}</td></tr>"
-        for layer, position, neuron, score in figures.top
-    )
     return (
         f"<section><h2>{html.escape(row.spec)} [{html.escape(row.model)}] <span class='{row.status}'>{row.status}</span></h2>"
         f"<p>{html.escape(row.path)}</p>" + (f"<p class='description'>{html.escape(row.description)}</p>" if row.description else "")
-        + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.curve)}</div>"
+        + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.curve, figures.stored_baseline)}</div>"
         f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
-        + (f"<h3>Top nodes</h3><table><tr><th>layer</th><th>position</th><th>neuron</th><th>score</th></tr>{top}</table>" if top else "")
-        + "</section>"
+        + _top_nodes(figures) + "</section>"
     )
+
+
+def _top_nodes(figures: Figures) -> str:
+    """The strongest nodes, with the token at each position and, beside a stored baseline, each node's rank in its
+    circuit and the baseline's top nodes this run lacks."""
+    if not figures.top:
+        return ""
+    stored = figures.stored_baseline
+    ranked = stored is not None and len(stored.ranks) == len(figures.top)
+    head = "<tr><th>layer</th><th>position</th><th>neuron</th><th>score</th>" + (
+        f"<th>rank in {html.escape(printable(stored.model))}'s baseline</th>" if ranked else "") + "</tr>"
+    rows = "".join(
+        f"<tr><td>{layer}</td><td>{html.escape(_position(position, figures.tokens))}</td><td>{neuron}</td><td>{score:+.4f}</td>"
+        + (f"<td>{stored.ranks[i] or 'new'}</td>" if ranked else "") + "</tr>"
+        for i, (layer, position, neuron, score) in enumerate(figures.top)
+    )
+    lost = ", ".join(f"{_node(layer, position, neuron, figures.tokens)} (rank {rank})"
+                     for layer, position, neuron, rank in (stored.lost if stored else []))
+    lost_line = (f"<p class='lost'>In the top {len(figures.top)} of {html.escape(printable(stored.model))}'s baseline, "
+                 f"not in this run's: {html.escape(lost)}</p>") if lost else ""
+    return f"<h3>Top nodes</h3><table>{head}{rows}</table>{lost_line}"
+
+
+def _position(position: int | None, tokens: dict[str, str]) -> str:
+    """A node's position with its token when known (``-1 ' she'``); ``-`` for every position."""
+    if position is None:
+        return "-"
+    token = tokens.get(str(position))
+    return str(position) if token is None else f"{position} {quoted(token)}"
+
+
+def _node(layer: int, position: int | None, neuron: int, tokens: dict[str, str]) -> str:
+    """A node as :func:`~circuit_tests.model.nodes.format_node` writes it, with its position's token when known."""
+    token = None if position is None else tokens.get(str(position))
+    return format_node((layer, position, neuron)) + ("" if token is None else f" {quoted(token)}")
 
 
 def _rates(rates: dict[int, float]) -> str:
     return ", ".join(f"{value:.2f} at {size}" for size, value in sorted(rates.items())) or "-"
 
 
-def _curve_svg(curve: CurveFigures | None, width: int = 420, height: int = 240) -> str:
-    """Faithfulness and completeness against circuit size (log scale), as inline SVG."""
+def _curve_svg(curve: CurveFigures | None, stored: BaselineFigures | None, width: int = 420, height: int = 270) -> str:
+    """Faithfulness and completeness against circuit size (log scale), as inline SVG: 95% intervals as shaded bands,
+    the stored baseline's faithfulness dashed. The value axis spans 0 to 1 and whatever the figures reach beyond."""
     if curve is None:
         return ""
-    left, bottom, right, top = 45, height - 30, width - 25, 10
-    sizes = curve.sizes
-    values = [v for v in curve.faithfulness + curve.completeness if math.isfinite(v)]
+    left, bottom, right, top = 45, height - 30, width - 25, 40
+    baseline = sorted(stored.faithfulness.items()) if stored else []
+    sizes = sorted({*curve.sizes, *(size for size, _ in baseline)})
+    values = [v for v in _curve_values(curve, baseline) if math.isfinite(v)]
     low, high = min(0.0, *values), max(1.0, *values)
     span = math.log(sizes[-1] / sizes[0]) or 1.0
 
@@ -232,19 +265,45 @@ def _curve_svg(curve: CurveFigures | None, width: int = 420, height: int = 240) 
     def y(value: float) -> float:
         return bottom - (bottom - top) * (value - low) / (high - low)
 
-    def line(series: list[float], colour: str) -> str:
-        points = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in zip(sizes, series) if math.isfinite(v))
-        return f"<polyline fill='none' stroke='{colour}' stroke-width='2' points='{points}'/>"
+    def line(points: list[tuple[int, float]], colour: str, dashed: bool = False) -> str:
+        drawn = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points if math.isfinite(v))
+        dash = " stroke-dasharray='6 4'" if dashed else ""
+        return f"<polyline fill='none' stroke='{colour}' stroke-width='2'{dash} points='{drawn}'/>"
+
+    def band(interval: list[list[float]] | None, colour: str) -> str:
+        known = [(s, lo, hi) for s, (lo, hi) in zip(curve.sizes, interval or []) if math.isfinite(lo) and math.isfinite(hi)]
+        if not known:
+            return ""
+        outline = [(s, hi) for s, _, hi in known] + [(s, lo) for s, lo, _ in reversed(known)]
+        drawn = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in outline)
+        return f"<polygon fill='{colour}' fill-opacity='0.15' stroke='none' points='{drawn}'><title>95% interval</title></polygon>"
 
     ticks = "".join(f"<text x='{x(s):.1f}' y='{height - 12}' font-size='10' text-anchor='middle'>{s}</text>" for s in sizes)
     levels = "".join(
         f"<line x1='{left}' x2='{right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#ddd'/>"
-        f"<text x='{left - 5}' y='{y(v) + 3:.1f}' font-size='10' text-anchor='end'>{v:.1f}</text>"
-        for v in (0.0, 0.5, 0.8, 1.0)
+        f"<text x='{left - 5}' y='{y(v) + 3:.1f}' font-size='10' text-anchor='end'>{v:.2f}</text>"
+        for v in (0.0, 0.5, 0.8, 1.0, *(v for v in (low, high) if not -0.15 < v < 1.15))  # labels apart
     )
-    legend = ("<text x='60' y='22' font-size='11' fill='#1f6feb'>faithfulness</text>"
-              "<text x='150' y='22' font-size='11' fill='#d1242f'>completeness</text>")
     return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
-            f"aria-label='faithfulness curve'>{levels}{ticks}{line(curve.faithfulness, '#1f6feb')}"
-            f"{line(curve.completeness, '#d1242f')}{legend}"
-            f"<text x='{(left + right) / 2}' y='{height}' font-size='10' text-anchor='middle'>nodes</text></svg>")
+            f"aria-label='faithfulness curve'>{levels}{ticks}"
+            f"{band(curve.faithfulness_interval, '#1f6feb')}{band(curve.completeness_interval, '#d1242f')}"
+            f"{line(list(zip(curve.sizes, curve.faithfulness)), '#1f6feb')}{line(list(zip(curve.sizes, curve.completeness)), '#d1242f')}"
+            + (line(baseline, '#555', dashed=True) if baseline else "") + _legend(curve, stored.model if baseline else None)
+            + f"<text x='{(left + right) / 2}' y='{height}' font-size='10' text-anchor='middle'>nodes</text></svg>")
+
+
+def _legend(curve: CurveFigures, baseline: str | None) -> str:
+    """What the curve plot's colours, shading and dashes stand for."""
+    shaded = curve.faithfulness_interval or curve.completeness_interval
+    return ("<text x='45' y='14' font-size='11' fill='#1f6feb'>faithfulness</text>"
+            "<text x='135' y='14' font-size='11' fill='#d1242f'>completeness</text>"
+            + ("<text x='230' y='14' font-size='11' fill='#777'>shaded: 95% interval</text>" if shaded else "")
+            + (f"<line x1='45' x2='70' y1='25' y2='25' stroke='#555' stroke-width='2' stroke-dasharray='6 4'/>"
+               f"<text x='75' y='29' font-size='11' fill='#555'>{html.escape(printable(baseline, one_line=True))}'s baseline</text>"
+               if baseline else ""))
+
+
+def _curve_values(curve: CurveFigures, baseline: list[tuple[int, float]]) -> list[float]:
+    """Every value the curve plot draws."""
+    intervals = [bound for pair in (curve.faithfulness_interval or []) + (curve.completeness_interval or []) for bound in pair]
+    return [*curve.faithfulness, *curve.completeness, *intervals, *(value for _, value in baseline)]

@@ -3,6 +3,7 @@
 A :class:`CircuitSession` loads each model once, prepares each (spec, model) once, checks an
 expectation to a :class:`Verdict` (passed, failed with the reason, or skipped with the reason),
 records baselines, and at the end writes baselines and reports once (:meth:`CircuitSession.finish`).
+A verdict's figures carry the stored baseline the report compares the run with.
 Every way a check can go wrong becomes a verdict with one readable paragraph; nothing here
 decides how a verdict is shown.
 
@@ -20,11 +21,13 @@ from typing import Literal
 
 import torch
 
-from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError
+from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError, SpecError
 from circuit_tests.model.loading import LoadedModel, LoadOptions, ModelCache
+from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
 from circuit_tests.spec.baselines import BaselineStore, entry_for
 from circuit_tests.spec.expectations import check
+from circuit_tests.spec.figures import BaselineFigures
 from circuit_tests.spec.report import Report
 from circuit_tests.spec.schema import Expectation, Spec
 from circuit_tests.spec.subject import Subject
@@ -104,15 +107,31 @@ class CircuitSession:
         except torch.OutOfMemoryError:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", _figures(subject))
+            return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", self._figures(subject))
         except CircuitTestsError as error:
-            return Verdict("failed", str(error), _figures(subject))
+            return Verdict("failed", str(error), self._figures(subject))
         message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
-        return Verdict("passed" if outcome.passed else "failed", message, subject.figures.to_json())
+        return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists."""
         return self.baselines.stale(spec)
+
+    def _figures(self, subject: Subject | None) -> dict:
+        """The subject's figures as plain data, with the stored baseline the report compares them with."""
+        if subject is None:
+            return {}
+        subject.figures.stored_baseline = self._stored_baseline(subject)
+        return subject.figures.to_json()
+
+    def _stored_baseline(self, subject: Subject) -> BaselineFigures | None:
+        """The entry ``stable`` compares with by default (this model's, else the spec's first model's) beside this run;
+        None without one, or when the file is damaged (``stable`` reports that)."""
+        try:
+            found = self.baselines.entry(subject.spec, subject.loaded.ref.name)
+        except SpecError:
+            return None
+        return None if found is None else baseline_figures(*found, subject)
 
     def _record(self, subject: Subject) -> None:
         key = (subject.spec.path, subject.loaded.ref.name)
@@ -139,5 +158,21 @@ def _why_not_skipped(from_command_line: bool) -> str:
     return " (--circuit-strict: a model that is not available fails)"
 
 
-def _figures(subject: Subject | None) -> dict:
-    return {} if subject is None else subject.figures.to_json()
+def baseline_figures(name: str, entry: dict, subject: Subject) -> BaselineFigures:
+    """A stored entry's faithfulness by size, and where the subject's top nodes rank in its circuit: compared node by
+    node only for a model of the same shape whose positions count the same way (``trace.align``)."""
+    faithfulness = {int(size): float(value) for size, value in entry["metrics"]["faithfulness"].items()
+                    if size.isdecimal() and int(size) > 0}
+    top = [_node(row) for row in subject.figures.top]
+    if entry.get("shape") not in (None, subject.shape) or entry.get("align", "start") != subject.spec.trace.align or not top:
+        return BaselineFigures(name, faithfulness)
+    stored = [_node(row) for row in entry["circuit"]]
+    rank = {node: index for index, node in reversed(list(enumerate(stored, 1)))}  # a node listed twice: its first rank
+    lost = [[*node, index] for index, node in enumerate(stored[:len(top)], 1) if node not in top]
+    return BaselineFigures(name, faithfulness, [rank.get(node) for node in top], lost)
+
+
+def _node(row: list) -> Node:
+    """(layer, position, neuron) of a ``[layer, position, neuron, score]`` row, as integers (a baseline file may hold "3")."""
+    layer, position, neuron = row[:3]
+    return int(layer), None if position is None else int(position), int(neuron)
