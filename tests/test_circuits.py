@@ -49,12 +49,17 @@ def test_ranking_and_selection():
     assert top_k(SCORES, 3, aggregate=True).nodes == ((0, None, 1), (1, None, 1), (0, None, 0))
 
 
-def test_overlap():
-    a = Circuit.from_neurons([[0, 1], [2, 3]])
+def test_overlap_of_nodes_plain_and_weighted_by_score_shares():
+    a = Circuit(((0, None, 1), (2, None, 3)), (1.0, 1.0))
     assert overlap(a, a) == (1.0, 1.0)
+    assert overlap(a, Circuit(((0, None, 1), (2, None, 3)), (5.0, 5.0))) == (1.0, 1.0)  # shares, not scales
     assert overlap(a, Circuit.from_neurons([[5, 5]])) == (0.0, 0.0)
-    b = Circuit(((0, 4, 1), (7, 0, 7)), (3.0, 1.0))
-    assert overlap(a, b) == (pytest.approx(1 / 3), pytest.approx(1 / (3 + 1 + 1)))
+    b = Circuit(((0, None, 1), (7, None, 7)), (3.0, 1.0))  # shares 3/4 and 1/4
+    assert overlap(a, b) == (pytest.approx(1 / 3), pytest.approx(0.5 / (0.75 + 0.5 + 0.25)))
+    strongest_lost = Circuit(((7, None, 7), (4, None, 4)), (1.0, 1.0))
+    kept_strongest = Circuit(((0, None, 1), (4, None, 4)), (1.0, 1.0))
+    assert overlap(b, strongest_lost)[0] == overlap(b, kept_strongest)[0]  # Jaccard cannot tell them apart
+    assert overlap(b, strongest_lost)[1] < overlap(b, kept_strongest)[1]
 
 
 def test_node_ranks_keep_the_best_rank_and_expand_none():

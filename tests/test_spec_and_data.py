@@ -64,7 +64,8 @@ def test_a_spec_built_from_a_mapping_matches_its_yaml_form(tmp_path):
     text = "name: x\nmodels: [m]\ntask: {examples: [%s]}\nexpect:\n  - sparse: {max_nodes: 10, min_faithfulness: 0.8}\n"
     from_yaml = load_spec(write(tmp_path, text % json.dumps(GOOD_EXAMPLE)))
     from_dict = spec_from_mapping(yaml.safe_load(text % json.dumps(GOOD_EXAMPLE)), tmp_path / "circuit_x.yaml")
-    assert from_yaml == from_dict and from_yaml.examples == from_dict.examples
+    assert from_yaml.model_dump() == from_dict.model_dump() and from_yaml.examples == from_dict.examples
+    assert [e.line for e in from_yaml.expectations] == [5] and [e.line for e in from_dict.expectations] == [None]
     assert from_yaml.expectations[0].params.max_nodes == 10
 
 

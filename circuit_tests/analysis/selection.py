@@ -39,19 +39,21 @@ def _circuit(entries: list[tuple[Node, float]]) -> Circuit:
 
 
 def overlap(a: Circuit, b: Circuit) -> tuple[float, float]:
-    """Jaccard overlap of two circuits' (layer, neuron) sets, plain and weighted by |score|."""
-    weights_a, weights_b = _neuron_weights(a), _neuron_weights(b)
-    union = weights_a.keys() | weights_b.keys()
+    """Two circuits' overlap, plain and weighted: the Jaccard overlap of their nodes, and the sum over
+    nodes of the smaller of the two |score| shares over the sum of the larger (each circuit's
+    weights divided by their total, so a circuit whose scores all doubled overlaps fully). The
+    weighted overlap falls with a node's share: losing the strongest node counts most."""
+    shares_a, shares_b = _shares(a), _shares(b)
+    union = shares_a.keys() | shares_b.keys()
     if not union:
         return 1.0, 1.0
-    jaccard = len(weights_a.keys() & weights_b.keys()) / len(union)
-    low = sum(min(weights_a.get(n, 0.0), weights_b.get(n, 0.0)) for n in union)
-    high = sum(max(weights_a.get(n, 0.0), weights_b.get(n, 0.0)) for n in union)
-    return jaccard, low / high if high else 1.0
+    jaccard = len(shares_a.keys() & shares_b.keys()) / len(union)
+    low = sum(min(shares_a.get(n, 0.0), shares_b.get(n, 0.0)) for n in union)
+    high = sum(max(shares_a.get(n, 0.0), shares_b.get(n, 0.0)) for n in union)
+    return jaccard, low / high
 
 
-def _neuron_weights(circuit: Circuit) -> dict[tuple[int, int | None], float]:
-    weights: dict[tuple[int, int | None], float] = {}
-    for (layer, _, neuron), weight in zip(circuit.nodes, circuit.weights):
-        weights[(layer, neuron)] = weights.get((layer, neuron), 0.0) + weight
-    return weights
+def _shares(circuit: Circuit) -> dict[Node, float]:
+    """Each node's share of the circuit's total weight (equal shares when every weight is 0)."""
+    total = sum(circuit.weights)
+    return {node: weight / total if total else 1 / len(circuit) for node, weight in zip(circuit.nodes, circuit.weights)}

@@ -21,13 +21,14 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 import circuit_tests
 from circuit_tests.analysis.attribution import ALIGNMENTS
@@ -40,7 +41,7 @@ from circuit_tests.text import printable
 
 VERSION = 1
 BASELINE_NODES = 100  # nodes of the circuit stored in a baseline, at least
-Index = Annotated[int, Field(ge=0)]
+Index = Annotated[StrictInt, Field(ge=0)]  # strict: a string or a boolean in a baseline is an error, not a number
 
 
 class _Shape(BaseModel):
@@ -51,7 +52,8 @@ class _Shape(BaseModel):
 class _Metrics(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    faithfulness: dict[str, float]
+    faithfulness: dict[str, StrictFloat]
+    nodes_for_08: Annotated[StrictFloat, Field(ge=1)] | None = Field(None, alias="nodes_for_0.8")  # what `stable` compares by default
 
 
 class _Entry(BaseModel):
@@ -61,7 +63,7 @@ class _Entry(BaseModel):
 
     shape: _Shape | None = None
     metrics: _Metrics
-    circuit: list[tuple[Index, int | None, Index, float]] = Field(min_length=1)
+    circuit: list[tuple[Index, StrictInt | None, Index, StrictFloat]] = Field(min_length=1)
     align: Literal[ALIGNMENTS] = "start"  # how its positions count (trace.align); entries before 0.2 have none: start
 
 
@@ -73,19 +75,35 @@ class _File(BaseModel):
 
 def entry_for(subject: Subject) -> dict:
     """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded."""
-    size = max([e.params.nodes for e in subject.spec.expectations if isinstance(e.params, Stable)], default=0)
     _ = subject.accuracy, subject.curve, subject.flip_rate(30), subject.flip_rate(100)  # what a baseline records
+    faithful = subject.figures.nodes_for_08  # the size a `stable` without `nodes` compares
+    sizes = [e.params.nodes or faithful or 0 for e in subject.spec.expectations if isinstance(e.params, Stable)]
     figures = _rounded(subject.figures.to_json())
     metrics = {key: figures[key] for key in ("accuracy", "n_test", "nodes_for_0.8", "flip_rate")}
+    faithfulness = dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))
+    if faithful is not None:
+        faithfulness[str(faithful)] = _rounded(subject.faithfulness_at(faithful))
     return {
         "revision": figures["revision"],
         "shape": subject.shape,
         "machine": {"device": figures["device"], "dtype": figures["dtype"], "torch": str(torch.__version__),
                     "circuit_tests": circuit_tests.__version__, "method": subject.spec.trace.method},
-        "metrics": metrics | {"faithfulness": dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))},
+        "metrics": metrics | {"faithfulness": faithfulness},
         "align": subject.spec.trace.align,
-        "circuit": [[*node, round(score, 8)] for node, score in subject.ranked(max(size, BASELINE_NODES))],
+        "circuit": [[*node, round(score, 8)] for node, score in subject.ranked(max([*sizes, BASELINE_NODES]))],
     }
+
+
+def model_key(subject: Subject) -> str:
+    """The name a model's entry has in the spec's baseline file: a checkpoint directory or ``.gguf`` file
+    as the spec lists it, else by its path from the spec's directory (as the spec would list it, however
+    the command line spelled it); any other model by its name."""
+    ref, spec = subject.loaded.ref, subject.spec
+    if ref.kind not in ("local", "gguf"):
+        return ref.name
+    here = Path(ref.location)
+    listed = [name for name in spec.models if name == ref.name or resolved(spec.path.parent / name) == here]
+    return listed[0] if listed else Path(os.path.relpath(here, spec.path.parent)).as_posix()
 
 
 def _rounded(value: object, digits: int = 6) -> object:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes
-from circuit_tests.spec.baselines import BaselineStore, baseline_path
+from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
 from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
@@ -40,7 +40,11 @@ def check(subject: Subject, expectation: Expectation, baselines: BaselineStore) 
     params = expectation.params
     if isinstance(params, Stable):
         return _stable(subject, params, baselines)
-    return CHECKS[type(params)](subject, params)
+    outcome = CHECKS[type(params)](subject, params)
+    if outcome.passed:
+        return outcome
+    edit = f"if the measured value is the new normal, edit the threshold at {expectation.where(subject.spec.path)}"
+    return replace(outcome, details=(*outcome.details, edit))
 
 
 def _ci(value: float, interval: Interval) -> str:
@@ -211,9 +215,10 @@ def _scales(subject: Subject, params: Scales) -> Outcome:
 def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outcome:
     if baselines.update:
         return Outcome(True, "a baseline to compare with", f"recorded {subject.loaded.ref.name} (--circuit-update)")
-    _check_size(subject, params.nodes, "stable.nodes")
-    found = baselines.entry(subject.spec, subject.loaded.ref.name, params.model)
-    whose = params.model or subject.loaded.ref.name
+    if params.nodes is not None:
+        _check_size(subject, params.nodes, "stable.nodes")
+    found = baselines.entry(subject.spec, model_key(subject), params.model)
+    whose = params.model or model_key(subject)
     if found is None:
         return Outcome(False, f"a stored baseline of {whose}", f"none for {whose} in {baseline_path(subject.spec.path)}",
                        ("record one with `pytest --circuit-update` and commit the file",) if params.model is None else
@@ -225,23 +230,52 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
                        f"none for {subject.loaded.ref.name} in {baseline_path(subject.spec.path)}; {name}'s baseline is for "
                        "a model of another shape, so its circuit cannot be compared",
                        ("record one for this model with `pytest --circuit-update` (with `--circuit-model` if the spec does not list it)",))
-    stored = _stored_circuit(subject, entry, params.nodes, name)
-    current = subject.circuit(params.nodes)
-    jaccard, now = subject.stability(stored, params.nodes, name)
-    then = entry["metrics"]["faithfulness"].get(str(params.nodes))
+    size = params.nodes or _faithful_size(subject, entry, name, params.keep_top)
+    stored = _stored_circuit(subject, entry, size, name)
+    current = subject.circuit(size)
+    weighted, jaccard, now = subject.stability(stored, size, name)
+    then = entry["metrics"]["faithfulness"].get(str(size))
     faithful_enough = math.isfinite(now) and (then is None or now >= then - params.faithfulness_tolerance)
+    lost_top = [(rank, node) for rank, node in enumerate(stored.nodes[: params.keep_top], 1) if node not in current]
     entered = sorted(set(current.nodes) - set(stored.nodes), key=current.nodes.index)
     left = sorted(set(stored.nodes) - set(current.nodes), key=stored.nodes.index)
     then_text = f"{then:.3f}" if then is not None else "not stored"
     now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
-    sizes = f"{len(stored)} stored nodes" if len(stored) < params.nodes else f"{params.nodes} nodes"
+    sizes = f"{len(stored)} stored nodes" if len(stored) < size else f"{size} nodes"
+    keep = f", its top {params.keep_top} nodes all still in the circuit" if params.keep_top else ""
+    passed = weighted >= params.min_overlap and faithful_enough and not lost_top
     return Outcome(
-        jaccard >= params.min_overlap and faithful_enough,
-        f"overlap with {name}'s baseline circuit ({sizes}) >= {params.min_overlap:.2f}, and its "
-        f"faithfulness within {params.faithfulness_tolerance:.2f} of the stored value",
-        f"overlap {jaccard:.3f}; stored circuit's faithfulness now {now_text}, stored {then_text}",
-        (f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}"),
+        passed,
+        f"overlap with {name}'s baseline circuit ({sizes}) >= {params.min_overlap:.2f} weighted by attribution{keep}, "
+        f"and its faithfulness within {params.faithfulness_tolerance:.2f} of the stored value",
+        f"overlap {weighted:.3f} weighted ({jaccard:.3f} of nodes shared); stored circuit's faithfulness now {now_text}, "
+        f"stored {then_text}",
+        (*([f"lost from the baseline's top {params.keep_top}: " + ", ".join(
+            f"{format_node(node)} (rank {rank}, score {entry['circuit'][rank - 1][3]:+.3g})" for rank, node in lost_top)]
+           if lost_top else []),
+         f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}",
+         *([] if passed else [_accept(subject, name)])),
     )
+
+
+def _faithful_size(subject: Subject, entry: dict, name: str, keep_top: int) -> int:
+    """The circuit size a ``stable`` without ``nodes`` compares: the baseline's nodes for 0.8 faithfulness."""
+    recorded = entry["metrics"].get("nodes_for_0.8")
+    if recorded is None:
+        raise _error(subject, "stable.nodes", f"{name}'s baseline records no circuit reaching 0.8 faithfulness (none of "
+                     f"up to {max(STANDARD_SIZES)} nodes does)", "Set 'stable.nodes' to the circuit size to compare.")
+    return max(math.ceil(recorded), keep_top)
+
+
+def _accept(subject: Subject, baseline: str) -> str:
+    """How to accept the change: record the circuit measured now as the baseline."""
+    where = baseline_path(subject.spec.path)
+    if baseline == model_key(subject):
+        return (f"if this change is intended, record the circuit measured now with `pytest {subject.spec.path} --circuit-update` "
+                f"and commit {where}")
+    return (f"if this change is intended, make {subject.loaded.ref.name}'s circuit the baseline: `circuit-tests promote "
+            f"{subject.spec.path} --model {subject.loaded.ref.name}` (or `pytest --circuit-update --circuit-model=...` to give "
+            f"it an entry of its own) and commit {where}")
 
 
 def _stored_circuit(subject: Subject, entry: dict, size: int, name: str) -> Circuit:

@@ -17,7 +17,7 @@ also the published JSON Schema (``circuit-tests schema``). Every problem is one
       - pinned: {neurons: [[17, 1203], [22, 88]], min_flip_rate: 0.5}
       - steers: {neurons: 30, min_success: 0.5}
       - scales: {neurons: [[28, 678], [9, 200]], factors: [0, 1, 2], min_change: 0.2}
-      - stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05}
+      - stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05, keep_top: 5}
 """
 
 from __future__ import annotations
@@ -270,14 +270,23 @@ class Scales(Claim):
 class Stable(Claim):
     """The circuit still matches the stored baseline (written with ``--circuit-update``)."""
 
-    THRESHOLDS = ('min_overlap', 'faithfulness_tolerance')
+    THRESHOLDS = ('min_overlap', 'faithfulness_tolerance', 'keep_top')
 
     vs: Literal["baseline"] = Field("baseline", description="what to compare with (the stored baseline file)")
     RENAMED = {"neurons": "nodes"}
     model: ModelName | None = Field(None, description="whose baseline: default this model's, else the spec's first model's")
-    nodes: Count = Field(100, description="circuit size compared, in (layer, position, neuron) nodes (was neurons)")
-    min_overlap: Rate = Field(0.5, description="Jaccard overlap of the two circuits' nodes (above 0)")
+    nodes: Count | None = Field(None, description="circuit size compared, in (layer, position, neuron) nodes (was neurons); "
+                                "default: the baseline's nodes for 0.8 faithfulness, the smallest faithful circuit")
+    min_overlap: Rate = Field(0.5, description="overlap of the two circuits weighted by attribution: per node the smaller "
+                              "of its two shares of |score|, summed, over the larger, summed (1: same nodes, same shares)")
     faithfulness_tolerance: float = Field(0.05, ge=0.0, lt=1.0, description="how far the stored circuit's faithfulness may drop (below 1)")
+    keep_top: Index = Field(5, description="the baseline's strongest nodes that must all stay in the circuit (0: none)")
+
+    @model_validator(mode="after")
+    def _keep_fits(self) -> Stable:
+        if self.nodes is not None and self.keep_top > self.nodes:
+            raise ValueError(f"'keep_top' ({self.keep_top}) is more than 'nodes' ({self.nodes}): they could never all stay in it")
+        return self
 
 
 KINDS: dict[str, type[Claim]] = {
@@ -330,6 +339,7 @@ class Spec(Strict):
 
     _path: Path = PrivateAttr(Path("<spec>"))
     _examples: tuple[PairedExample, ...] = PrivateAttr(())
+    _lines: tuple[int, ...] = PrivateAttr(())  # the line of each claim in the spec file (none for a spec built in Python)
 
     @field_validator("models")
     @classmethod
@@ -350,7 +360,8 @@ class Spec(Strict):
     @property
     def expectations(self) -> list[Expectation]:
         """The claims in order, each named as :class:`Claim` says: ``pinned``, ``pinned-3fa2c1``, or its ``id``."""
-        return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index, label)
+        return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index, label,
+                            self._lines[index] if index < len(self._lines) else None)
                 for index, (entry, label) in enumerate(zip(self.expect, _labels(self.expect)))]
 
     @field_validator("expect")
@@ -372,6 +383,11 @@ class Expectation:
     params: Strict
     index: int  # position in the spec's ``expect`` list
     label: str  # the name in test ids and reports: the claim's id, its kind, or kind-DIGEST (see Claim)
+    line: int | None = None  # where it is written in the spec file
+
+    def where(self, path: Path) -> str:
+        """``FILE:LINE`` of the claim (``FILE`` alone for a spec built in Python)."""
+        return f"{path}:{self.line}" if self.line else str(path)
 
 
 def json_schema() -> dict:
@@ -431,7 +447,18 @@ def load_spec(path: Path, root: Path | None = None) -> Spec:
         text = read_text(path, None if root is None else [root], SPEC_LIMIT)
     except UnreadableInput as error:
         raise SpecError(f"{error}. A spec is a YAML file inside the project.") from None
-    return spec_from_mapping(parse_yaml(text, path), path, root)
+    spec = spec_from_mapping(parse_yaml(text, path), path, root)
+    spec._lines = _claim_lines(text)
+    return spec
+
+
+def _claim_lines(text: str) -> tuple[int, ...]:
+    """The line (from 1) of each entry of the spec's ``expect`` list, read from the YAML node tree."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else ():
+        if key.value == "expect" and isinstance(value, yaml.SequenceNode):
+            return tuple(item.start_mark.line + 1 for item in value.value)
+    return ()
 
 
 def parse_yaml(text: str, path: Path) -> object:

@@ -25,7 +25,7 @@ from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError, Spec
 from circuit_tests.model.loading import LoadedModel, LoadOptions, ModelCache
 from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
-from circuit_tests.spec.baselines import BaselineStore, entry_for
+from circuit_tests.spec.baselines import BaselineStore, entry_for, model_key
 from circuit_tests.spec.expectations import check
 from circuit_tests.spec.figures import BaselineFigures
 from circuit_tests.spec.report import Report
@@ -69,6 +69,7 @@ class CircuitSession:
         self.models = ModelCache()
         self._subjects: dict[tuple, Subject | CircuitTestsError] = {}
         self._recorded: set[tuple[Path, str]] = set()
+        self._tested: set[tuple[Path, str]] = set()  # (spec, baseline key) of every model a spec ran on
         self.written: list[Path] = []  # baseline files, once finished
         self.problems: list[str] = []  # outputs that could not be written, once finished
 
@@ -99,6 +100,7 @@ class CircuitSession:
         subject = None
         try:
             subject = self.subject(spec, model, from_command_line)
+            self._tested.add((spec.path, model_key(subject)))
             outcome = check(subject, expectation, self.baselines)
             self._record(subject)
         except ModelNotAvailableError as error:
@@ -114,8 +116,8 @@ class CircuitSession:
         return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
 
     def stale(self, spec: Spec) -> list[str]:
-        """Models in the spec's baseline file that it no longer lists."""
-        return self.baselines.stale(spec)
+        """Models in the spec's baseline file that it no longer lists, and that this run did not test it on."""
+        return [name for name in self.baselines.stale(spec) if (spec.path, name) not in self._tested]
 
     def _figures(self, subject: Subject | None) -> dict:
         """The subject's figures as plain data, with the stored baseline the report compares them with."""
@@ -128,15 +130,15 @@ class CircuitSession:
         """The entry ``stable`` compares with by default (this model's, else the spec's first model's) beside this run;
         None without one, or when the file is damaged (``stable`` reports that)."""
         try:
-            found = self.baselines.entry(subject.spec, subject.loaded.ref.name)
+            found = self.baselines.entry(subject.spec, model_key(subject))
         except SpecError:
             return None
         return None if found is None else baseline_figures(*found, subject)
 
     def _record(self, subject: Subject) -> None:
-        key = (subject.spec.path, subject.loaded.ref.name)
+        key = (subject.spec.path, model_key(subject))
         if self.baselines.update and key not in self._recorded:
-            self.baselines.record(subject.spec, subject.loaded.ref.name, entry_for(subject))
+            self.baselines.record(subject.spec, key[1], entry_for(subject))
             self._recorded.add(key)
 
     def finish(self) -> None:

@@ -76,6 +76,7 @@ class Subject:
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
         self._faithful: dict[int, float] = {}  # faithfulness of the top-k circuit, by k
+        self._curves: dict[int, Curve] = {}  # curves of single sizes the spec does not name, by size
 
     def _refuse_too_many_drops(self) -> None:
         """Fail the spec when more of its examples are dropped than ``task.max_dropped`` allows (compared exactly)."""
@@ -102,7 +103,14 @@ class Subject:
         scores = self.traces.scores(self.loaded, self.train, options, (self.sites.n_layers, self.sites.n_neurons),
                                     lambda: trace(self.loaded, self.train, options, self.batch_size)[0])
         self.figures.top = [[*node, score] for node, score in scores.ranked(20, aggregate=self.by_neuron)]
+        self.figures.tokens = self._tokens()
         return scores
+
+    def _tokens(self) -> dict[str, str]:
+        """Each position (as ``trace.align`` counts it) -> its token's text in the first held-out prompt."""
+        ids = self.test.batches[0].clean_ids[0].tolist()
+        first = -len(ids) if self.spec.trace.align == "end" else 0
+        return {str(first + i): self.loaded.tokenizer.decode([token]) for i, token in enumerate(ids)}
 
     @property
     def by_neuron(self) -> bool:
@@ -155,7 +163,10 @@ class Subject:
     def curve(self) -> Curve:
         sizes = self._sizes()
         curve = self.faithfulness_curve(self.circuit(max(sizes)), sizes)
-        self.figures.curve = CurveFigures(list(curve.sizes), curve.faithfulness, curve.completeness)
+        self.figures.curve = CurveFigures(
+            list(curve.sizes), curve.faithfulness, curve.completeness,
+            [list(self._measured(curve, index).interval) for index in range(len(curve.sizes))],
+            [list(self._measured(curve, index, complement=True).interval) for index in range(len(curve.sizes))])
         self._faithful.update(zip(curve.sizes, curve.faithfulness))
         self.figures.nodes_for_08 = self.nodes_for(0.8)
         return curve
@@ -166,6 +177,10 @@ class Subject:
         if not self._faithful:
             _ = self.curve  # measures the standard sizes first, which the search reuses
         return nodes_for(target, self._faithfulness_of, STANDARD_SIZES)
+
+    def faithfulness_at(self, size: int) -> float:
+        """Faithfulness of the top ``size`` nodes, any size (no interval: :meth:`faithfulness` gives one)."""
+        return self._faithfulness_of([size])[0]
 
     def _faithfulness_of(self, sizes: Sequence[int]) -> list[float]:
         """Faithfulness of the top ``sizes`` nodes, each size measured once per subject."""
@@ -183,21 +198,29 @@ class Subject:
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
                  for e in self.spec.expectations if isinstance(e.params, (Sparse, Necessary, Stable))}
-        return tuple(sorted(set(STANDARD_SIZES) | asked))
+        return tuple(sorted(set(STANDARD_SIZES) | asked - {None}))
 
     def faithfulness(self, size: int) -> Measured:
-        """Faithfulness of the top ``size`` nodes (a size of the curve)."""
-        index = self.curve.sizes.index(size)
-        samples = [self.curve.per_example[index], self.curve.per_example[-2], self.curve.per_example[-1]]
-        return self._measured(self.curve.faithfulness[index], samples)
+        """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""
+        return self._measured(*self._curve_at(size))
 
     def completeness(self, size: int) -> Measured:
-        """Completeness with the top ``size`` nodes ablated (a size of the curve)."""
-        index = self.curve.sizes.index(size)
-        samples = [self.curve.complement[index], self.curve.per_example[-2], self.curve.per_example[-1]]
-        return self._measured(self.curve.completeness[index], samples)
+        """Completeness with the top ``size`` nodes ablated, with its bootstrap interval."""
+        return self._measured(*self._curve_at(size), complement=True)
 
-    def _measured(self, value: float, samples: list[torch.Tensor]) -> Measured:
+    def _curve_at(self, size: int) -> tuple[Curve, int]:
+        """The curve holding ``size`` (the spec's, else one measured for that size alone) and its index there."""
+        if size in self.curve.sizes:
+            return self.curve, self.curve.sizes.index(size)
+        if size not in self._curves:
+            self._curves[size] = self.faithfulness_curve(self.circuit(size), [size])
+        return self._curves[size], 0
+
+    def _measured(self, curve: Curve, index: int, complement: bool = False) -> Measured:
+        """Faithfulness (or completeness) of a curve's ``index``-th size, with its bootstrap interval."""
+        kept = curve.complement if complement else curve.per_example
+        samples = [kept[index], curve.per_example[-2], curve.per_example[-1]]
+        value = (curve.completeness if complement else curve.faithfulness)[index]
         return Measured(value, bootstrap(faithfulness_from, samples, seed=self.spec.task.seed), samples[0].shape[-1])
 
     def flip_rate(self, size: int) -> Measured:
@@ -230,12 +253,13 @@ class Subject:
                 f"{factor:g}": p.mean().item() for factor, p in zip(factors, self._sweeps[key])}
         return self._sweeps[key]
 
-    def stability(self, stored: Circuit, size: int, baseline: str) -> tuple[float, float]:
-        """Jaccard overlap of the top ``size`` nodes with a stored circuit, and the stored circuit's faithfulness now."""
-        jaccard, _ = overlap(self.circuit(size), stored)
+    def stability(self, stored: Circuit, size: int, baseline: str) -> tuple[float, float, float]:
+        """How the top ``size`` nodes compare with a stored circuit: the overlap weighted by attribution, the
+        plain Jaccard overlap of the nodes, and the stored circuit's faithfulness now."""
+        jaccard, weighted = overlap(self.circuit(size), stored)
         now = self.faithfulness_curve(stored, [len(stored)]).faithfulness[0]
-        self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = jaccard, baseline, now
-        return jaccard, now
+        self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = weighted, baseline, now
+        return weighted, jaccard, now
 
     def _rate(self, memo: dict, key: object, compute) -> Measured:
         if key not in memo:

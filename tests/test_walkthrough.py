@@ -1,0 +1,111 @@
+"""A new user's journey, end to end, on a behaviour we do not ship: check the data, write a spec with measured
+thresholds, run it, catch a checkpoint that lost the circuit's strongest neuron, pass one that lost an idle neuron,
+diff them, accept a change, and use the Python fixtures as the README shows them.
+
+The model is a tiny random Llama (what it computes is arbitrary, but every step measures it for real); the data
+mixes prompts of two lengths (3 and 6 tokens), lined up at their last token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from test_subject import agreement_pairs
+
+from circuit_tests.cli import main
+from circuit_tests.testing import save_tiny_checkpoint
+
+pytest_plugins = ["pytester"]
+
+
+def without_neuron(source: Path, target: Path, layer: int, neuron: int) -> Path:
+    """A copy of a checkpoint whose MLP neuron (layer, neuron) writes nothing: its column of down_proj is zero."""
+    target.mkdir()
+    for path in source.iterdir():
+        target.joinpath(path.name).write_bytes(path.read_bytes())
+    weights = load_file(source / "model.safetensors")
+    weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, neuron] = 0
+    save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture
+def project(pytester, monkeypatch) -> pytest.Pytester:
+    monkeypatch.chdir(pytester.path)
+    save_tiny_checkpoint(pytester.path / "ckpt")
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    return pytester
+
+
+def test_a_new_behaviour_from_data_to_a_caught_regression(project, capsys):
+    # 1. check the data before tracing anything
+    assert main(["check", "data.jsonl", "--model", "ckpt"]) == 0
+    assert "3, 6" in capsys.readouterr().out  # prompt lengths in tokens
+
+    # 2. a spec whose thresholds are measured on the model, with its baseline
+    assert main(["new", "data.jsonl", "--name", "agree", "--model", "ckpt", "--measure"]) == 0
+    spec = project.path / "specs" / "agree.yaml"
+    text = spec.read_text()
+    assert "models: [\"../ckpt\"]" in text and re.search(r"behaves: \{min_accuracy: 0\.\d+\}  # measured", text)
+    assert (project.path / "specs" / "agree.baseline.json").is_file()
+
+    # 3. it passes on the model it was measured on
+    project.runpytest("specs", "-p", "no:cacheprovider").assert_outcomes(passed=text.count("\n  - "))
+
+    # 4. a checkpoint without the baseline's strongest neuron fails `stable`, naming it
+    stored = json.loads((project.path / "specs" / "agree.baseline.json").read_text())["models"]["../ckpt"]["circuit"]
+    layer, _, neuron, _ = stored[0]
+    without_neuron(project.path / "ckpt", project.path / "knockout", layer, neuron)
+    result = project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-model", "knockout")
+    result.stdout.fnmatch_lines(["*lost from the baseline's top 5: L*(rank 1, score*",
+                                 "*circuit-tests promote * --model knockout*"])
+    assert any(line.startswith("FAILED specs/agree.yaml::agree::stable[knockout]") for line in result.stdout.lines)
+
+    # 5. a checkpoint without a neuron outside the circuit passes it
+    last = max(row[0] for row in stored)
+    idle = next(n for n in range(64) if all((row[0], row[2]) != (last, n) for row in stored))
+    without_neuron(project.path / "ckpt", project.path / "control", last, idle)
+    project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-model", "control", "-k", "stable").assert_outcomes(passed=1)
+
+    # 6. diff names what moved
+    assert main(["diff", "specs/agree.yaml", "--models", "ckpt", "knockout"]) == 0
+    assert re.search(rf"lost \(\d+\): .*L{layer}\b", capsys.readouterr().out)
+
+    # 7. an intended change is accepted by promoting the checkpoint's circuit to the model's baseline
+    assert main(["promote", "specs/agree.yaml", "--model", "knockout"]) == 0
+    promoted = json.loads((project.path / "specs" / "agree.baseline.json").read_text())["models"]["../ckpt"]
+    assert promoted["promoted_from"] == "../knockout"
+    project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-model", "knockout", "-k", "stable").assert_outcomes(passed=1)
+
+    # 8. a checkpoint's own baseline is keyed as the spec would list it, and is not stale
+    result = project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-update", "--circuit-model", str(project.path / "control"))
+    assert "../control" in json.loads((project.path / "specs" / "agree.baseline.json").read_text())["models"]
+    assert "stale" not in result.stdout.str()
+
+
+def test_a_failed_threshold_says_where_to_edit_it(project):
+    spec = project.path / "specs" / "strict.yaml"
+    spec.parent.mkdir()
+    spec.write_text('name: strict\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl}\nexpect:\n'
+                    "  - behaves: {min_accuracy: 0.01}\n  - flips: {nodes: 1, min_flip_rate: 1.0}\n")
+    result = project.runpytest("specs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([f"*edit the threshold at {spec}:6"])
+
+
+def test_the_python_fixtures_as_the_readme_shows_them(project):
+    project.makepyfile(test_agreement="""
+        def test_the_circuit(circuit_model, circuit_trace):
+            model = circuit_model("ckpt")
+            subject = circuit_trace(model, dataset="data.jsonl", test_fraction=0.5)
+            top = subject.circuit(5)
+            assert len(top) == 5 and top.nodes[0] in top
+            faithfulness = subject.faithfulness(100)
+            assert 0 <= faithfulness.interval[1] and faithfulness.n == subject.test.n_examples
+            assert subject.flip_rate(10) >= 0.0 and "95% CI" in str(subject.flip_rate(10))
+    """)
+    project.runpytest("test_agreement.py", "-p", "no:cacheprovider").assert_outcomes(passed=1)
