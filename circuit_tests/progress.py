@@ -1,8 +1,9 @@
 """Progress bars for long work, shown only on an interactive terminal.
 
-The command line turns them on with :func:`on_terminal`; the library and the pytest plugin
-never do, so test output and CI logs stay free of carriage-return noise. ``CI`` set in the
-environment (as every CI service does) or an output that is not a terminal keeps them off.
+The command line, and the pytest plugin while an item runs (on the real stderr, past pytest's
+capture), turn them on with :func:`on_terminal`; the library never does. ``CI`` set in the
+environment (as every CI service does) or an output that is not a terminal keeps them off, so
+test output and CI logs stay free of carriage-return noise.
 """
 
 from __future__ import annotations

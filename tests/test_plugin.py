@@ -189,7 +189,7 @@ def test_baselines_are_written_compared_and_never_corrupted(sva):
     result = sva.runpytest("-k", "stable")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*measured: overlap 0.000*", "*entered (50): L*", "*left (50): L*",
-                                 "*stale baseline entries in *sva.yaml: old-checkpoint*"])
+                                 "*stale baseline entries in *sva.baseline.json: old-checkpoint*"])
 
     baseline.write_text("{ damaged")
     for args in (["-k", "stable"], ["--circuit-update"]):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from circuit_tests.model.loading import load_model
+from circuit_tests.spec.expectations import _bound, _shown
 from circuit_tests.spec.schema import spec_from_mapping
 from circuit_tests.spec.subject import Subject
 from circuit_tests.testing import save_tiny_checkpoint
@@ -55,3 +56,46 @@ def test_nodes_for_a_faithfulness_is_searched_so_it_does_not_depend_on_the_sizes
     fresh = subject(project, loaded, {"behaves": {"min_accuracy": 0.5}})
     assert fresh.faithfulness_curve(fresh.circuit(n), [n - 1, n], complement=False).faithfulness[0] < 0.8
     assert fresh.faithfulness_curve(fresh.circuit(n), [n - 1, n], complement=False).faithfulness[1] >= 0.8
+
+
+def test_an_unchanged_rerun_reads_its_measurements_from_the_cache(project, loaded, tmp_path, monkeypatch):
+    from circuit_tests.spec import subject as module
+
+    claims = ({"sparse": {"max_nodes": 40, "min_faithfulness": 0.8}}, {"behaves": {"min_accuracy": 0.5}})
+
+    def measure(cache: Path):
+        measured = Subject(subject(project, loaded, *claims).spec, loaded, cache)
+        return (measured.curve.per_example, measured.figures.nodes_for_08, measured.accuracy,
+                measured.flips(measured.circuit(10)), measured.figures.timings)
+
+    first = measure(tmp_path)
+    assert {"trace", "faithfulness curve", "flips", "preferences"} <= set(first[-1])
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    for name in ("faithfulness_curve", "flip_rates", "preferences", "trace"):
+        monkeypatch.setattr(module, name, no_forward_pass)
+    again = measure(tmp_path)
+    assert again[0].equal(first[0]) and again[1:3] == first[1:3] and again[3].equal(first[3])
+
+    for entry in tmp_path.glob("*.safetensors"):  # a damaged cache is measured again, not trusted
+        entry.write_bytes(b"damaged")
+    monkeypatch.undo()
+    damaged = measure(tmp_path)
+    assert damaged[0].equal(first[0]) and damaged[1:3] == first[1:3]
+
+
+@pytest.mark.parametrize(("value", "threshold", "shown"), [
+    (0.79996, 0.8, "0.79996"),  # three decimals would print 0.800 beside a failed ">= 0.8"
+    (0.8004, 0.8, "0.8004"),  # and 0.800 beside a failed "<= 0.8"
+    (0.8, 0.8, "0.800"),
+    (0.93417, 0.8, "0.934"),
+    (0.93417, None, "0.934"),
+])
+def test_a_figure_is_printed_with_the_digits_that_show_its_side_of_the_threshold(value, threshold, shown):
+    assert _shown(value, threshold) == shown
+
+
+def test_a_threshold_is_printed_as_written():
+    assert [_bound(t) for t in (0.8, 0.875, 0.05, 1.0)] == ["0.80", "0.875", "0.05", "1.00"]

@@ -41,7 +41,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-json", metavar="PATH.json", help="write the report's data as JSON")
     group.addoption("--circuit-strict", action="store_true",
                     help="a model that is not on this machine (hub id not in the local cache) fails instead of skipping")
-    group.addoption("--circuit-no-cache", action="store_true", help="trace again instead of reading cached traces")
+    group.addoption("--circuit-no-cache", action="store_true", help="trace and measure again instead of reading cached traces and measurements")
     group.addoption("--circuit-trust-remote-code", action="append", default=[], metavar="MODEL",
                     help="let this model run the code shipped with its checkpoint (a hub id, any revision, or id@revision; "
                          "or a directory outside the project); repeatable. No spec can allow this.")

@@ -8,8 +8,11 @@ the run if any could not be written.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from circuit_tests.spec.baselines import baseline_path
 from circuit_tests.spec.report import PROPERTY, decode
 from circuit_tests.spec.session import CircuitSession
 from circuit_tests.text import printable
@@ -59,7 +62,8 @@ class SessionHooks:
         for row in report.rows.values():
             if row.stale:
                 terminalreporter.write_line(printable(
-                    f"stale baseline entries in {row.path}: {', '.join(row.stale)} (models the spec no longer lists)", one_line=True))
+                    f"stale baseline entries in {baseline_path(Path(row.path))}: {', '.join(row.stale)} (models {Path(row.path).name} no "
+                    "longer lists and this run did not test; delete them from the file, or list the models again)", one_line=True))
 
 
 def _failure_text(report: pytest.TestReport) -> str:

@@ -13,11 +13,13 @@ shows it: a failure as the domain report (``repr_failure``), never a traceback.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from circuit_tests.errors import CircuitTestsError
+from circuit_tests.progress import on_terminal
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
 from circuit_tests.spec.session import CircuitSession
@@ -73,7 +75,8 @@ class ExpectationItem(pytest.Item):
     def runtest(self) -> None:
         session = self.config.stash[SESSION]
         spec = self.parent.spec
-        verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
+        with on_terminal(sys.__stderr__):  # bars for the trace and each measurement, on an interactive terminal only
+            verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
         result = payload(spec.name, self.model, spec.path, self.expectation.label, spec.description) | {
             "message": verdict.message, "figures": verdict.figures, "stale": session.stale(spec)}
         self.user_properties.append((PROPERTY, encode(result)))

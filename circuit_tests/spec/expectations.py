@@ -47,8 +47,23 @@ def check(subject: Subject, expectation: Expectation, baselines: BaselineStore) 
     return replace(outcome, details=(*outcome.details, edit))
 
 
-def _ci(value: float, interval: Interval) -> str:
-    return f"{value:.3f} (95% CI {interval[0]:.3f} to {interval[1]:.3f})"
+def _ci(value: float, interval: Interval, threshold: float | None = None) -> str:
+    return f"{_shown(value, threshold)} (95% CI {interval[0]:.3f} to {interval[1]:.3f})"
+
+
+def _shown(value: float, threshold: float | None) -> str:
+    """``value`` to three decimals, or as many more as it takes to show which side of ``threshold`` it is on:
+    a figure is compared exactly as printed (0.79996 is not printed as 0.800 beside a threshold of 0.8)."""
+    for digits in range(3, 10):
+        text = f"{value:.{digits}f}"
+        if threshold is None or (float(text) >= threshold, float(text) <= threshold) == (value >= threshold, value <= threshold):
+            return text
+    return repr(value)
+
+
+def _bound(threshold: float) -> str:
+    """A threshold as the spec wrote it: two decimals unless it has more."""
+    return f"{threshold:.2f}" if float(f"{threshold:.2f}") == threshold else f"{threshold:g}"
 
 
 def _on_test(subject: Subject) -> str:
@@ -83,8 +98,8 @@ def _undefined(subject: Subject, what: str) -> str:
 
 def _behaves(subject: Subject, params: Behaves) -> Outcome:
     measured = subject.accuracy
-    return Outcome(measured >= params.min_accuracy, f"accuracy >= {params.min_accuracy:.3f}",
-                   f"accuracy {measured:.3f} {_on_test(subject)}")
+    return Outcome(measured >= params.min_accuracy, f"accuracy >= {_bound(params.min_accuracy)}",
+                   f"accuracy {_shown(measured, params.min_accuracy)} {_on_test(subject)}")
 
 
 def _sparse(subject: Subject, params: Sparse) -> Outcome:
@@ -92,13 +107,13 @@ def _sparse(subject: Subject, params: Sparse) -> Outcome:
     measured = subject.faithfulness(params.max_nodes)
     value, interval = measured.value, measured.interval
     needed = subject.nodes_for(params.min_faithfulness)
-    expected = f"the top {params.max_nodes} nodes are >= {params.min_faithfulness:.2f} faithful ({subject.spec.trace.ablation} ablation)"
+    expected = f"the top {params.max_nodes} nodes are >= {_bound(params.min_faithfulness)} faithful ({subject.spec.trace.ablation} ablation)"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "faithfulness"))
     return Outcome(
         value >= params.min_faithfulness, expected,
-        f"faithfulness {_ci(value, interval)} {_on_test(subject)}",
-        (f"faithfulness {params.min_faithfulness:.2f} needs " + (f"{needed} nodes (the smallest top-k circuit reaching it)"
+        f"faithfulness {_ci(value, interval, params.min_faithfulness)} {_on_test(subject)}",
+        (f"faithfulness {_bound(params.min_faithfulness)} needs " + (f"{needed} nodes (the smallest top-k circuit reaching it)"
          if needed else f"more than {max(STANDARD_SIZES)} nodes"), *_fewer(subject, params.max_nodes)),
     )
 
@@ -113,10 +128,10 @@ def _necessary(subject: Subject, params: Necessary) -> Outcome:
     _check_size(subject, params.nodes, "necessary.nodes")
     measured = subject.completeness(params.nodes)
     value, interval = measured.value, measured.interval
-    expected = f"with the top {params.nodes} nodes ablated, completeness <= {params.max_completeness:.2f}"
+    expected = f"with the top {params.nodes} nodes ablated, completeness <= {_bound(params.max_completeness)}"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "completeness"))
-    return Outcome(value <= params.max_completeness, expected, f"completeness {_ci(value, interval)} {_on_test(subject)}",
+    return Outcome(value <= params.max_completeness, expected, f"completeness {_ci(value, interval, params.max_completeness)} {_on_test(subject)}",
                    _fewer(subject, params.nodes))
 
 
@@ -126,8 +141,8 @@ def _flips(subject: Subject, params: Flips) -> Outcome:
     value, interval = measured.value, measured.interval
     return Outcome(
         value >= params.min_flip_rate,
-        f"patching the top {params.nodes} nodes from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
-        f"flip rate {_ci(value, interval)} {_on_test(subject)}",
+        f"patching the top {params.nodes} nodes from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers",
+        f"flip rate {_ci(value, interval, params.min_flip_rate)} {_on_test(subject)}",
         _fewer(subject, params.nodes),
     )
 
@@ -140,8 +155,8 @@ def _pinned(subject: Subject, params: Pinned) -> Outcome:
     at = "" if params.position is None else f" at position {params.position}"
     return Outcome(
         value >= params.min_flip_rate,
-        f"patching {what}{at} from the counterfactual flips >= {params.min_flip_rate:.2f} of answers",
-        f"flip rate {value:.3f} {_on_test(subject)}",
+        f"patching {what}{at} from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers",
+        f"flip rate {_shown(value, params.min_flip_rate)} {_on_test(subject)}",
     )
 
 
@@ -181,8 +196,8 @@ def _steers(subject: Subject, params: Steers) -> Outcome:
     return Outcome(
         value >= params.min_success,
         f"patching {what} at every position from the source prompt makes the source's answer the top token in "
-        f">= {params.min_success:.2f} of prompts",
-        f"success {_ci(value, interval)} {_on_test(subject)}",
+        f">= {_bound(params.min_success)} of prompts",
+        f"success {_ci(value, interval, params.min_success)} {_on_test(subject)}",
     )
 
 
@@ -246,9 +261,9 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     passed = weighted >= params.min_overlap and faithful_enough and not lost_top
     return Outcome(
         passed,
-        f"overlap with {name}'s baseline circuit ({sizes}) >= {params.min_overlap:.2f} weighted by attribution{keep}, "
-        f"and its faithfulness within {params.faithfulness_tolerance:.2f} of the stored value",
-        f"overlap {weighted:.3f} weighted ({jaccard:.3f} of nodes shared); stored circuit's faithfulness now {now_text}, "
+        f"overlap with {name}'s baseline circuit ({sizes}) >= {_bound(params.min_overlap)} weighted by attribution{keep}, "
+        f"and its faithfulness within {_bound(params.faithfulness_tolerance)} of the stored value",
+        f"overlap {_shown(weighted, params.min_overlap)} weighted ({jaccard:.3f} of nodes shared); stored circuit's faithfulness now {now_text}, "
         f"stored {then_text}",
         (*([f"lost from the baseline's top {params.keep_top}: " + ", ".join(
             f"{format_node(node)} (rank {rank}, score {entry['circuit'][rank - 1][3]:+.3g})" for rank, node in lost_top)]

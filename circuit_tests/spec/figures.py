@@ -66,6 +66,7 @@ class Figures:
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
     sweep: dict[str, dict[str, float]] = field(default_factory=dict)  # "N neurons" -> factor -> mean P(token)
     top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("trace", "faithfulness curve", ...), cached or not
     tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
     overlap: float | None = None  # with the stored baseline circuit (stable)
     baseline: str | None = None  # whose baseline that was
@@ -93,6 +94,8 @@ class Figures:
             data["top"] = self.top
         if self.tokens:
             data["tokens"] = self.tokens
+        if self.timings:
+            data["timings"] = {stage: round(seconds, 3) for stage, seconds in self.timings.items()}
         for name in ("overlap", "baseline", "stored_circuit_faithfulness"):
             if getattr(self, name) is not None:
                 data[name] = getattr(self, name)
@@ -111,7 +114,7 @@ class Figures:
             curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
-            sweep=data.get("sweep", {}), top=data.get("top", []), tokens=data.get("tokens", {}), overlap=data.get("overlap"),
+            sweep=data.get("sweep", {}), top=data.get("top", []), tokens=data.get("tokens", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
             stored_baseline=BaselineFigures.from_json(stored) if stored else None,
         )

@@ -14,7 +14,6 @@ import json
 import math
 from dataclasses import dataclass
 
-from circuit_tests.analysis.measures import preferences
 from circuit_tests.analysis.stats import Measured, bootstrap
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
@@ -71,7 +70,7 @@ def upper(measured: Measured, margin: float) -> Threshold:
 
 def measured_claims(subject: Subject, margin: float) -> tuple[tuple[str, ...], str]:
     """The claims a subject's measurements support, and a note on how they were set."""
-    hits = (preferences(subject.sites, subject.test, batch_size=subject.batch_size) > 0).float()
+    hits = (subject.preferences > 0).float()
     accuracy = Measured(subject.accuracy, bootstrap(lambda h: h.mean(), [hits], seed=subject.spec.task.seed), hits.numel())
     size = subject.nodes_for(0.8)
     note = (f"Thresholds measured on {subject.loaded.ref.name} ({subject.test.n_examples} held-out examples): the lower 95% "

@@ -4,29 +4,33 @@ A :class:`Subject` is what every expectation of a (spec, model) shares. Each mea
 on first use and kept, so a spec with ten expectations loads and traces once, and each is
 recorded in the subject's :class:`~circuit_tests.spec.figures.Figures`, which reports and
 baselines read: an expectation measures through the subject, never around it. Attribution sees
-only the training split; every measurement uses the held-out test split. Traces are cached on
-disk (:mod:`circuit_tests.spec.traces`).
+only the training split; every measurement uses the held-out test split. Traces and the
+per-example results of measurements are cached on disk (:mod:`circuit_tests.spec.traces`), so an
+unchanged re-run makes no forward pass; ``figures.timings`` says where the time went.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
-from circuit_tests.analysis.attribution import Scores, trace
+from circuit_tests.analysis.attribution import Scores, data_hash, trace
 from circuit_tests.analysis.measures import (
     Curve,
-    accuracy,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
     multiplier_sweep,
     nodes_for,
     patch_success,
+    preferences,
 )
 from circuit_tests.analysis.selection import overlap, top_k
 from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true
@@ -68,6 +72,7 @@ class Subject:
                             "examples leaves none to trace the circuit on. Lower it, or add examples.")
         self.train = train[: spec.task.max_train]
         self.test: Tokenized = tokenize_pairs(test, loaded.tokenizer)
+        self._test_hash = data_hash(test)
         self.figures = Figures(model=loaded.ref.name, revision=loaded.revision, device=str(loaded.device),
                                dtype=str(loaded.model.dtype).removeprefix("torch."), n_train=len(self.train),
                                n_test=self.test.n_examples, n_dropped=len(self.dropped),
@@ -99,9 +104,10 @@ class Subject:
 
     @cached_property
     def scores(self) -> Scores:
-        options = self.spec.trace.to_options()
+        options, started = self.spec.trace.to_options(), time.perf_counter()
         scores = self.traces.scores(self.loaded, self.train, options, (self.sites.n_layers, self.sites.n_neurons),
                                     lambda: trace(self.loaded, self.train, options, self.batch_size)[0])
+        self.figures.timings["trace"] = time.perf_counter() - started
         self.figures.top = [[*node, score] for node, score in scores.ranked(20, aggregate=self.by_neuron)]
         self.figures.tokens = self._tokens()
         return scores
@@ -156,8 +162,14 @@ class Subject:
 
     @cached_property
     def accuracy(self) -> float:
-        self.figures.accuracy = accuracy(self.sites, self.test, batch_size=self.batch_size)
+        self.figures.accuracy = fraction_true(self.preferences > 0)
         return self.figures.accuracy
+
+    @cached_property
+    def preferences(self) -> torch.Tensor:
+        """Per held-out example, logit(clean answer) - logit(patch answer), the model as it is."""
+        return self._measure("preferences", {}, lambda: {
+            "preferences": preferences(self.sites, self.test, batch_size=self.batch_size)})["preferences"]
 
     @cached_property
     def curve(self) -> Curve:
@@ -192,8 +204,16 @@ class Subject:
 
     def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int], complement: bool = True) -> Curve:
         """The curve of any circuit (a stored one, say) on the held-out split, with this spec's ablation."""
-        return faithfulness_curve(self.sites, self.test, circuit, sizes, self.spec.trace.ablation, self.spec.task.seed,
-                                  batch_size=self.batch_size, complement=complement)
+        ablation, seed = self.spec.trace.ablation, self.spec.task.seed
+
+        def compute() -> dict[str, torch.Tensor]:
+            curve = faithfulness_curve(self.sites, self.test, circuit, sizes, ablation, seed,
+                                       batch_size=self.batch_size, complement=complement)
+            return {"per_example": curve.per_example} | ({"complement": curve.complement} if complement else {})
+
+        tensors = self._measure("faithfulness curve", {"circuit": _digest(circuit.nodes), "sizes": list(sizes),
+                                "ablation": ablation, "seed": seed, "complement": complement}, compute)
+        return Curve(tuple(sizes), tensors["per_example"], tensors.get("complement", torch.empty(0)))
 
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
@@ -230,12 +250,14 @@ class Subject:
 
     def flips(self, circuit: Circuit) -> torch.Tensor:
         """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
-        return flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]
+        return self._measure("flips", {"circuit": _digest(circuit.nodes)}, lambda: {
+            "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
 
     def steering(self, circuit: Circuit) -> Measured:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
-        measured = self._rate(self._steering, circuit.nodes, lambda: patch_success(
-            self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0])
+        measured = self._rate(self._steering, circuit.nodes, lambda: self._measure(
+            "steering", {"circuit": _digest(circuit.nodes)}, lambda: {"hits": patch_success(
+                self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["hits"])
         self.figures.steering[len(circuit.nodes)] = measured.value
         return measured
 
@@ -243,12 +265,16 @@ class Subject:
         """``[len(factors), test examples]``: P(``token``, else each clean answer) with ``circuit`` scaled by each factor."""
         key = (circuit.nodes, factors, token)
         if key not in self._sweeps:
-            rows = []
-            for batch in self.test.chunks(self.batch_size):
-                tokens = [token] if token is not None else batch.clean_answer.tolist()
-                probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens, batch_size=self.batch_size)
-                rows.append(probabilities[..., 0] if token is not None else probabilities.diagonal(dim1=1, dim2=2))
-            self._sweeps[key] = torch.cat(rows, 1)
+            def compute() -> dict[str, torch.Tensor]:
+                rows = []
+                for batch in self.test.chunks(self.batch_size):
+                    tokens = [token] if token is not None else batch.clean_answer.tolist()
+                    probabilities = multiplier_sweep(self.sites, batch.clean_ids, circuit, factors, tokens, batch_size=self.batch_size)
+                    rows.append(probabilities[..., 0] if token is not None else probabilities.diagonal(dim1=1, dim2=2))
+                return {"probabilities": torch.cat(rows, 1)}
+
+            self._sweeps[key] = self._measure("sweep", {"circuit": _digest(circuit.nodes), "factors": list(factors),
+                                                        "token": token}, compute)["probabilities"]
             self.figures.sweep[f"{len(circuit.nodes)} neurons"] = {
                 f"{factor:g}": p.mean().item() for factor, p in zip(factors, self._sweeps[key])}
         return self._sweeps[key]
@@ -261,11 +287,25 @@ class Subject:
         self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = weighted, baseline, now
         return weighted, jaccard, now
 
+    def _measure(self, name: str, what: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Per-example results of one measurement on the held-out split, from the disk cache when an unchanged run
+        made them (:class:`~circuit_tests.spec.traces.TraceCache`); the seconds it took add to ``figures.timings``."""
+        started = time.perf_counter()
+        tensors = self.traces.measured(self.loaded, {"measure": name, "test": self._test_hash, "batch_size": self.batch_size,
+                                                     "align": self.spec.trace.align, **what}, compute, self.test.n_examples)
+        self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
+        return tensors
+
     def _rate(self, memo: dict, key: object, compute) -> Measured:
         if key not in memo:
             memo[key] = compute()
         hits = memo[key]
         return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed), hits.numel())
+
+
+def _digest(nodes: Sequence[Node]) -> str:
+    """A short hash of a circuit's nodes in order: what a cached measurement of it is keyed by."""
+    return hashlib.sha256(json.dumps([list(node) for node in nodes]).encode()).hexdigest()[:16]
 
 
 def drops_allowed(dropped: int, total: int, max_dropped: float) -> bool:

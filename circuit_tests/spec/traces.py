@@ -1,9 +1,12 @@
-"""Traces cached on disk, so a re-run with nothing changed skips the backward passes.
+"""Traces and measurements cached on disk, so a re-run with nothing changed skips the forward and backward passes.
 
 A trace is keyed by everything that determines it: the model and its revision, dtype and device
-type, the training data, the attribution options, and the library and torch versions. Entries are
-written atomically; one that cannot be read, or has the wrong shape or non-finite scores, is a
-cache miss and is traced again (the cache may sit where others can write, so it is checked).
+type, the training data, the attribution options, and the library and torch versions. A
+measurement (the per-example results of a faithfulness curve, flips, steering, a sweep, the
+model's preferences) is keyed by the same model fields, the held-out data, and what was measured
+(the circuit's nodes, the sizes, the ablation and its seed, the batch size). Entries are written
+atomically; one that cannot be read, or has the wrong shape or non-finite scores, is a cache miss
+and is computed again (the cache may sit where others can write, so it is checked).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 import circuit_tests
 from circuit_tests.analysis.attribution import AttributionOptions, Scores, data_hash
@@ -36,7 +40,7 @@ class TraceCache:
     def scores(self, loaded: LoadedModel, train: list[PairedExample], options: AttributionOptions,
                shape: tuple[int, int], trace: Callable[[], Scores]) -> Scores:
         """The cached trace of this model, data and options if there is a usable one, else ``trace()`` (then cached)."""
-        path = self._path(loaded, train, options)
+        path = self._path(loaded, {"data": data_hash(train), "options": asdict(options)})
         cached = _read(path, shape)
         if cached is not None:
             return cached
@@ -46,13 +50,32 @@ class TraceCache:
             replace_atomically(path, scores.save)
         return scores
 
-    def _path(self, loaded: LoadedModel, train: list[PairedExample], options: AttributionOptions) -> Path | None:
+    def measured(self, loaded: LoadedModel, what: dict, compute: Callable[[], dict[str, torch.Tensor]],
+                 examples: int) -> dict[str, torch.Tensor]:
+        """The cached tensors of the measurement ``what`` describes (held-out data included) if usable, else ``compute()``.
+
+        Usable: the same names as computed, each a tensor whose last dimension holds the ``examples`` measured.
+        """
+        path = self._path(loaded, {"measured": what})
+        if path is not None and path.is_file() and not path.is_symlink():
+            try:
+                cached = load_file(str(path))
+            except Exception:  # noqa: BLE001 -- a damaged cache entry is a cache miss; measuring again overwrites it
+                cached = {}
+            if cached and all(value.ndim and value.shape[-1] == examples for value in cached.values()):
+                return cached
+        tensors = compute()
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, lambda target: save_file({k: v.contiguous() for k, v in tensors.items()}, str(target)))
+        return tensors
+
+    def _path(self, loaded: LoadedModel, what: dict) -> Path | None:
         if self.directory is None:
             return None
         key = {
             "model": loaded.ref.name, "revision": loaded.revision, "dtype": str(loaded.model.dtype),
-            "device": loaded.device.type, "data": data_hash(train), "options": asdict(options),
-            "library": circuit_tests.__version__, "torch": torch.__version__,
+            "device": loaded.device.type, "library": circuit_tests.__version__, "torch": torch.__version__, **what,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return self.directory / f"{digest}.safetensors"
