@@ -36,6 +36,7 @@ from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
     Task,
+    is_spec_path,
     json_schema,
     load_spec,
     parse_yaml,
@@ -234,6 +235,9 @@ def _new(args: argparse.Namespace) -> int:
         raise CircuitTestsError(f"--out {out} is outside the project {project}; specs live inside it (run from the project root).")
     if out.exists() or out.is_symlink():
         raise CircuitTestsError(f"{out} already exists; choose another --out or --name.")
+    if not is_spec_path(out.absolute()):
+        raise CircuitTestsError(f"--out {out}: pytest would not collect it. Spec files are YAML under a directory named "
+                                "specs, or named circuit_*.yaml or *.circuit.yaml.")
     dataset = Path(os.path.relpath(Path(args.dataset).absolute(), out.absolute().parent)).as_posix()
     model = _as_listed(args.model, out)
     text = spec_text(args.name, model, dataset)

@@ -538,6 +538,7 @@ def test_trace_refuses_bad_numbers_before_any_work(args, message, capsys):
     (["trace", "--spec", "../elsewhere.yaml"], "is outside"),
     (["new", "data.jsonl", "--name", "../../x"], "--name '../../x' is not a spec name"),
     (["new", "data.jsonl", "--name", "x", "--out", "../x.yaml"], "--out ../x.yaml is outside the project"),
+    (["new", "data.jsonl", "--name", "x", "--out", "notes/x.yaml"], "--out notes/x.yaml: pytest would not collect it"),
     (["new", "equal.jsonl", "--name", "x"], "clean_answer and patch_answer are both ' is'"),
 ])
 def test_the_command_line_refuses_with_a_paragraph_and_writes_nothing(small, monkeypatch, capsys, args, message):

@@ -20,7 +20,7 @@ from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, 
 from circuit_tests.model.references import check_trusted
 from circuit_tests.plugin.hooks import SessionHooks
 from circuit_tests.plugin.items import SESSION, SpecFile
-from circuit_tests.spec.schema import spec_from_mapping
+from circuit_tests.spec.schema import is_spec_path, spec_from_mapping
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.subject import Subject
 from circuit_tests.spec.traces import default_trace_cache
@@ -100,13 +100,6 @@ def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
     if device != "cuda" or worker is None or n_gpus < 2:
         return device
     return f"cuda:{int(worker.removeprefix('gw')) % n_gpus}"
-
-
-def is_spec_path(path: Path) -> bool:
-    """Spec files: YAML under a ``specs`` directory, or named ``circuit_*.yaml`` / ``*.circuit.yaml``."""
-    if path.suffix not in (".yaml", ".yml"):
-        return False
-    return "specs" in path.parent.parts or path.name.startswith("circuit_") or path.stem.endswith(".circuit")
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:
