@@ -10,4 +10,4 @@ specs: setup  ## run the shipped circuit specs on the embedded default model (st
 	$(PYTEST) specs --circuit-strict
 
 test: setup  ## run the project's own test suite
-	$(PYTEST) tests
+	$(PYTEST) tests --durations=20
