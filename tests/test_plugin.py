@@ -275,6 +275,10 @@ def test_the_same_spec_gives_the_same_numbers_run_after_run(sva):
         sva.runpytest("--circuit-no-cache", "--circuit-update", "--circuit-json", name, "-p", "no:cacheprovider")
     first, second = (json.loads((sva.path / name).read_text()) for name in ("first.json", "second.json"))
     assert first["rows"][0]["figures"]["curve"] == second["rows"][0]["figures"]["curve"]
+    for report in (first, second):  # how long each stage took is the one figure that may differ
+        assert all(row["figures"].pop("timings")["trace"] > 0 for row in report["rows"])
+    for row in second["rows"]:  # and the second run compares with the baseline the first one recorded
+        assert row["figures"].pop("stored_baseline")["model"] == row["model"]
     assert first == second  # every figure, the top nodes and their scores included
 
 

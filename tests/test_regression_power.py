@@ -69,7 +69,7 @@ def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
         f"FAILED specs/{name}.yaml::{name.replace('_', '-')}::{kind}[[]*smollm2-broken*[]]*"
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
     ])
-    result.stdout.fnmatch_lines(["*expected: accuracy >= 0.900*", "*measured: accuracy 0.*"])
+    result.stdout.fnmatch_lines(["*expected: accuracy >= 0.90*", "*measured: accuracy 0.*"])
     result.stdout.fnmatch_lines(["*overlap with smollm2-135m-instruct's baseline circuit*", "*left (*): L*"])
     assert result.parseoutcomes()["failed"] >= len(SPECS) * 3
 
