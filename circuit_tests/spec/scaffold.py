@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from circuit_tests.analysis.stats import Measured, bootstrap
+from circuit_tests.analysis.stats import Measured
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 DEFAULT_CLAIMS = (
@@ -24,7 +24,7 @@ DEFAULT_CLAIMS = (
     "flips: {nodes: 30, min_flip_rate: 0.9}",
     "stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05, keep_top: 5}",
 )
-STABLE = "stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05, keep_top: 5}  # vs the baseline recorded with it"
+STABLE = DEFAULT_CLAIMS[-1] + "  # vs the baseline recorded with it"
 
 
 def spec_text(name: str, model: str, dataset: str, claims: tuple[str, ...] = DEFAULT_CLAIMS, note: str = "") -> str:
@@ -70,8 +70,7 @@ def upper(measured: Measured, margin: float) -> Threshold:
 
 def measured_claims(subject: Subject, margin: float) -> tuple[tuple[str, ...], str]:
     """The claims a subject's measurements support, and a note on how they were set."""
-    hits = (subject.preferences > 0).float()
-    accuracy = Measured(subject.accuracy, bootstrap(lambda h: h.mean(), [hits], seed=subject.spec.task.seed), hits.numel())
+    accuracy = subject.accuracy_measured()
     size = subject.nodes_for(0.8)
     note = (f"Thresholds measured on {subject.loaded.ref.name} ({subject.test.n_examples} held-out examples): the lower 95% "
             f"bound less {margin:g} (completeness: the upper bound plus {margin:g}).")

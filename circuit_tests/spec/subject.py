@@ -165,6 +165,10 @@ class Subject:
         self.figures.accuracy = fraction_true(self.preferences > 0)
         return self.figures.accuracy
 
+    def accuracy_measured(self) -> Measured:
+        """The accuracy with its bootstrap interval over held-out examples."""
+        return self._rate({}, "accuracy", lambda: (self.preferences > 0).float())
+
     @cached_property
     def preferences(self) -> torch.Tensor:
         """Per held-out example, logit(clean answer) - logit(patch answer), the model as it is."""
