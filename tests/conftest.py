@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from circuit_tests.model.loading import LoadedModel, load_model
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.testing import TINY_ARCHITECTURES, tiny_model
+
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `make test` runs one worker per core: each gets its share of threads
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # for the suites that pytester runs in a subprocess
+    torch.set_num_threads(_threads)
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHITECTURES)

@@ -16,6 +16,7 @@ from circuit_tests.analysis.measures import (
     PATCH,
     ablated_chunks,
     accuracy,
+    curve_ends,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
@@ -87,6 +88,18 @@ def test_curve_sizes_evaluated_together_match_one_at_a_time(data):
         alone = faithfulness_curve(sites, data, circuit, [size])
         assert together.faithfulness[index] == pytest.approx(alone.faithfulness[0], rel=1e-4, abs=1e-6)
         assert together.completeness[index] == pytest.approx(alone.completeness[0], rel=1e-4, abs=1e-6)
+
+
+def test_a_curve_given_its_ends_matches_one_that_measures_them(data):
+    sites = _sites()
+    circuit = top_k(attribute(sites, data.batches, AttributionOptions()), 200)
+    ends = curve_ends(sites, data, "mean")
+    assert ends.shape == (2, data.n_examples)
+    whole = faithfulness_curve(sites, data, circuit, [5, 50, 200])
+    given = faithfulness_curve(sites, data, circuit, [5, 50, 200], ends=ends)
+    torch.testing.assert_close(given.per_example, whole.per_example, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(given.complement, whole.complement, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ends[0], preferences(sites, data), rtol=1e-5, atol=1e-5)  # nothing ablated: the model
 
 
 def test_flips_match_patching_with_interventions(data):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from circuit_tests.model.loading import load_model
 from circuit_tests.spec.expectations import _bound, _shown
@@ -74,16 +75,23 @@ def test_an_unchanged_rerun_reads_its_measurements_from_the_cache(project, loade
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("measured again")
 
-    for name in ("faithfulness_curve", "flip_rates", "preferences", "trace"):
+    for name in ("faithfulness_curve", "curve_ends", "flip_rates", "preferences", "trace"):
         monkeypatch.setattr(module, name, no_forward_pass)
     again = measure(tmp_path)
     assert again[0].equal(first[0]) and again[1:3] == first[1:3] and again[3].equal(first[3])
 
-    for entry in tmp_path.glob("*.safetensors"):  # a damaged cache is measured again, not trusted
+    entries = sorted(tmp_path.glob("*.safetensors"))
+    for entry in entries:  # a damaged cache is measured again, not trusted
         entry.write_bytes(b"damaged")
     monkeypatch.undo()
     damaged = measure(tmp_path)
     assert damaged[0].equal(first[0]) and damaged[1:3] == first[1:3]
+
+    for entry in entries:  # so is an entry holding other tensors than the measurement's, of the right length
+        tensors = load_file(str(entry))
+        save_file({f"other {name}": tensor for name, tensor in tensors.items()}, str(entry))
+    renamed = measure(tmp_path)
+    assert renamed[0].equal(first[0]) and renamed[1:3] == first[1:3]
 
 
 @pytest.mark.parametrize(("value", "threshold", "shown"), [

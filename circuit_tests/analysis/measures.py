@@ -202,13 +202,17 @@ def faithfulness_curve(
     *,
     batch_size: int = BATCH_SIZE,
     complement: bool = True,
+    ends: torch.Tensor | None = None,
 ) -> Curve:
     """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes.
 
     ``complement=False`` skips the runs with only the circuit ablated (``Curve.complement`` is then empty).
+    The two ends that faithfulness is measured between do not depend on the circuit: they are measured
+    in the same pass unless ``ends`` (:func:`curve_ends` of the same data and ablation) gives them, as a
+    caller measuring many circuits on one split does.
     """
     ranks = _ranks(sites, circuit, data)
-    bounds = torch.tensor([*sizes, len(circuit) + 1, 0]).view(-1, 1, 1, 1)
+    bounds = torch.tensor([*sizes, *([len(circuit) + 1, 0] if ends is None else [])]).view(-1, 1, 1, 1)
     kept, removed = [], []
     chunks = ablated_chunks(sites, data, ablation, seed, batch_size)
     for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
@@ -216,7 +220,17 @@ def faithfulness_curve(
         kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
         if complement:
             removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
-    return Curve(tuple(sizes), torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu() if complement else torch.empty(0))
+    per_example = torch.cat(kept, 1).cpu()
+    if ends is not None:
+        per_example = torch.cat([per_example, ends.to(per_example.dtype)])
+    return Curve(tuple(sizes), per_example, torch.cat(removed, 1).cpu() if complement else torch.empty(0))
+
+
+def curve_ends(sites: NeuronSites, data: Tokenized, ablation: str = "mean", seed: int = 0, *,
+               batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """``[2, examples]``: each example's preference with nothing ablated (the model), then with every neuron
+    ablated (the empty circuit): the curve of the empty circuit at no size."""
+    return faithfulness_curve(sites, data, Circuit((), ()), (), ablation, seed, batch_size=batch_size, complement=False).per_example
 
 
 SEARCH_PROBES = 3  # circuit sizes evaluated together in each round of nodes_for's search

@@ -24,6 +24,7 @@ import torch
 from circuit_tests.analysis.attribution import Scores, data_hash, trace
 from circuit_tests.analysis.measures import (
     Curve,
+    curve_ends,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
@@ -172,7 +173,7 @@ class Subject:
     @cached_property
     def preferences(self) -> torch.Tensor:
         """Per held-out example, logit(clean answer) - logit(patch answer), the model as it is."""
-        return self._measure("preferences", {}, lambda: {
+        return self._measure("preferences", {}, {"preferences"}, lambda: {
             "preferences": preferences(self.sites, self.test, batch_size=self.batch_size)})["preferences"]
 
     @cached_property
@@ -212,12 +213,21 @@ class Subject:
 
         def compute() -> dict[str, torch.Tensor]:
             curve = faithfulness_curve(self.sites, self.test, circuit, sizes, ablation, seed,
-                                       batch_size=self.batch_size, complement=complement)
-            return {"per_example": curve.per_example} | ({"complement": curve.complement} if complement else {})
+                                       batch_size=self.batch_size, complement=complement, ends=self.ends)
+            return {"kept": curve.per_example[: len(sizes)]} | ({"complement": curve.complement} if complement else {})
 
         tensors = self._measure("faithfulness curve", {"circuit": _digest(circuit.nodes), "sizes": list(sizes),
-                                "ablation": ablation, "seed": seed, "complement": complement}, compute)
-        return Curve(tuple(sizes), tensors["per_example"], tensors.get("complement", torch.empty(0)))
+                                "ablation": ablation, "seed": seed, "complement": complement},
+                                {"kept", "complement"} if complement else {"kept"}, compute)
+        return Curve(tuple(sizes), torch.cat([tensors["kept"], self.ends]), tensors.get("complement", torch.empty(0)))
+
+    @cached_property
+    def ends(self) -> torch.Tensor:
+        """``[2, held-out examples]``: preferences with nothing ablated, then with every neuron ablated, under this
+        spec's ablation (:func:`~circuit_tests.analysis.measures.curve_ends`): measured once, shared by every curve."""
+        ablation, seed = self.spec.trace.ablation, self.spec.task.seed
+        return self._measure("faithfulness curve", {"ends": ablation, "seed": seed}, {"ends"}, lambda: {
+            "ends": curve_ends(self.sites, self.test, ablation, seed, batch_size=self.batch_size)})["ends"]
 
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
@@ -254,13 +264,13 @@ class Subject:
 
     def flips(self, circuit: Circuit) -> torch.Tensor:
         """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
-        return self._measure("flips", {"circuit": _digest(circuit.nodes)}, lambda: {
+        return self._measure("flips", {"circuit": _digest(circuit.nodes)}, {"flips"}, lambda: {
             "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
 
     def steering(self, circuit: Circuit) -> Measured:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
         measured = self._rate(self._steering, circuit.nodes, lambda: self._measure(
-            "steering", {"circuit": _digest(circuit.nodes)}, lambda: {"hits": patch_success(
+            "steering", {"circuit": _digest(circuit.nodes)}, {"hits"}, lambda: {"hits": patch_success(
                 self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["hits"])
         self.figures.steering[len(circuit.nodes)] = measured.value
         return measured
@@ -278,7 +288,7 @@ class Subject:
                 return {"probabilities": torch.cat(rows, 1)}
 
             self._sweeps[key] = self._measure("sweep", {"circuit": _digest(circuit.nodes), "factors": list(factors),
-                                                        "token": token}, compute)["probabilities"]
+                                                        "token": token}, {"probabilities"}, compute)["probabilities"]
             self.figures.sweep[f"{len(circuit.nodes)} neurons"] = {
                 f"{factor:g}": p.mean().item() for factor, p in zip(factors, self._sweeps[key])}
         return self._sweeps[key]
@@ -287,16 +297,18 @@ class Subject:
         """How the top ``size`` nodes compare with a stored circuit: the overlap weighted by attribution, the
         plain Jaccard overlap of the nodes, and the stored circuit's faithfulness now."""
         jaccard, weighted = overlap(self.circuit(size), stored)
-        now = self.faithfulness_curve(stored, [len(stored)]).faithfulness[0]
+        now = self.faithfulness_curve(stored, [len(stored)], complement=False).faithfulness[0]
         self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = weighted, baseline, now
         return weighted, jaccard, now
 
-    def _measure(self, name: str, what: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Per-example results of one measurement on the held-out split, from the disk cache when an unchanged run
-        made them (:class:`~circuit_tests.spec.traces.TraceCache`); the seconds it took add to ``figures.timings``."""
+    def _measure(self, name: str, what: dict, names: set[str],
+                 compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The per-example tensors ``names`` of one measurement on the held-out split, from the disk cache when an
+        unchanged run made them (:class:`~circuit_tests.spec.traces.TraceCache`); the seconds it took add to
+        ``figures.timings``."""
         started = time.perf_counter()
-        tensors = self.traces.measured(self.loaded, {"measure": name, "test": self._test_hash, "batch_size": self.batch_size,
-                                                     "align": self.spec.trace.align, **what}, compute, self.test.n_examples)
+        key = {"measure": name, "test": self._test_hash, "batch_size": self.batch_size, "align": self.spec.trace.align, **what}
+        tensors = self.traces.measured(self.loaded, key, names, compute, self.test.n_examples)
         self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
         return tensors
 
