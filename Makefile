@@ -9,5 +9,5 @@ setup:
 specs: setup  ## run the shipped circuit specs on the embedded default model (strict: a model that is not here fails)
 	$(PYTEST) specs --circuit-strict
 
-test: setup  ## run the project's own test suite, one worker per core (a test file stays on one worker, with its fixtures)
-	$(PYTEST) tests -n auto --dist loadfile --durations=20
+test: setup  ## run the project's own test suite
+	$(PYTEST) tests --durations=20
