@@ -2,7 +2,8 @@
 
 ``check`` (how a dataset or a spec's task tokenizes, pair by pair, before any trace),
 ``trace`` (attribute a dataset or a spec's task; the JSON contract other tools rely on),
-``run`` (evaluate specs without pytest), ``diff`` (two checkpoints' circuits side by side),
+``run`` (evaluate specs without pytest), ``series`` (on a training run's checkpoints, with each spec's
+trend), ``bisect`` (the first checkpoint at which a spec fails), ``diff`` (two checkpoints' circuits side by side),
 ``new`` (scaffold a spec from a dataset), ``schema`` (the spec JSON Schema), ``models`` and
 ``fetch`` (the registered models).
 """
@@ -29,12 +30,15 @@ from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, ch
 from circuit_tests.model.nodes import format_nodes
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
+from circuit_tests.model.series import expand_series, first_failure
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.report import payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
+    Expectation,
+    Spec,
     Task,
     is_spec_path,
     json_schema,
@@ -46,6 +50,7 @@ from circuit_tests.spec.schema import (
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.spec.subject import STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import default_trace_cache
+from circuit_tests.spec.trend import FIGURES, cell, values
 from circuit_tests.text import has_control, printable
 
 
@@ -161,19 +166,23 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written."""
-    session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json))
+    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written.
+    ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
+    series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
+    session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json),
+                       summary=_output(args.summary), series=series)
+    given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
+    runs = []
     for name in args.specs:
         try:
             spec = load_spec(Path(name), session.options.project)
         except CircuitTestsError as error:  # this spec cannot run; the others still do
             _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
             continue
-        for model in dict.fromkeys(args.model or spec.models):
-            for expectation in spec.expectations:
-                verdict = session.check(spec, model, expectation, from_command_line=bool(args.model))
-                result = payload(spec.name, model, spec.path, expectation.label, spec.description)
-                _show(session, result | {"figures": verdict.figures, "stale": session.stale(spec)}, verdict)
+        runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
+    place = {name: index for index, name in enumerate(given)}
+    for spec, model, expectation in sorted(runs, key=lambda run: place.get(run[1], 0)) if series else runs:
+        _check_one(session, spec, model, expectation, bool(given))
     session.finish()
     for path in session.written:
         _say(f"baseline written: {path}")
@@ -182,6 +191,62 @@ def _run(args: argparse.Namespace) -> int:
     _say("\n".join(session.report.terminal_lines()))
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
+
+
+def _check_one(session: CircuitSession, spec: Spec, model: str, expectation: Expectation, from_command_line: bool) -> Verdict:
+    """Check one expectation, add it to the report and print it."""
+    verdict = session.check(spec, model, expectation, from_command_line)
+    _show(session, session.result(spec, model, expectation, verdict), verdict)
+    return verdict
+
+
+def _bisect(args: argparse.Namespace) -> int:
+    """The first checkpoint of a series at which the spec (or the chosen expectations) fails, in about log2(N) checks;
+    exit 1 when one does, 0 when the last checkpoint passes."""
+    series = expand_series(args.checkpoints, Path.cwd())
+    session = _session(args, series=series)
+    spec = load_spec(Path(args.spec), session.options.project)
+    unknown = set(args.expectation or ()) - {e.label for e in spec.expectations}
+    if unknown:
+        raise CircuitTestsError(f"{spec.path} has no expectation {', '.join(sorted(unknown))}; it has "
+                                f"{', '.join(e.label for e in spec.expectations)}.")
+    chosen = [e for e in spec.expectations if not args.expectation or e.label in args.expectation]
+    failed: dict[int, list[str]] = {}
+
+    def fails(index: int) -> bool:
+        _say(f"checking {series[index].name} ({index + 1} of {len(series)})")
+        verdicts = {e.label: _check_one(session, spec, series[index].name, e, True) for e in chosen}
+        failed[index] = [label for label, verdict in verdicts.items() if verdict.status != "passed"]
+        return bool(failed[index])
+
+    found, visited = first_failure(len(series), fails)
+    _say(f"\n{len(visited)} of {len(series)} checkpoints checked: " + ", ".join(series[i].name for i in visited))
+    if found is None:
+        _say(f"{spec.name} holds at the last checkpoint, {series[-1].name}: nothing to bisect.")
+        return 0
+    if found == 0:
+        _say(f"{spec.name} fails from the first checkpoint, {series[0].name} ({', '.join(failed[0])}).")
+        return 1
+    if found - 1 not in failed:  # the last good checkpoint was assumed, never checked: check it
+        fails(found - 1)
+    _say(f"{spec.name}: first failing checkpoint {series[found].name} (step {series[found].step}), "
+         f"failing {', '.join(failed[found])}; last passing {series[found - 1].name}")
+    _say(_moved(session, spec, series[found - 1].name, series[found].name))
+    return 1
+
+
+def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
+    """The figures of the last good and first bad checkpoint side by side, and the circuit nodes that entered and left."""
+    before, after = (session.report.rows[(str(spec.path), name)].figures for name in (good, bad))
+    lines = [f"{'':36} {'last passing':>12} {'first failing':>13}"]
+    for key, label in FIGURES.items():
+        if key != "overlap_previous":
+            lines.append(f"{label:36} {cell(key, values(before, None)[key]):>12} {cell(key, values(after, None)[key]):>13}")
+    if before.circuit and after.circuit:
+        old, new = ([tuple(row[:3]) for row in figures.circuit] for figures in (before, after))
+        lines += [f"entered ({len([n for n in new if n not in old])}): " + format_nodes([n for n in new if n not in old]),
+                  f"left ({len([n for n in old if n not in new])}): " + format_nodes([n for n in old if n not in new])]
+    return "\n".join(lines)
 
 
 WORDS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
@@ -317,6 +382,16 @@ def _fetch(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, "-m", "pip", "install", "--no-deps", *specs])
 
 
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """What ``run`` and ``series`` share: baselines, strictness, reports and the device."""
+    parser.add_argument("--update", action="store_true", help="record the baselines")
+    parser.add_argument("--strict", action="store_true", help="a model that is not on this machine fails instead of skipping")
+    parser.add_argument("--report", metavar="PATH.html")
+    parser.add_argument("--json", metavar="PATH.json")
+    parser.add_argument("--summary", metavar="PATH.md", help="append a Markdown summary (a GitHub Actions job summary, say)")
+    _device_options(parser)
+
+
 def _device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
@@ -334,7 +409,10 @@ def _positive(text: str) -> int:
     return value
 
 
-COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "diff": _diff, "new": _new, "promote": _promote, "schema": _schema}
+COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "series": _run, "bisect": _bisect,
+            "diff": _diff, "new": _new, "promote": _promote, "schema": _schema}
+SERIES_HELP = ("the checkpoints, in training order: globs of directories ('ckpts/step-*', natural order), names, "
+               "comma-separated lists, or @FILE with one per line")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,11 +444,17 @@ def main(argv: list[str] | None = None) -> int:
     runner = commands.add_parser("run", help="evaluate specs without pytest and print the report")
     runner.add_argument("specs", nargs="+", metavar="SPEC")
     runner.add_argument("--model", action="append", help="instead of the spec's models (repeatable)")
-    runner.add_argument("--update", action="store_true", help="record the baselines")
-    runner.add_argument("--strict", action="store_true", help="a model that is not on this machine fails instead of skipping")
-    runner.add_argument("--report", metavar="PATH.html")
-    runner.add_argument("--json", metavar="PATH.json")
-    _device_options(runner)
+    _run_options(runner)
+    serieser = commands.add_parser("series", help="evaluate specs on a training run's checkpoints and print each spec's trend")
+    serieser.add_argument("specs", nargs="+", metavar="SPEC")
+    serieser.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
+    _run_options(serieser)
+    bisector = commands.add_parser("bisect", help="find the first checkpoint of a training run at which a spec fails")
+    bisector.add_argument("spec", metavar="SPEC")
+    bisector.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
+    bisector.add_argument("--expectation", action="append", metavar="LABEL",
+                          help="only this expectation (its label, e.g. stable; repeatable; default: all of them)")
+    _device_options(bisector)
     differ = commands.add_parser("diff", help="compare two checkpoints' circuits on a spec")
     differ.add_argument("spec", metavar="SPEC")
     differ.add_argument("--models", nargs=2, required=True, metavar=("A", "B"))

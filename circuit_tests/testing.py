@@ -11,6 +11,8 @@ extends it (which is why they ship with the package, as ``numpy.testing`` does):
   perturbation after the usual initialisation, so that no weight is left at exactly 0 or 1.
 - :func:`tiny_tokenizer` and :func:`save_tiny_checkpoint`: a word-level tokenizer and a checkpoint
   directory that loads like any other, for tests that go through loading.
+- :func:`interpolated_checkpoint`: a checkpoint between two of the same shape, ``(1 - t) * a + t * b``: a
+  training run's series, built offline.
 - :data:`LLAMA_31_8B` and :func:`scaled_llama_31_8b`: Llama-3.1-8B's layers and neurons (32 x
   14,336) around a narrow residual stream, so that specs written for the real model run end to
   end on a CPU, and ``ci/gpu_benchmark.py`` can time the real size on a GPU.
@@ -180,4 +182,24 @@ def save_tiny_checkpoint(directory, model_type: str = "llama", seed: int = 0, **
     directory = Path(directory)
     tiny_model(model_type, seed=seed, **overrides).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def interpolated_checkpoint(a, b, t: float, directory):
+    """Write ``(1 - t) * a + t * b`` of two safetensors checkpoint directories of one shape to ``directory``, with ``a``'s
+    other files (config, tokenizer); gives the directory as a :class:`pathlib.Path`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    a, b, directory = Path(a), Path(b), Path(directory)
+    directory.mkdir(parents=True)
+    for path in a.iterdir():
+        if path.is_file() and path.suffix != ".safetensors":
+            directory.joinpath(path.name).write_bytes(path.read_bytes())
+    for path in sorted(a.glob("*.safetensors")):
+        start, end = load_file(path), load_file(b / path.name)
+        mixed = {name: (start[name].double() * (1 - t) + end[name].double() * t).to(start[name].dtype)
+                 if start[name].is_floating_point() else start[name] for name in start}
+        save_file(mixed, directory / path.name, metadata={"format": "pt"})
     return directory

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.report import Report, payload
 
 SCRIPT = Path(__file__).resolve().parents[1] / "ci" / "screenshot.sh"
@@ -49,3 +50,23 @@ def test_an_empty_report_renders_its_notice(tmp_path):
     Report().write_html(page)
     dom = subprocess.run([str(SCRIPT), str(page), str(png), "600,300"], capture_output=True, text=True, check=True).stdout
     assert "No circuit specs ran." in dom and Image.open(png).size == (600, 300)
+
+
+def test_chromium_renders_a_series_trend_with_its_thresholds_and_first_failure(tmp_path):
+    series = [Checkpoint(f"ckpts/step-{step}", step) for step in (0, 1000, 2000, 3000)]
+    report = Report(series)
+    for checkpoint, overlap, failed in zip(series, (1.0, 0.8, 0.4, 0.3), (False, False, True, True)):
+        result = payload("sva-simple", checkpoint.name, Path("specs/s.yaml"), "stable") | {
+            "figures": {"accuracy": 1.0 - overlap / 10, "overlap": overlap}, "watches": {"overlap": 0.5}}
+        report.add(result, "failed" if failed else "passed", "expected: overlap >= 0.50")
+    page, png = tmp_path / "trend.html", tmp_path / "trend.png"
+    report.write_html(page)
+
+    dom = subprocess.run([str(SCRIPT), str(page), str(png), "900,500"], capture_output=True, text=True, check=True).stdout
+
+    assert "sva-simple over 4 checkpoints" in dom and "first failure: stable at ckpts/step-2000 (step 2000)" in dom
+    assert "aria-label=\"accuracy\"" in dom and "aria-label=\"overlap with the baseline\"" in dom
+    image = Image.open(png).convert("RGB")
+    assert _pixels_near(image, FAITHFULNESS_BLUE) > 200  # the two trend lines and the passing checkpoints
+    assert dom.count('fill="#d1242f"') == 2  # on the overlap panel, the two checkpoints where stable failed
+    assert _pixels_near(image, COMPLETENESS_RED) > 40  # those two dots and the first failure's marker

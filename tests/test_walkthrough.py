@@ -22,13 +22,14 @@ from circuit_tests.testing import save_tiny_checkpoint
 pytest_plugins = ["pytester"]
 
 
-def without_neuron(source: Path, target: Path, layer: int, neuron: int) -> Path:
-    """A copy of a checkpoint whose MLP neuron (layer, neuron) writes nothing: its column of down_proj is zero."""
+def without_neurons(source: Path, target: Path, neurons: list[tuple[int, int]]) -> Path:
+    """A copy of a checkpoint whose MLP neurons (layer, neuron) write nothing: their columns of down_proj are zero."""
     target.mkdir()
     for path in source.iterdir():
         target.joinpath(path.name).write_bytes(path.read_bytes())
     weights = load_file(source / "model.safetensors")
-    weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, neuron] = 0
+    for layer, neuron in neurons:
+        weights[f"model.layers.{layer}.mlp.down_proj.weight"][:, neuron] = 0
     save_file(weights, target / "model.safetensors", metadata={"format": "pt"})
     return target
 
@@ -59,7 +60,7 @@ def test_a_new_behaviour_from_data_to_a_caught_regression(project, capsys):
     # 4. a checkpoint without the baseline's strongest neuron fails `stable`, naming it
     stored = json.loads((project.path / "specs" / "agree.baseline.json").read_text())["models"]["../ckpt"]["circuit"]
     layer, _, neuron, _ = stored[0]
-    without_neuron(project.path / "ckpt", project.path / "knockout", layer, neuron)
+    without_neurons(project.path / "ckpt", project.path / "knockout", [(layer, neuron)])
     result = project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-model", "knockout")
     result.stdout.fnmatch_lines(["*lost from the baseline's top 5: L*(rank 1, score*",
                                  "*circuit-tests promote * --model knockout*"])
@@ -68,7 +69,7 @@ def test_a_new_behaviour_from_data_to_a_caught_regression(project, capsys):
     # 5. a checkpoint without a neuron outside the circuit passes it
     last = max(row[0] for row in stored)
     idle = next(n for n in range(64) if all((row[0], row[2]) != (last, n) for row in stored))
-    without_neuron(project.path / "ckpt", project.path / "control", last, idle)
+    without_neurons(project.path / "ckpt", project.path / "control", [(last, idle)])
     project.runpytest("specs", "-p", "no:cacheprovider", "--circuit-model", "control", "-k", "stable").assert_outcomes(passed=1)
 
     # 6. diff names what moved

@@ -414,5 +414,12 @@ class ModelCache:
             self._models[key] = load_model(model, options)
         return self._models[key]
 
+    def release(self, names: set[str]) -> bool:
+        """Forget the models named (as written) in ``names``; whether any was loaded."""
+        gone = [key for key in self._models if (key[0] if isinstance(key[0], str) else key[0].name) in names]
+        for key in gone:
+            del self._models[key]
+        return bool(gone)
+
     def __len__(self) -> int:
         return len(self._models)

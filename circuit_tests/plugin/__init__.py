@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_tests.errors import CircuitTestsError
+from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, check_dtype
 from circuit_tests.model.references import check_trusted
+from circuit_tests.model.series import expand_series
 from circuit_tests.plugin.hooks import SessionHooks
-from circuit_tests.plugin.items import SESSION, SpecFile
+from circuit_tests.plugin.items import SESSION, SpecFile, in_series
 from circuit_tests.spec.schema import is_spec_path, spec_from_mapping
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.subject import Subject
@@ -32,6 +33,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-model", action="append", default=[], metavar="NAME",
                     help="run every spec against this model instead of the spec's own list (repeatable); "
                          "a model given here that cannot be loaded fails")
+    group.addoption("--circuit-series", action="append", default=[], metavar="CHECKPOINTS",
+                    help="run every spec against a training run's checkpoints, in order, and report the trend: a glob "
+                         "('ckpts/step-*', natural order), a comma-separated list, or @FILE with one per line (repeatable)")
+    group.addoption("--circuit-summary", metavar="PATH.md",
+                    help="write a Markdown summary of the run (default under GitHub Actions: $GITHUB_STEP_SUMMARY)")
     group.addoption("--circuit-device", default=None, metavar="DEVICE",
                     help="cpu, cuda, cuda:N or auto (default: cpu; given explicitly, specs marked gpu run there too)")
     group.addoption("--circuit-dtype", default=None, metavar="DTYPE",
@@ -71,6 +77,9 @@ def run_options(config: pytest.Config) -> RunOptions:
     trusted = tuple(config.getoption("circuit_trust_remote_code"))
     check_trusted(trusted, config.rootpath)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
+    series = config.getoption("circuit_series")
+    if series and config.getoption("circuit_model"):
+        raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(
         project=config.rootpath,
         load=LoadOptions(worker_device(device, worker, torch.cuda.device_count()), config.getoption("circuit_dtype")),
@@ -80,7 +89,15 @@ def run_options(config: pytest.Config) -> RunOptions:
         trusted=trusted,
         html=_path(config, "circuit_report"),
         json=_path(config, "circuit_json"),
+        summary=_path(config, "circuit_summary") or _step_summary(),
+        series=expand_series(series, config.invocation_params.dir),
     )
+
+
+def _step_summary() -> Path | None:
+    """GitHub Actions' job summary file, when the run is a step of a GitHub Actions job."""
+    found = os.environ.get("GITHUB_STEP_SUMMARY")
+    return Path(found) if found and os.environ.get("GITHUB_ACTIONS") == "true" else None
 
 
 def _path(config: pytest.Config, option: str) -> Path | None:
@@ -104,6 +121,13 @@ def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Collector | None:
     return SpecFile.from_parent(parent, path=file_path) if is_spec_path(file_path) else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a series run, spec items run checkpoint by checkpoint, so that one checkpoint is loaded at a time."""
+    series = config.stash[SESSION].options.series
+    if series:
+        in_series(items, [checkpoint.name for checkpoint in series])
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

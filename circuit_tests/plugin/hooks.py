@@ -8,6 +8,7 @@ the run if any could not be written.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,9 @@ class SessionHooks:
         report = self.session.report
         if not report.rows:
             return
+        if os.environ.get("GITHUB_ACTIONS") == "true":  # each failure marked on its spec line in the pull request
+            for line in report.annotations(Path(os.environ.get("GITHUB_WORKSPACE") or self.config.rootpath)):
+                terminalreporter.write_line(line)
         terminalreporter.write_sep("=", "circuit specs")
         for line in report.terminal_lines():
             terminalreporter.write_line(line)

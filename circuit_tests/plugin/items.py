@@ -53,7 +53,8 @@ class SpecNode(pytest.Collector):
         self.spec = spec
 
     def collect(self):
-        given = list(dict.fromkeys(self.config.getoption("circuit_model")))
+        series = self.config.stash[SESSION].options.series
+        given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(self.config.getoption("circuit_model")))
         for model in given or self.spec.models:
             for expectation in self.spec.expectations:
                 item = ExpectationItem.from_parent(self, name=f"{expectation.label}[{model}]", model=model,
@@ -77,9 +78,7 @@ class ExpectationItem(pytest.Item):
         spec = self.parent.spec
         with on_terminal(sys.__stderr__):  # bars for the trace and each measurement, on an interactive terminal only
             verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
-        result = payload(spec.name, self.model, spec.path, self.expectation.label, spec.description) | {
-            "message": verdict.message, "figures": verdict.figures, "stale": session.stale(spec)}
-        self.user_properties.append((PROPERTY, encode(result)))
+        self.user_properties.append((PROPERTY, encode(session.result(spec, self.model, self.expectation, verdict))))
         if verdict.status == "skipped":
             pytest.skip(printable(verdict.message))
         if verdict.status == "failed":
@@ -135,3 +134,13 @@ def _indent(text: str) -> str:
     return "\n".join("  " + line for line in text.splitlines())
 
 
+
+
+def in_series(items: list[pytest.Item], checkpoints: list[str]) -> None:
+    """Reorder the spec items of ``items`` in place, checkpoint by checkpoint (spec order kept within one); other items
+    keep their places."""
+    slots = [index for index, item in enumerate(items) if isinstance(item, ExpectationItem)]
+    place = {name: index for index, name in enumerate(checkpoints)}
+    ordered = sorted((items[index] for index in slots), key=lambda item: place.get(item.model, len(place)))
+    for index, item in zip(slots, ordered):
+        items[index] = item

@@ -66,6 +66,7 @@ class Figures:
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
     sweep: dict[str, dict[str, float]] = field(default_factory=dict)  # "N neurons" -> factor -> mean P(token)
     top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
+    circuit: list[list] = field(default_factory=list)  # the same rows for stable's circuit, else the nodes for 0.8 (or 100)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("trace", "faithfulness curve", ...), cached or not
     tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
     overlap: float | None = None  # with the stored baseline circuit (stable)
@@ -92,6 +93,8 @@ class Figures:
             data["sweep"] = self.sweep
         if self.top:
             data["top"] = self.top
+        if self.circuit:
+            data["circuit"] = self.circuit
         if self.tokens:
             data["tokens"] = self.tokens
         if self.timings:
@@ -114,7 +117,7 @@ class Figures:
             curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
-            sweep=data.get("sweep", {}), top=data.get("top", []), tokens=data.get("tokens", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
+            sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
             stored_baseline=BaselineFigures.from_json(stored) if stored else None,
         )

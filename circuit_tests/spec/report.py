@@ -16,20 +16,25 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from circuit_tests.model.nodes import format_node
+from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
+from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, table, trends
 from circuit_tests.text import printable, quoted
 
 PROPERTY = "circuit_tests"
 NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywhere
 
 
-def payload(spec_name: str, model: str, path: Path, expectation: str, description: str = "") -> dict:
-    """What one result carries to :meth:`Report.add` (``figures``, ``message`` and ``stale`` are added as measured)."""
-    return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation, "description": description}
+def payload(spec_name: str, model: str, path: Path, expectation: str, description: str = "", line: int | None = None) -> dict:
+    """What one result carries to :meth:`Report.add` (``figures``, ``message`` and ``stale`` are added as measured);
+    ``line``: where the expectation is written in the spec."""
+    return {"spec": spec_name, "model": model, "path": str(path), "expectation": expectation, "description": description,
+            "line": line}
 
 
 def encode(result: dict) -> str:
@@ -59,6 +64,7 @@ class Result:
     expectation: str
     outcome: str  # passed, failed, skipped
     message: str
+    line: int | None = None  # where the expectation is written in the spec file
 
 
 @dataclass
@@ -72,6 +78,7 @@ class Row:
     figures: Figures | None = None  # None: nothing was measured (a spec that could not be read)
     results: list[Result] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # baseline entries of models the spec no longer lists
+    watches: dict[str, dict[str, float | None]] = field(default_factory=dict)  # expectation -> trend figures it judges
 
     @property
     def status(self) -> str:
@@ -80,10 +87,11 @@ class Row:
 
 
 class Report:
-    """Rows collected from item payloads, in the order they arrived."""
+    """Rows collected from item payloads, in the order they arrived; with a checkpoint ``series``, each spec's trend too."""
 
-    def __init__(self) -> None:
+    def __init__(self, series: Sequence[Checkpoint] = ()) -> None:
         self.rows: dict[tuple[str, str], Row] = {}
+        self.series = tuple(series)
 
     def add(self, payload: dict, outcome: str, message: str | None = None) -> None:
         key = (payload["path"], payload["model"])
@@ -91,22 +99,35 @@ class Report:
         if payload.get("figures"):  # a subject's figures only grow: the latest holds every earlier one
             row.figures = Figures.from_json(payload["figures"])
         row.stale = payload.get("stale", row.stale)
-        row.results.append(Result(payload["expectation"], outcome, printable(message or payload.get("message", ""))))
+        row.watches[payload["expectation"]] = {key: value for key, value in payload.get("watches", {}).items()
+                                               if key in FIGURES and (value is None or isinstance(value, (int, float)))}
+        line = payload.get("line")
+        row.results.append(Result(payload["expectation"], outcome, printable(message or payload.get("message", "")),
+                                  line if isinstance(line, int) else None))
+
+    @property
+    def trends(self) -> list[Trend]:
+        """Each spec's figures over the series (none without one)."""
+        return trends(self.rows.values(), self.series) if self.series else []
 
     # ------------------------------------------------------------------ terminal
 
     def terminal_lines(self) -> list[str]:
         header = ("spec", "model", "dropped", "acc", "n@0.8", "flip", "steer", "overlap", "result")
-        table = [header] + [
+        cells = [header] + [
             (printable(self._label(row), one_line=True), printable(row.model, one_line=True),
              str(figures.n_dropped) if row.figures else "-", _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"), _last(figures.flip_rate),
              _last(figures.steering), _number(figures.overlap),
              f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
             for row, figures in ((row, row.figures or NOTHING) for row in self.rows.values())
         ]
-        widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
-        return lines + [printable(line, one_line=True) for row in self.rows.values() for line in self._drops(row)]
+        lines = _aligned(cells)
+        lines += [printable(line, one_line=True) for row in self.rows.values() for line in self._drops(row)]
+        for trend in self.trends:
+            lines += ["", printable(f"trend of {trend.spec} over {len(trend.points)} checkpoints", one_line=True)]
+            lines += _aligned([[printable(cell, one_line=True) for cell in cells] for cells in table(trend)])
+            lines.append(printable(first_failure_line(trend), one_line=True))
+        return lines
 
     def _drops(self, row: Row, shown: int = 3) -> list[str]:
         """Under the table, what each row dropped: the first few examples, then how many more the reports list."""
@@ -127,14 +148,29 @@ class Report:
             undefined: list[tuple] = []
             data = asdict(row) | {"figures": row.figures.to_json() if row.figures else {}}
             rows.append(_finite(data, (), undefined) | {"status": row.status, "undefined": [_place(where) for where in undefined]})
-        return {"rows": rows}
+        return {"rows": rows} | ({"series": [_finite(trend.to_json(), (), []) for trend in self.trends]} if self.series else {})
 
     def write_json(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 
+    def write_markdown(self, path: Path) -> None:
+        """Append the run's summary in Markdown (GitHub Actions' job summary is appended to by every step)."""
+        with path.open("a", encoding="utf-8") as out:
+            out.write(markdown(self))
+
+    def annotations(self, root: Path) -> list[str]:
+        """GitHub Actions workflow commands that mark each failed expectation on its line of the spec file."""
+        return [annotation(row, result, root) for row in self.rows.values() for result in row.results if result.outcome == "failed"]
+
     def write_html(self, path: Path) -> None:
-        sections = "\n".join(_section(row) for row in self.rows.values()) or "<p>No circuit specs ran.</p>"
+        sections = "\n".join([*map(_trend_section, self.trends), *map(_section, self.rows.values())]) or "<p>No circuit specs ran.</p>"
         path.write_text(PAGE.format(style=STYLE, sections=sections), encoding="utf-8")
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines, each column as wide as its widest cell."""
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in rows]
 
 
 def _finite(value: object, where: tuple, undefined: list[tuple]) -> object:
@@ -166,6 +202,53 @@ def _last(rates: dict[int, float]) -> str:
     return f"{rates[size]:.2f}@{size}"
 
 
+# --------------------------------------------------------------------------- Markdown and GitHub annotations
+
+
+def markdown(report: Report) -> str:
+    """The run as Markdown: one line per spec and model, each failure, and each spec's trend over a series."""
+    lines = ["## circuit-tests", "", *_md_table(
+        [["spec", "model", "accuracy", "nodes for 0.8", "overlap", "result"]]
+        + [[row.spec, row.model, _number(f.accuracy), _number(f.nodes_for_08, "{:.0f}"), _number(f.overlap),
+            f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})"]
+           for row, f in ((row, row.figures or NOTHING) for row in report.rows.values())])]
+    failures = [(row, r) for row in report.rows.values() for r in row.results if r.outcome == "failed"]
+    if failures:
+        lines += ["", "### Failed", ""]
+        lines += [f"- **{_md(row.spec)}** `{_md(r.expectation)}` on `{_md(row.model)}`: {_md(r.message.splitlines()[0] if r.message else '')}"
+                  for row, r in failures]
+    for trend in report.trends:
+        lines += ["", f"### {_md(trend.spec)} over {len(trend.points)} checkpoints", "", *_md_table(table(trend)), "",
+                  _md(first_failure_line(trend))]
+    return "\n".join(lines) + "\n"
+
+
+def _md_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    header, *body = [[_md(cell) for cell in row] for row in rows]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def _md(text: str) -> str:
+    """Text from a spec or a model name, inert in Markdown: one line, no markup, no table breaks."""
+    return html.escape(printable(text, one_line=True)).replace("|", "\\|").replace("`", "'")
+
+
+def annotation(row: Row, result: Result, root: Path) -> str:
+    """``::error file=...,line=...,title=...::message``: GitHub Actions marks the expectation's line in the spec file."""
+    path = Path(row.path)
+    where = path.relative_to(root) if path.is_relative_to(root) else path
+    properties = {"file": str(where), **({"line": str(result.line)} if result.line else {}),
+                  "title": f"{row.spec}::{result.expectation}[{row.model}]"}
+    fields = ",".join(f"{key}={_escaped(value, property=True)}" for key, value in properties.items())
+    return f"::error {fields}::{_escaped(result.message)}"
+
+
+def _escaped(text: str, property: bool = False) -> str:
+    """Text as a workflow command carries it (GitHub's escaping: %, CR, LF; and in a property, ':' and ',')."""
+    text = printable(text).replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if property else text
+
+
 # --------------------------------------------------------------------------- HTML
 
 PAGE = """<!doctype html>
@@ -183,6 +266,50 @@ h2 .passed, td.passed { color: #17803d; } h2 .failed, td.failed { color: #b42318
 table { border-collapse: collapse; margin: .5em 0; } td, th { border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; vertical-align: top; }
 .grid { display: flex; gap: 2em; flex-wrap: wrap; } pre { margin: 0; white-space: pre-wrap; font-size: 12px; }
 """
+
+
+def _trend_section(trend: Trend) -> str:
+    """A spec over the series: one small panel per figure against the step, with the threshold of the expectation that
+    judges it dashed, the checkpoints where that expectation failed in red, and the first of them marked."""
+    panels = "".join(_trend_svg(trend, key) for key in FIGURES if any(point.figures[key] is not None for point in trend.points))
+    return (f"<section class='trend'><h2>{html.escape(trend.spec)} over {len(trend.points)} checkpoints</h2>"
+            f"<p>{html.escape(first_failure_line(trend))}</p><div class='grid'>{panels}</div></section>")
+
+
+def _trend_svg(trend: Trend, key: str, width: int = 250, height: int = 160) -> str:
+    left, bottom, right, top = 40, height - 28, width - 12, 26
+    xs = [point.x for point in trend.points]
+    first = next((point.x for point in trend.points if trend.failed_at(point, key)), None)
+    known = [(p.x, p.figures[key], trend.failed_at(p, key)) for p in trend.points
+             if p.figures[key] is not None and math.isfinite(p.figures[key])]
+    line = trend.threshold(key)
+    if not known:
+        return ""
+    values = [value for _, value, _ in known] + ([line] if line is not None else [])
+    low, high = (0.0, max(values)) if key == "nodes_for_0.8" else (min(0.0, *values), max(1.0, *values))
+    high = high if high > low else low + 1
+
+    def x(step: float) -> float:
+        return left + (right - left) * (step - xs[0]) / ((xs[-1] - xs[0]) or 1)
+
+    def y(value: float) -> float:
+        return bottom - (bottom - top) * (value - low) / (high - low)
+
+    drawn = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v, _ in known)
+    dots = "".join(f"<circle cx='{x(s):.1f}' cy='{y(v):.1f}' r='3' fill='{'#d1242f' if failed else '#1f6feb'}'>"
+                   f"<title>step {s}: {cell(key, v)}</title></circle>" for s, v, failed in known)
+    threshold = (f"<line x1='{left}' x2='{right}' y1='{y(line):.1f}' y2='{y(line):.1f}' stroke='#555' stroke-dasharray='5 4'>"
+                 f"<title>threshold {line:g}</title></line>") if line is not None else ""
+    marker = (f"<line x1='{x(first):.1f}' x2='{x(first):.1f}' y1='{top}' y2='{bottom}' stroke='#d1242f' stroke-width='1.5'>"
+              f"<title>first failure: step {first}</title></line>") if first is not None else ""
+    axes = (f"<text x='{left - 4}' y='{y(high) + 3:.1f}' font-size='10' text-anchor='end'>{cell(key, high)}</text>"
+            f"<text x='{left - 4}' y='{y(low) + 3:.1f}' font-size='10' text-anchor='end'>{cell(key, low)}</text>"
+            f"<text x='{left}' y='{height - 10}' font-size='10'>{xs[0]}</text>"
+            f"<text x='{right}' y='{height - 10}' font-size='10' text-anchor='end'>{xs[-1]}</text>")
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' aria-label='{FIGURES[key]}'>"
+            f"<text x='{left}' y='14' font-size='11'>{FIGURES[key]}</text>"
+            f"<line x1='{left}' x2='{right}' y1='{bottom}' y2='{bottom}' stroke='#ddd'/>{axes}{threshold}{marker}"
+            f"<polyline fill='none' stroke='#1f6feb' stroke-width='2' points='{drawn}'/>{dots}</svg>")
 
 
 def _section(row: Row) -> str:

@@ -15,6 +15,7 @@ loaded is a failure: the person running the suite asked for exactly that model.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,12 +26,14 @@ from circuit_tests.errors import CircuitTestsError, ModelNotAvailableError, Spec
 from circuit_tests.model.loading import LoadedModel, LoadOptions, ModelCache
 from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
+from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.baselines import BaselineStore, entry_for, model_key
 from circuit_tests.spec.expectations import check
 from circuit_tests.spec.figures import BaselineFigures
-from circuit_tests.spec.report import Report
+from circuit_tests.spec.report import Report, payload
 from circuit_tests.spec.schema import Expectation, Spec
 from circuit_tests.spec.subject import Subject
+from circuit_tests.spec.trend import watched
 
 OOM_ADVICE = ("out of GPU memory. Try a smaller `task.batch_size`, `--circuit-dtype bfloat16`, or "
               "`--circuit-device auto` to shard the model over every visible GPU.")
@@ -48,6 +51,8 @@ class RunOptions:
     trusted: tuple[str, ...] = ()  # model ids allowed to run their own code
     html: Path | None = None
     json: Path | None = None
+    summary: Path | None = None  # a Markdown summary (GitHub Actions' job summary)
+    series: tuple[Checkpoint, ...] = ()  # the checkpoints of a training run, in order: models loaded one at a time
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class CircuitSession:
     def __init__(self, options: RunOptions) -> None:
         self.options = options
         self.baselines = BaselineStore(update=options.update)
-        self.report = Report()
+        self.report = Report(options.series)
         self.models = ModelCache()
         self._subjects: dict[tuple, Subject | CircuitTestsError] = {}
         self._recorded: set[tuple[Path, str]] = set()
@@ -85,6 +90,7 @@ class CircuitSession:
         """The prepared (spec, model), the model named or already loaded; a failure to prepare is remembered, not retried."""
         key = (spec.path, spec.model_dump_json(), model if isinstance(model, str) else id(model), from_command_line)
         if key not in self._subjects:
+            self._let_go_of_other_checkpoints(model)
             try:
                 loaded = model if isinstance(model, LoadedModel) else self.model(model, None if from_command_line else spec)
                 self._subjects[key] = Subject(spec, loaded, self.options.trace_cache)
@@ -94,6 +100,20 @@ class CircuitSession:
         if isinstance(found, CircuitTestsError):
             raise found
         return found
+
+    def _let_go_of_other_checkpoints(self, model: str | LoadedModel) -> None:
+        """In a series, a checkpoint about to load replaces the others: their subjects and weights are dropped, so
+        memory stays flat however long the series (its items run checkpoint by checkpoint)."""
+        series = {checkpoint.name for checkpoint in self.options.series}
+        if not isinstance(model, str) or model not in series:
+            return
+        others = series - {model}
+        for key in [key for key in self._subjects if key[2] in others]:
+            del self._subjects[key]
+        if self.models.release(others):
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def check(self, spec: Spec, model: str, expectation: Expectation, from_command_line: bool = False) -> Verdict:
         """Check one expectation; every error becomes a failed (or, for a missing hub model, skipped) verdict."""
@@ -114,6 +134,11 @@ class CircuitSession:
             return Verdict("failed", str(error), self._figures(subject))
         message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
         return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
+
+    def result(self, spec: Spec, model: str, expectation: Expectation, verdict: Verdict) -> dict:
+        """What one checked expectation carries to the report (and, under pytest, to its JUnit property)."""
+        return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
+            "message": verdict.message, "figures": verdict.figures, "stale": self.stale(spec), "watches": watched(expectation)}
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists, and that this run did not test it on."""
@@ -144,7 +169,9 @@ class CircuitSession:
     def finish(self) -> None:
         """Write the baselines, then each report; one output failing never costs another."""
         self.written, self.problems = self.baselines.flush()
-        for path, write in ((self.options.html, self.report.write_html), (self.options.json, self.report.write_json)):
+        outputs = ((self.options.html, self.report.write_html), (self.options.json, self.report.write_json),
+                   (self.options.summary, self.report.write_markdown))
+        for path, write in outputs:
             if path is None:
                 continue
             try:

@@ -45,6 +45,7 @@ from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
 
 STANDARD_SIZES = (10, 30, 100, 300, 1000)
+UNREACHED = 100  # the size of the circuit the figures hold when no standard size reaches 0.8 faithfulness
 
 
 class Subject:
@@ -186,6 +187,8 @@ class Subject:
             [list(self._measured(curve, index, complement=True).interval) for index in range(len(curve.sizes))])
         self._faithful.update(zip(curve.sizes, curve.faithfulness))
         self.figures.nodes_for_08 = self.nodes_for(0.8)
+        if not self.figures.circuit:  # stable's circuit, of the baseline's size, stays the one the figures hold
+            self.figures.circuit = [[*node, score] for node, score in self.ranked(self.figures.nodes_for_08 or UNREACHED)]
         return curve
 
     def nodes_for(self, target: float) -> int | None:
@@ -299,6 +302,7 @@ class Subject:
         jaccard, weighted = overlap(self.circuit(size), stored)
         now = self.faithfulness_curve(stored, [len(stored)], complement=False).faithfulness[0]
         self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = weighted, baseline, now
+        self.figures.circuit = [[*node, score] for node, score in self.ranked(size)]
         return weighted, jaccard, now
 
     def _measure(self, name: str, what: dict, names: set[str],
