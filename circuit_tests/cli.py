@@ -183,6 +183,9 @@ def _run(args: argparse.Namespace) -> int:
     place = {name: index for index, name in enumerate(given)}
     for spec, model, expectation in sorted(runs, key=lambda run: place.get(run[1], 0)) if series else runs:
         _check_one(session, spec, model, expectation, bool(given))
+    if series and args.matrix:
+        for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
+            session.cross_faithfulness(spec, given)
     session.finish()
     for path in session.written:
         _say(f"baseline written: {path}")
@@ -448,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     serieser = commands.add_parser("series", help="evaluate specs on a training run's checkpoints and print each spec's trend")
     serieser.add_argument("specs", nargs="+", metavar="SPEC")
     serieser.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
+    serieser.add_argument("--matrix", action="store_true",
+                          help="also each checkpoint's circuit evaluated on every checkpoint (N x N curves: a short series)")
     _run_options(serieser)
     bisector = commands.add_parser("bisect", help="find the first checkpoint of a training run at which a spec fails")
     bisector.add_argument("spec", metavar="SPEC")

@@ -215,3 +215,14 @@ def test_the_session_ranks_top_nodes_in_the_stored_circuit_only_where_its_nodes_
     assert compared == BaselineFigures("base", {10: 0.5, 100: 0.9}, ranks=[2, 5, None], lost=[[1, -1, 2, 1], [6, -3, 1, 3]])
     for other in ({"shape": {"layers": 6, "neurons": 50}}, {"align": "start"}):
         assert baseline_figures("base", stored | other, subject) == BaselineFigures("base", {10: 0.5, 100: 0.9})
+
+
+def test_a_rows_figures_join_what_each_item_measured_in_any_order():
+    """Under xdist two workers may each prepare the same (spec, model): the row keeps what either measured, zeros too."""
+    report = Report()
+    base = {"model": "m", "revision": "r", "device": "cpu", "dtype": "float32", "n_train": 4, "n_test": 4, "n_dropped": 0}
+    result = payload("s", "m", Path("specs/s.yaml"), "behaves")
+    report.add(result | {"figures": base | {"accuracy": 0.0, "flip_rate": {"30": 1.0}}}, "failed")
+    report.add(result | {"expectation": "stable", "figures": base | {"overlap": 0.5, "flip_rate": {"10": 0.5}}}, "passed")
+    figures = next(iter(report.rows.values())).figures
+    assert (figures.accuracy, figures.overlap, figures.flip_rate) == (0.0, 0.5, {30: 1.0, 10: 0.5})

@@ -158,3 +158,22 @@ def test_a_series_run_holds_one_checkpoint_at_a_time(run):
     for checkpoint in session.options.series[:3]:
         session.subject(spec, checkpoint.name, from_command_line=True)
         assert len(session.models) == 1 and len(session._subjects) == 1
+
+
+def test_the_matrix_evaluates_each_checkpoints_circuit_on_every_checkpoint(project, capsys):
+    assert main(["series", "specs/agree.yaml", "--checkpoints", "series/step-*", "--matrix", "--json", "m.json"]) == 1
+    (trend,) = json.loads((project.path / "m.json").read_text())["series"]
+    matrix, points = trend["matrix"], trend["points"]
+    assert len(matrix) == len(STEPS) and all(len(row) == len(STEPS) and None not in row for row in matrix)
+    # step 0 is the traced model itself, so its circuit is the baseline's: row 0 is the baseline circuit's faithfulness
+    assert matrix[0] == pytest.approx([p["stored_circuit_faithfulness"] for p in points], abs=1e-6)
+    assert "faithfulness of each checkpoint's circuit (rows, by step) on each checkpoint (columns)" in capsys.readouterr().out
+
+
+def test_under_xdist_a_checkpoints_items_share_a_worker_and_the_trend_is_the_same(project):
+    serial = project.runpytest("specs", "--circuit-series", "series/step-*", "--circuit-json", "serial.json", "-p", "no:cacheprovider")
+    result = project.runpytest("specs", "--circuit-series", "series/step-*", "--circuit-json", "xdist.json", "-n", "2",
+                               "--dist", "loadgroup", "-p", "no:cacheprovider")
+    assert result.parseoutcomes() == serial.parseoutcomes()
+    (alone,), (spread,) = (json.loads((project.path / name).read_text())["series"] for name in ("serial.json", "xdist.json"))
+    assert spread == alone

@@ -61,6 +61,8 @@ class SpecNode(pytest.Collector):
                                                    expectation=expectation, from_command_line=bool(given))
                 for marker in ("circuit", *self.spec.markers):
                     item.add_marker(marker)
+                if series:  # under `pytest -n N --dist loadgroup`, a checkpoint's items share one worker and one load
+                    item.add_marker(pytest.mark.xdist_group(model))
                 yield item
 
 

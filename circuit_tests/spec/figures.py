@@ -106,6 +106,18 @@ class Figures:
             data["stored_baseline"] = self.stored_baseline.to_json()
         return data
 
+    def merged(self, later: Figures) -> Figures:
+        """These figures with what ``later`` measured: each field ``later`` has set replaces this one's, and the
+        figures kept by size or name (flip rates, steering, sweeps, timings) are joined."""
+        fields = {}
+        for name, mine in vars(self).items():
+            theirs = getattr(later, name)
+            if isinstance(mine, dict):
+                fields[name] = mine | theirs
+            else:
+                fields[name] = mine if theirs is None or (isinstance(theirs, list) and not theirs) else theirs
+        return Figures(**fields)
+
     @classmethod
     def from_json(cls, data: dict) -> Figures:
         """The figures :meth:`to_json` wrote (an empty mapping: a spec that could not be read)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from circuit_tests.model.nodes import format_node
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
-from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, table, trends
+from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, matrix_table, table, trends
 from circuit_tests.text import printable, quoted
 
 PROPERTY = "circuit_tests"
@@ -92,12 +92,14 @@ class Report:
     def __init__(self, series: Sequence[Checkpoint] = ()) -> None:
         self.rows: dict[tuple[str, str], Row] = {}
         self.series = tuple(series)
+        self.matrices: dict[str, list[list[float | None]]] = {}  # spec path -> cross-checkpoint faithfulness
 
     def add(self, payload: dict, outcome: str, message: str | None = None) -> None:
         key = (payload["path"], payload["model"])
         row = self.rows.setdefault(key, Row(*(printable(payload.get(name, "")) for name in ("spec", "model", "path", "description"))))
-        if payload.get("figures"):  # a subject's figures only grow: the latest holds every earlier one
-            row.figures = Figures.from_json(payload["figures"])
+        if payload.get("figures"):  # one subject's figures grow item by item; under xdist, two workers may each hold some
+            figures = Figures.from_json(payload["figures"])
+            row.figures = figures if row.figures is None else row.figures.merged(figures)
         row.stale = payload.get("stale", row.stale)
         row.watches[payload["expectation"]] = {key: value for key, value in payload.get("watches", {}).items()
                                                if key in FIGURES and (value is None or isinstance(value, (int, float)))}
@@ -108,7 +110,7 @@ class Report:
     @property
     def trends(self) -> list[Trend]:
         """Each spec's figures over the series (none without one)."""
-        return trends(self.rows.values(), self.series) if self.series else []
+        return trends(self.rows.values(), self.series, self.matrices) if self.series else []
 
     # ------------------------------------------------------------------ terminal
 
@@ -127,6 +129,9 @@ class Report:
             lines += ["", printable(f"trend of {trend.spec} over {len(trend.points)} checkpoints", one_line=True)]
             lines += _aligned([[printable(cell, one_line=True) for cell in cells] for cells in table(trend)])
             lines.append(printable(first_failure_line(trend), one_line=True))
+            if trend.matrix is not None:
+                lines += ["", "faithfulness of each checkpoint's circuit (rows, by step) on each checkpoint (columns)"]
+                lines += _aligned(matrix_table(trend))
         return lines
 
     def _drops(self, row: Row, shown: int = 3) -> list[str]:
@@ -220,6 +225,9 @@ def markdown(report: Report) -> str:
     for trend in report.trends:
         lines += ["", f"### {_md(trend.spec)} over {len(trend.points)} checkpoints", "", *_md_table(table(trend)), "",
                   _md(first_failure_line(trend))]
+        if trend.matrix is not None:
+            lines += ["", "Faithfulness of each checkpoint's circuit (rows) on each checkpoint (columns):", "",
+                      *_md_table(matrix_table(trend))]
     return "\n".join(lines) + "\n"
 
 
@@ -272,8 +280,12 @@ def _trend_section(trend: Trend) -> str:
     """A spec over the series: one small panel per figure against the step, with the threshold of the expectation that
     judges it dashed, the checkpoints where that expectation failed in red, and the first of them marked."""
     panels = "".join(_trend_svg(trend, key) for key in FIGURES if any(point.figures[key] is not None for point in trend.points))
+    matrix = "" if trend.matrix is None else (
+        "<h3>Faithfulness of each checkpoint's circuit (rows) on each checkpoint (columns)</h3><table>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(value)}</td>" for value in row) + "</tr>" for row in matrix_table(trend))
+        + "</table>")
     return (f"<section class='trend'><h2>{html.escape(trend.spec)} over {len(trend.points)} checkpoints</h2>"
-            f"<p>{html.escape(first_failure_line(trend))}</p><div class='grid'>{panels}</div></section>")
+            f"<p>{html.escape(first_failure_line(trend))}</p><div class='grid'>{panels}</div>{matrix}</section>")
 
 
 def _trend_svg(trend: Trend, key: str, width: int = 250, height: int = 160) -> str:

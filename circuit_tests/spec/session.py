@@ -16,6 +16,7 @@ loaded is a failure: the person running the suite asked for exactly that model.
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,7 +34,7 @@ from circuit_tests.spec.figures import BaselineFigures
 from circuit_tests.spec.report import Report, payload
 from circuit_tests.spec.schema import Expectation, Spec
 from circuit_tests.spec.subject import Subject
-from circuit_tests.spec.trend import watched
+from circuit_tests.spec.trend import circuit_of, watched
 
 OOM_ADVICE = ("out of GPU memory. Try a smaller `task.batch_size`, `--circuit-dtype bfloat16`, or "
               "`--circuit-device auto` to shard the model over every visible GPU.")
@@ -139,6 +140,23 @@ class CircuitSession:
         """What one checked expectation carries to the report (and, under pytest, to its JUnit property)."""
         return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
             "message": verdict.message, "figures": verdict.figures, "stale": self.stale(spec), "watches": watched(expectation)}
+
+    def cross_faithfulness(self, spec: Spec, names: Sequence[str]) -> None:
+        """Into the report: ``[a][b]``, the faithfulness on checkpoint ``b`` of the circuit checkpoint ``a``'s row holds
+        (None where either is missing). Overlap can stay high while faithfulness moves; this shows it. Each
+        checkpoint loads once more, and the matrix costs one circuit's curve per pair: meant for a short series."""
+        rows = [self.report.rows.get((str(spec.path), name)) for name in names]
+        circuits = [circuit_of(row.figures) if row and row.figures and row.figures.circuit else None for row in rows]
+        matrix: list[list[float | None]] = [[None] * len(names) for _ in names]
+        for b, name in enumerate(names):
+            try:
+                subject = self.subject(spec, name, from_command_line=True)
+            except CircuitTestsError:  # its verdicts already say why
+                continue
+            for a, circuit in enumerate(circuits):
+                if circuit is not None:
+                    matrix[a][b] = subject.faithfulness_curve(circuit, [len(circuit)], complement=False).faithfulness[0]
+        self.report.matrices[str(spec.path)] = matrix
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists, and that this run did not test it on."""

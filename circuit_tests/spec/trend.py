@@ -67,6 +67,7 @@ class Trend:
     path: str
     points: list[Point]
     watches: dict[str, dict[str, float | None]] = field(default_factory=dict)  # expectation -> :func:`watched`
+    matrix: list[list[float | None]] | None = None  # [a][b]: checkpoint a's circuit's faithfulness on checkpoint b
 
     def threshold(self, key: str) -> float | None:
         """The line an expectation draws on the figure ``key``, if one does."""
@@ -88,11 +89,12 @@ class Trend:
         return {"spec": self.spec, "path": self.path, "watches": self.watches,
                 "first_failure": {label: point.checkpoint for label, point in self.first_failures().items()},
                 "points": [{"checkpoint": p.checkpoint, "x": p.x, "ran": p.ran, "failed": p.failed, **p.figures}
-                           for p in self.points]}
+                           for p in self.points]} | ({"matrix": self.matrix} if self.matrix is not None else {})
 
 
-def trends(rows: Iterable, series: Sequence[Checkpoint]) -> list[Trend]:
-    """One trend per spec file among the report's ``rows`` (:class:`~circuit_tests.spec.report.Row`) that ran on the series."""
+def trends(rows: Iterable, series: Sequence[Checkpoint], matrices: dict[str, list[list[float | None]]] | None = None) -> list[Trend]:
+    """One trend per spec file among the report's ``rows`` (:class:`~circuit_tests.spec.report.Row`) that ran on the series,
+    with the spec's cross-checkpoint faithfulness where ``matrices`` (by spec path) has it."""
     xs = dict(zip((checkpoint.name for checkpoint in series), axis(series)))
     by_spec: dict[str, dict[str, object]] = {}
     for row in rows:
@@ -108,7 +110,7 @@ def trends(rows: Iterable, series: Sequence[Checkpoint]) -> list[Trend]:
                                 [r.expectation for r in row.results if r.outcome == "failed"] if row else [], row is not None))
             previous = figures or previous
         watches = {label: lines for row in runs.values() for label, lines in row.watches.items()}
-        found.append(Trend(next(iter(runs.values())).spec, path, points, watches))
+        found.append(Trend(next(iter(runs.values())).spec, path, points, watches, (matrices or {}).get(path)))
     return found
 
 
@@ -123,7 +125,7 @@ def values(figures: Figures | None, previous: Figures | None) -> dict[str, float
         "flip_rate": _largest(figures.flip_rate),
         "steering": _largest(figures.steering),
         "overlap": figures.overlap,
-        "overlap_previous": overlap(_circuit(figures), _circuit(previous))[1] if figures.circuit and previous and previous.circuit else None,
+        "overlap_previous": overlap(circuit_of(figures), circuit_of(previous))[1] if figures.circuit and previous and previous.circuit else None,
     }
 
 
@@ -131,7 +133,8 @@ def _largest(rates: dict[int, float]) -> float | None:
     return rates[max(rates)] if rates else None
 
 
-def _circuit(figures: Figures) -> Circuit:
+def circuit_of(figures: Figures) -> Circuit:
+    """The circuit the figures hold (:attr:`~circuit_tests.spec.figures.Figures.circuit`), weighted by |score|."""
     return Circuit.of((row[:3] for row in figures.circuit), (abs(row[3]) for row in figures.circuit))
 
 
@@ -153,6 +156,13 @@ def cell(key: str, value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.0f}" if key == "nodes_for_0.8" else f"{value:.2f}"
+
+
+def matrix_table(trend: Trend) -> list[list[str]]:
+    """The cross-checkpoint faithfulness as rows of cells: the circuit of each checkpoint (rows) on each (columns)."""
+    steps = [str(point.x) for point in trend.points]
+    return [["circuit from", *steps]] + [[step, *(cell("faithfulness", value) for value in row)]
+                                             for step, row in zip(steps, trend.matrix or [])]
 
 
 def first_failure_line(trend: Trend) -> str:
