@@ -27,7 +27,7 @@ from circuit_tests.errors import CircuitTestsError
 from circuit_tests.files import inside
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
 from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
-from circuit_tests.model.nodes import format_nodes
+from circuit_tests.model.nodes import format_nodes, moved
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.model.series import expand_series, first_failure
@@ -50,7 +50,7 @@ from circuit_tests.spec.schema import (
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.spec.subject import STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import default_trace_cache
-from circuit_tests.spec.trend import FIGURES, cell, values
+from circuit_tests.spec.trend import FIGURES, cell, circuit_of, values
 from circuit_tests.text import has_control, printable
 
 
@@ -246,9 +246,8 @@ def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
         if key != "overlap_previous":
             lines.append(f"{label:36} {cell(key, values(before, None)[key]):>12} {cell(key, values(after, None)[key]):>13}")
     if before.circuit and after.circuit:
-        old, new = ([tuple(row[:3]) for row in figures.circuit] for figures in (before, after))
-        lines += [f"entered ({len([n for n in new if n not in old])}): " + format_nodes([n for n in new if n not in old]),
-                  f"left ({len([n for n in old if n not in new])}): " + format_nodes([n for n in old if n not in new])]
+        entered, left = moved(circuit_of(before).nodes, circuit_of(after).nodes)
+        lines += [f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}"]
     return "\n".join(lines)
 
 
@@ -283,8 +282,7 @@ def _diff(args: argparse.Namespace) -> int:
     a, b = first.circuit(args.top), second.circuit(args.top)
     jaccard, weighted = overlap(a, b)
     _say(f"\ntop {args.top} circuits: Jaccard overlap {jaccard:.3f}, |score|-weighted {weighted:.3f}")
-    for label, nodes in (("gained", [n for n in b.nodes if n not in set(a.nodes)]),
-                         ("lost", [n for n in a.nodes if n not in set(b.nodes)])):
+    for label, nodes in zip(("gained", "lost"), moved(a.nodes, b.nodes)):
         _say(f"{label} ({len(nodes)}): " + format_nodes(nodes, shown=len(nodes)))
     return 0
 

@@ -95,6 +95,12 @@ class Circuit:
         return groups
 
 
+def moved(before: Sequence[Node], after: Sequence[Node]) -> tuple[list[Node], list[Node]]:
+    """The nodes that entered (in ``after`` only, in its order) and left (in ``before`` only, in its order)."""
+    old, new = set(before), set(after)
+    return [node for node in dict.fromkeys(after) if node not in old], [node for node in dict.fromkeys(before) if node not in new]
+
+
 def format_node(node: Node) -> str:
     """``L3/P-1/N77`` (``L3/N77`` for every position, ``L3`` for the whole layer)."""
     layer, position, neuron = node

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
-from circuit_tests.model.nodes import Circuit, format_node, format_nodes
+from circuit_tests.model.nodes import Circuit, format_node, format_nodes, moved
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
 from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
@@ -252,8 +252,7 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     then = entry["metrics"]["faithfulness"].get(str(size))
     faithful_enough = math.isfinite(now) and (then is None or now >= then - params.faithfulness_tolerance)
     lost_top = [(rank, node) for rank, node in enumerate(stored.nodes[: params.keep_top], 1) if node not in current]
-    entered = sorted(set(current.nodes) - set(stored.nodes), key=current.nodes.index)
-    left = sorted(set(stored.nodes) - set(current.nodes), key=stored.nodes.index)
+    entered, left = moved(stored.nodes, current.nodes)
     then_text = f"{then:.3f}" if then is not None else "not stored"
     now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
     sizes = f"{len(stored)} stored nodes" if len(stored) < size else f"{size} nodes"
