@@ -33,7 +33,7 @@ from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.model.series import expand_series, first_failure
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
-from circuit_tests.spec.report import payload
+from circuit_tests.spec.report import github_annotations, github_step_summary, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
     session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json),
-                       summary=_output(args.summary), series=series)
+                       summary=_output(args.summary) or github_step_summary(), series=series)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
     for name in args.specs:
@@ -191,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"baseline written: {path}")
     for problem in session.problems:
         _say(f"NOT written: {problem}", sys.stderr)
-    _say("\n".join(session.report.terminal_lines()))
+    _say("\n".join([*session.report.terminal_lines(), *github_annotations(session.report, session.options.project)]))
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
 
@@ -389,7 +389,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strict", action="store_true", help="a model that is not on this machine fails instead of skipping")
     parser.add_argument("--report", metavar="PATH.html")
     parser.add_argument("--json", metavar="PATH.json")
-    parser.add_argument("--summary", metavar="PATH.md", help="append a Markdown summary (a GitHub Actions job summary, say)")
+    parser.add_argument("--summary", metavar="PATH.md", help="append a Markdown summary (default under GitHub Actions: "
+                                                               "$GITHUB_STEP_SUMMARY)")
     _device_options(parser)
 
 

@@ -138,7 +138,7 @@ def test_bisect_agrees_with_the_scan(project, capsys):
     assert re.search(r"accuracy +\d\.\d\d +\d\.\d\d", out) and re.search(r"left \(\d+\): ", out)
 
 
-def test_failures_are_annotated_on_their_spec_line_under_github_actions(project, monkeypatch, tmp_path):
+def test_failures_are_annotated_on_their_spec_line_under_github_actions(project, monkeypatch, tmp_path, capsys):
     summary = tmp_path / "job-summary.md"
     summary.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_ACTIONS", "true")
@@ -148,6 +148,10 @@ def test_failures_are_annotated_on_their_spec_line_under_github_actions(project,
     line = 1 + next(i for i, text in enumerate((project.path / "specs" / "agree.yaml").read_text().splitlines()) if "stable" in text)
     result.stdout.fnmatch_lines([f"::error file=specs/agree.yaml,line={line},title=agree%3A%3Astable[[]series/step-1000[]]::*"])
     assert summary.read_text().startswith("earlier step\n## circuit-tests")  # appended, as every step of a job does
+    capsys.readouterr()
+    assert main(["run", "specs/agree.yaml", "--model", "series/step-1000"]) == 1  # the command line does the same
+    assert f"::error file=specs/agree.yaml,line={line},title=agree%3A%3Astable[series/step-1000]::" in capsys.readouterr().out
+    assert summary.read_text().count("## circuit-tests") == 2
 
 
 def test_a_series_run_holds_one_checkpoint_at_a_time(run):

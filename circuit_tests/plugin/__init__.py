@@ -21,6 +21,7 @@ from circuit_tests.model.references import check_trusted
 from circuit_tests.model.series import expand_series
 from circuit_tests.plugin.hooks import SessionHooks
 from circuit_tests.plugin.items import SESSION, SpecFile, in_series
+from circuit_tests.spec.report import github_step_summary
 from circuit_tests.spec.schema import is_spec_path, spec_from_mapping
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.subject import Subject
@@ -89,15 +90,10 @@ def run_options(config: pytest.Config) -> RunOptions:
         trusted=trusted,
         html=_path(config, "circuit_report"),
         json=_path(config, "circuit_json"),
-        summary=_path(config, "circuit_summary") or _step_summary(),
+        summary=_path(config, "circuit_summary") or github_step_summary(),
         series=expand_series(series, config.invocation_params.dir),
     )
 
-
-def _step_summary() -> Path | None:
-    """GitHub Actions' job summary file, when the run is a step of a GitHub Actions job."""
-    found = os.environ.get("GITHUB_STEP_SUMMARY")
-    return Path(found) if found and os.environ.get("GITHUB_ACTIONS") == "true" else None
 
 
 def _path(config: pytest.Config, option: str) -> Path | None:

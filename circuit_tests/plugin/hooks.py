@@ -8,13 +8,12 @@ the run if any could not be written.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from circuit_tests.spec.baselines import baseline_path
-from circuit_tests.spec.report import PROPERTY, decode
+from circuit_tests.spec.report import PROPERTY, decode, github_annotations
 from circuit_tests.spec.session import CircuitSession
 from circuit_tests.text import printable
 
@@ -57,9 +56,8 @@ class SessionHooks:
         report = self.session.report
         if not report.rows:
             return
-        if os.environ.get("GITHUB_ACTIONS") == "true":  # each failure marked on its spec line in the pull request
-            for line in report.annotations(Path(os.environ.get("GITHUB_WORKSPACE") or self.config.rootpath)):
-                terminalreporter.write_line(line)
+        for line in github_annotations(report, self.config.rootpath):  # each failure marked on its spec line in a pull request
+            terminalreporter.write_line(line)
         terminalreporter.write_sep("=", "circuit specs")
         for line in report.terminal_lines():
             terminalreporter.write_line(line)

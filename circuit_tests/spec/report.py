@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -249,6 +250,19 @@ def annotation(row: Row, result: Result, root: Path) -> str:
                   "title": f"{row.spec}::{result.expectation}[{row.model}]"}
     fields = ",".join(f"{key}={_escaped(value, property=True)}" for key, value in properties.items())
     return f"::error {fields}::{_escaped(result.message)}"
+
+
+def github_step_summary() -> Path | None:
+    """GitHub Actions' job summary file, when this run is a step of a GitHub Actions job."""
+    found = os.environ.get("GITHUB_STEP_SUMMARY")
+    return Path(found) if found and os.environ.get("GITHUB_ACTIONS") == "true" else None
+
+
+def github_annotations(report: Report, root: Path) -> list[str]:
+    """Under GitHub Actions, :meth:`Report.annotations` with paths from the workspace (else from ``root``); elsewhere none."""
+    if os.environ.get("GITHUB_ACTIONS") != "true":
+        return []
+    return report.annotations(Path(os.environ.get("GITHUB_WORKSPACE") or root))
 
 
 def _escaped(text: str, property: bool = False) -> str:
