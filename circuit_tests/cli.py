@@ -30,7 +30,7 @@ from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, ch
 from circuit_tests.model.nodes import format_nodes, moved
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
-from circuit_tests.model.series import expand_series, first_failure
+from circuit_tests.model.series import expand_series, first_failure, in_training_order
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.report import github_annotations, github_step_summary, payload
@@ -180,8 +180,8 @@ def _run(args: argparse.Namespace) -> int:
             _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
             continue
         runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
-    place = {name: index for index, name in enumerate(given)}
-    for spec, model, expectation in sorted(runs, key=lambda run: place.get(run[1], 0)) if series else runs:
+    place = in_training_order(series)
+    for spec, model, expectation in sorted(runs, key=lambda run: place(run[1])):  # without a series, the order given
         _check_one(session, spec, model, expectation, bool(given))
     if series and args.matrix:
         for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
@@ -241,10 +241,11 @@ def _bisect(args: argparse.Namespace) -> int:
 def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
     """The figures of the last good and first bad checkpoint side by side, and the circuit nodes that entered and left."""
     before, after = (session.report.rows[(str(spec.path), name)].figures for name in (good, bad))
+    good_values, bad_values = values(before, None), values(after, None)
     lines = [f"{'':36} {'last passing':>12} {'first failing':>13}"]
     for key, label in FIGURES.items():
         if key != "overlap_previous":
-            lines.append(f"{label:36} {cell(key, values(before, None)[key]):>12} {cell(key, values(after, None)[key]):>13}")
+            lines.append(f"{label:36} {cell(key, good_values[key]):>12} {cell(key, bad_values[key]):>13}")
     if before.circuit and after.circuit:
         entered, left = moved(circuit_of(before).nodes, circuit_of(after).nodes)
         lines += [f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}"]

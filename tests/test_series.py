@@ -97,15 +97,18 @@ def project(pytester, run, monkeypatch) -> pytest.Pytester:
 
 
 def test_a_series_runs_checkpoint_by_checkpoint_and_reports_the_trend(project):
+    specs = project.path / "specs"  # a second spec, so that collection order (spec by spec) differs from the run's
+    (specs / "again.yaml").write_text((specs / "agree.yaml").read_text().replace("name: agree", "name: again", 1))
+    (specs / "again.baseline.json").write_text((specs / "agree.baseline.json").read_text())
     result = project.runpytest("specs", "--circuit-series", "series/step-*", "--circuit-json", "r.json",
                                "--circuit-summary", "summary.md", "--circuit-report", "r.html", "-v", "-p", "no:cacheprovider")
     ran = [re.search(r"\[series/step-(\d+)\]", line).group(1) for line in result.stdout.lines
-           if "::agree::" in line and (" PASSED" in line or " FAILED" in line)]
-    expectations = len(ran) // len(STEPS)
-    assert expectations >= 2
-    assert ran == [str(step) for step in STEPS for _ in range(expectations)]  # one checkpoint loaded at a time
+           if line.startswith("specs/") and (" PASSED" in line or " FAILED" in line)]
+    items = len(ran) // len(STEPS)
+    assert items >= 4  # two specs, two expectations each
+    assert ran == [str(step) for step in STEPS for _ in range(items)]  # one checkpoint loaded at a time
 
-    (trend,) = json.loads((project.path / "r.json").read_text())["series"]
+    trend = next(t for t in json.loads((project.path / "r.json").read_text())["series"] if t["spec"] == "agree")
     points = trend["points"]
     assert [p["x"] for p in points] == list(STEPS) and [p["checkpoint"] for p in points] == [f"series/step-{s}" for s in STEPS]
     assert points[0]["failed"] == [] and "stable" in points[-1]["failed"]  # the model passes; the knockout loses the circuit

@@ -88,6 +88,13 @@ def axis(series: Sequence[Checkpoint]) -> list[int]:
     return list(range(len(series)))
 
 
+def in_training_order(series: Sequence[Checkpoint]) -> Callable[[str], int]:
+    """A sort key: a model's place in the series (after every checkpoint when it is not one), so a stable sort runs
+    a series' work checkpoint by checkpoint and keeps the order within each."""
+    place = {checkpoint.name: index for index, checkpoint in enumerate(series)}
+    return lambda name: place.get(name, len(place))
+
+
 def first_failure(n: int, fails: Callable[[int], bool]) -> tuple[int | None, list[int]]:
     """Bisect a series of ``n`` checkpoints for the first at which ``fails(index)``, with the checkpoints visited.
 

@@ -123,7 +123,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """In a series run, spec items run checkpoint by checkpoint, so that one checkpoint is loaded at a time."""
     series = config.stash[SESSION].options.series
     if series:
-        in_series(items, [checkpoint.name for checkpoint in series])
+        in_series(items, series)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

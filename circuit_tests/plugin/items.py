@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from circuit_tests.errors import CircuitTestsError
+from circuit_tests.model.series import Checkpoint, in_training_order
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
@@ -138,11 +140,11 @@ def _indent(text: str) -> str:
 
 
 
-def in_series(items: list[pytest.Item], checkpoints: list[str]) -> None:
+def in_series(items: list[pytest.Item], series: Sequence[Checkpoint]) -> None:
     """Reorder the spec items of ``items`` in place, checkpoint by checkpoint (spec order kept within one); other items
     keep their places."""
     slots = [index for index, item in enumerate(items) if isinstance(item, ExpectationItem)]
-    place = {name: index for index, name in enumerate(checkpoints)}
-    ordered = sorted((items[index] for index in slots), key=lambda item: place.get(item.model, len(place)))
+    place = in_training_order(series)
+    ordered = sorted((items[index] for index in slots), key=lambda item: place(item.model))
     for index, item in zip(slots, ordered):
         items[index] = item
