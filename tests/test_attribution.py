@@ -166,6 +166,19 @@ def test_zero_and_mean_baselines(tiny_sites):
     assert mean.scores.shape == zero.scores.shape and not torch.equal(mean.scores, zero.scores)
 
 
+def test_the_first_k_ranked_nodes_are_the_first_k_of_the_whole_ranking_ties_and_nans_included():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        table = torch.randint(-3, 4, (3, 4, 50), generator=generator).float()  # few distinct magnitudes: many ties
+        table[torch.rand(table.shape, generator=generator) < 0.3] = 0.0
+        if trial % 3 == 0:
+            table[0, 0, torch.randint(50, (3,), generator=generator)] = float("nan")
+        scores = Scores(table, 1)
+        everything = scores.ranked()
+        for limit in (1, 2, 5, 17, 100, 599, 600, 1000):
+            assert [node for node, _ in scores.ranked(limit)] == [node for node, _ in everything[:limit]], (trial, limit)
+
+
 def test_scores_round_trip_and_rank_by_magnitude(tmp_path):
     scores = Scores(torch.tensor([[[0.1, -0.5], [0.3, 0.0]], [[-0.2, 0.05], [0.0, 0.4]]]), 7, {"model": "m", "method": "relp"})
     assert scores.ranked(3) == [((0, -2, 1), -0.5), ((1, -1, 1), pytest.approx(0.4)), ((0, -1, 0), pytest.approx(0.3))]

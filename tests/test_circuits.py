@@ -21,6 +21,7 @@ from circuit_tests.analysis.measures import (
     faithfulness_from,
     flip_rates,
     masked_preferences,
+    mean_counterfactuals,
     multiplier_sweep,
     nodes_for,
     patch_success,
@@ -90,15 +91,18 @@ def test_curve_sizes_evaluated_together_match_one_at_a_time(data):
         assert together.completeness[index] == pytest.approx(alone.completeness[0], rel=1e-4, abs=1e-6)
 
 
-def test_a_curve_given_its_ends_matches_one_that_measures_them(data):
+def test_a_curve_given_its_ends_and_means_matches_one_that_measures_them(data):
     sites = _sites()
     circuit = top_k(attribute(sites, data.batches, AttributionOptions()), 200)
-    ends = curve_ends(sites, data, "mean")
-    assert ends.shape == (2, data.n_examples)
+    means = mean_counterfactuals(sites, data)
+    ends = curve_ends(sites, data, "mean", means=means)
+    assert ends.shape == (2, data.n_examples) and torch.equal(ends, curve_ends(sites, data, "mean"))
     whole = faithfulness_curve(sites, data, circuit, [5, 50, 200])
-    given = faithfulness_curve(sites, data, circuit, [5, 50, 200], ends=ends)
+    given = faithfulness_curve(sites, data, circuit, [5, 50, 200], ends=ends, means=means)
     torch.testing.assert_close(given.per_example, whole.per_example, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(given.complement, whole.complement, rtol=1e-5, atol=1e-5)
+    other = {length: [torch.zeros_like(m) for m in layers] for length, layers in means.items()}  # the means are used
+    assert not torch.equal(faithfulness_curve(sites, data, circuit, [5], means=other).per_example, whole.per_example[[0, 3, 4]])
     torch.testing.assert_close(ends[0], preferences(sites, data), rtol=1e-5, atol=1e-5)  # nothing ablated: the model
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from circuit_tests.analysis import measures
+from circuit_tests.analysis.measures import mean_counterfactuals
 from circuit_tests.model.loading import load_model
 from circuit_tests.spec.expectations import _bound, _shown
 from circuit_tests.spec.schema import spec_from_mapping
@@ -69,13 +71,17 @@ def test_an_unchanged_rerun_reads_its_measurements_from_the_cache(project, loade
         return (measured.curve.per_example, measured.figures.nodes_for_08, measured.accuracy,
                 measured.flips(measured.circuit(10)), measured.figures.timings)
 
+    calls = []
+    for where in (module, measures):
+        monkeypatch.setattr(where, "mean_counterfactuals", lambda *args: calls.append(args) or mean_counterfactuals(*args))
     first = measure(tmp_path)
     assert {"trace", "faithfulness curve", "flips", "preferences"} <= set(first[-1])
+    assert len(calls) == 1  # one pass over the counterfactuals, shared by the ends, the curve and every search round
 
     def no_forward_pass(*args, **kwargs):
         raise AssertionError("measured again")
 
-    for name in ("faithfulness_curve", "curve_ends", "flip_rates", "preferences", "trace"):
+    for name in ("faithfulness_curve", "curve_ends", "mean_counterfactuals", "flip_rates", "preferences", "trace"):
         monkeypatch.setattr(module, name, no_forward_pass)
     again = measure(tmp_path)
     assert again[0].equal(first[0]) and again[1:3] == first[1:3] and again[3].equal(first[3])

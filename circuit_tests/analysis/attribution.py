@@ -109,7 +109,7 @@ class Scores:
             outside[list(layers)] = False
             table = table.masked_fill(outside.view(-1, 1, 1), 0.0)
         flat = table.flatten()
-        order = flat.abs().argsort(descending=True, stable=True)
+        order = _by_magnitude(flat, limit)
         order = order[flat[order] != 0][:limit]
         layer, position, neuron = torch.unravel_index(order, table.shape)
         offset = table.shape[1] if self.align == "end" else 0
@@ -130,6 +130,17 @@ class Scores:
             header.setdefault("align", "start")
         return cls(load_file(str(path))["scores"], n_examples, header)
 
+
+def _by_magnitude(flat: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """Indices of ``flat`` by decreasing magnitude, ties in index order: all of them, or the first ``limit``
+    and any tied with the last. A full sort of a Llama-3.1-8B-sized table (millions of nodes) takes a third
+    of a second on a CPU; only the entries at or above the ``limit``-th magnitude are sorted here."""
+    magnitude = flat.abs()
+    if limit is not None and limit < flat.numel():
+        floor = magnitude.topk(limit).values[-1]
+        kept = ((magnitude >= floor) | magnitude.isnan()).nonzero().squeeze(1)  # index order: ties stay in it
+        return kept[magnitude[kept].argsort(descending=True, stable=True)]
+    return magnitude.argsort(descending=True, stable=True)
 
 def data_hash(examples: Iterable[PairedExample]) -> str:
     """A short content hash of a dataset, independent of where its examples were read from."""

@@ -41,10 +41,11 @@ BATCH_SIZE = 32  # examples per forward pass, the default of a spec's task.batch
 # --------------------------------------------------------------------------- ablation values
 
 Ablated = tuple[PairedBatch, list[torch.Tensor]]  # a chunk of examples and, per layer, the values that ablate it
+Means = dict[int, list[torch.Tensor]]  # per token length, per layer, the [1, positions, neurons] mean counterfactual
 
 
 def ablated_chunks(
-    sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0, batch_size: int = BATCH_SIZE
+    sites: NeuronSites, data: Tokenized, kind: str, seed: int = 0, batch_size: int = BATCH_SIZE, means: Means | None = None
 ) -> Iterator[Ablated]:
     """Each chunk of at most ``batch_size`` examples of ``data``, in order, with its ablation values.
 
@@ -52,14 +53,15 @@ def ablated_chunks(
     activation per position over all examples of that length; ``zero``; ``resample``: the
     counterfactual activation of another example of the same length, drawn with ``seed``;
     ``patch``: the counterfactual activation of the same example. Values are made chunk by chunk
-    (``mean`` after one pass over the counterfactuals), so memory follows ``batch_size``.
+    (``mean`` after one pass over the counterfactuals, unless ``means`` gives that pass's
+    :func:`mean_counterfactuals`), so memory follows ``batch_size``.
     """
     if kind not in (*ABLATIONS, PATCH):
         raise ValueError(f"Unknown ablation {kind!r}; use one of {', '.join(ABLATIONS)} (or {PATCH!r}).")
     if kind == "zero":
         return ((chunk, _zeros(sites, chunk)) for chunk in data.chunks(batch_size))
     if kind == "mean":
-        means = _mean_counterfactuals(sites, data, batch_size)
+        means = means if means is not None else mean_counterfactuals(sites, data, batch_size)
         return ((chunk, [m.expand(len(chunk), -1, -1) for m in means[chunk.n_positions]]) for chunk in data.chunks(batch_size))
     sources = _resampled_sources(data, seed) if kind == "resample" else [batch.patch_ids for batch in data.batches]
     return _counterfactual_chunks(sites, data, sources, batch_size)
@@ -70,7 +72,7 @@ def _zeros(sites: NeuronSites, chunk: PairedBatch) -> list[torch.Tensor]:
     return [torch.zeros(shape, dtype=sites.model.dtype, device=sites.layer_device(layer)) for layer in range(sites.n_layers)]
 
 
-def _mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int) -> dict[int, list[torch.Tensor]]:
+def mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int = BATCH_SIZE) -> Means:
     """Per token length, per layer, the ``[1, positions, neurons]`` mean counterfactual activation.
 
     One pass over the chunks, summing in float64 on each layer's device.
@@ -203,18 +205,20 @@ def faithfulness_curve(
     batch_size: int = BATCH_SIZE,
     complement: bool = True,
     ends: torch.Tensor | None = None,
+    means: Means | None = None,
 ) -> Curve:
     """Faithfulness and completeness of the top ``sizes`` nodes of ``circuit`` on ``data``, batched over sizes.
 
     ``complement=False`` skips the runs with only the circuit ablated (``Curve.complement`` is then empty).
     The two ends that faithfulness is measured between do not depend on the circuit: they are measured
     in the same pass unless ``ends`` (:func:`curve_ends` of the same data and ablation) gives them, as a
-    caller measuring many circuits on one split does.
+    caller measuring many circuits on one split does; such a caller passes the split's ``means`` too, for
+    mean ablation (:func:`ablated_chunks`).
     """
     ranks = _ranks(sites, circuit, data)
     bounds = torch.tensor([*sizes, *([len(circuit) + 1, 0] if ends is None else [])]).view(-1, 1, 1, 1)
     kept, removed = [], []
-    chunks = ablated_chunks(sites, data, ablation, seed, batch_size)
+    chunks = ablated_chunks(sites, data, ablation, seed, batch_size, means)
     for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
         rank = ranks[batch.n_positions]
         kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
@@ -227,10 +231,11 @@ def faithfulness_curve(
 
 
 def curve_ends(sites: NeuronSites, data: Tokenized, ablation: str = "mean", seed: int = 0, *,
-               batch_size: int = BATCH_SIZE) -> torch.Tensor:
+               batch_size: int = BATCH_SIZE, means: Means | None = None) -> torch.Tensor:
     """``[2, examples]``: each example's preference with nothing ablated (the model), then with every neuron
     ablated (the empty circuit): the curve of the empty circuit at no size."""
-    return faithfulness_curve(sites, data, Circuit((), ()), (), ablation, seed, batch_size=batch_size, complement=False).per_example
+    return faithfulness_curve(sites, data, Circuit((), ()), (), ablation, seed, batch_size=batch_size, complement=False,
+                              means=means).per_example
 
 
 SEARCH_PROBES = 3  # circuit sizes evaluated together in each round of nodes_for's search

@@ -24,10 +24,12 @@ import torch
 from circuit_tests.analysis.attribution import Scores, data_hash, trace
 from circuit_tests.analysis.measures import (
     Curve,
+    Means,
     curve_ends,
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
+    mean_counterfactuals,
     multiplier_sweep,
     nodes_for,
     patch_success,
@@ -215,8 +217,8 @@ class Subject:
         ablation, seed = self.spec.trace.ablation, self.spec.task.seed
 
         def compute() -> dict[str, torch.Tensor]:
-            curve = faithfulness_curve(self.sites, self.test, circuit, sizes, ablation, seed,
-                                       batch_size=self.batch_size, complement=complement, ends=self.ends)
+            curve = faithfulness_curve(self.sites, self.test, circuit, sizes, ablation, seed, batch_size=self.batch_size,
+                                       complement=complement, ends=self.ends, means=self.means)
             return {"kept": curve.per_example[: len(sizes)]} | ({"complement": curve.complement} if complement else {})
 
         tensors = self._measure("faithfulness curve", {"circuit": _digest(circuit.nodes), "sizes": list(sizes),
@@ -230,7 +232,16 @@ class Subject:
         spec's ablation (:func:`~circuit_tests.analysis.measures.curve_ends`): measured once, shared by every curve."""
         ablation, seed = self.spec.trace.ablation, self.spec.task.seed
         return self._measure("faithfulness curve", {"ends": ablation, "seed": seed}, {"ends"}, lambda: {
-            "ends": curve_ends(self.sites, self.test, ablation, seed, batch_size=self.batch_size)})["ends"]
+            "ends": curve_ends(self.sites, self.test, ablation, seed, batch_size=self.batch_size, means=self.means)})["ends"]
+
+    @cached_property
+    def means(self) -> Means | None:
+        """Under mean ablation, the held-out split's mean counterfactual activations
+        (:func:`~circuit_tests.analysis.measures.mean_counterfactuals`), one pass shared by every curve and
+        search round that is not in the disk cache; ``None`` under other ablations."""
+        if self.spec.trace.ablation != "mean":
+            return None
+        return mean_counterfactuals(self.sites, self.test, self.batch_size)
 
     def _sizes(self) -> tuple[int, ...]:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
