@@ -4,6 +4,7 @@
 ``trace`` (attribute a dataset or a spec's task; the JSON contract other tools rely on),
 ``run`` (evaluate specs without pytest), ``series`` (on a training run's checkpoints, with each spec's
 trend), ``bisect`` (the first checkpoint at which a spec fails), ``diff`` (two checkpoints' circuits side by side),
+``explain`` (neuron cards), ``graph`` (a circuit's nodes, edges and clusters),
 ``new`` (scaffold a spec from a dataset), ``schema`` (the spec JSON Schema), ``models`` and
 ``fetch`` (the registered models).
 """
@@ -21,18 +22,22 @@ from pathlib import Path
 from typing import TextIO
 
 from circuit_tests.analysis.attribution import ALIGNMENTS, BASELINES, TRACE_METHODS, AttributionOptions, trace
+from circuit_tests.analysis.cards import CORPUS
+from circuit_tests.analysis.edges import CLUSTERS
 from circuit_tests.analysis.metrics import METRICS
 from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.files import inside
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
 from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
-from circuit_tests.model.nodes import format_nodes, moved
+from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.model.series import expand_series, first_failure, in_training_order
+from circuit_tests.model.sites import NeuronSites
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
+from circuit_tests.spec.reading import corpus, describe, graph
 from circuit_tests.spec.report import github_annotations, github_step_summary, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
@@ -49,7 +54,7 @@ from circuit_tests.spec.schema import (
 )
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.spec.subject import STANDARD_SIZES, drops_allowed, prompts, token_limit
-from circuit_tests.spec.traces import default_trace_cache
+from circuit_tests.spec.traces import TraceCache, default_trace_cache
 from circuit_tests.spec.trend import FIGURES, cell, circuit_of, values
 from circuit_tests.text import has_control, printable
 
@@ -288,6 +293,71 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    """Neuron cards: what each node promotes through the unembedding, and where in a corpus it fires most; with
+    ``--spec``, the tokens at its position in the spec's prompts and its score and rank there."""
+    nodes = [_node_argument(text) for text in args.nodes]
+    corpus_path = _corpus(args.corpus)
+    session = _session(args)
+    if args.spec:
+        subject = session.subject(load_spec(Path(args.spec), session.options.project), args.model, from_command_line=True)
+        loaded, sites = subject.loaded, subject.sites
+        cards = subject.describe(nodes, read=None if args.no_contexts else corpus(loaded, sites, subject.traces, corpus_path))
+    else:
+        loaded = session.model(args.model)
+        sites = NeuronSites(loaded.model)
+        read = None if args.no_contexts else corpus(loaded, sites, TraceCache(default_trace_cache()), corpus_path)
+        cards = describe(loaded, sites, nodes, read=read)
+    if len(cards) < len(nodes):
+        raise CircuitTestsError(f"{len(nodes) - len(cards)} of the nodes name no neuron of {args.model} "
+                                f"({sites.n_layers} layers x {sites.n_neurons} neurons): give L<layer>/N<neuron> inside those bounds.")
+    for card in cards:
+        _say("\n".join(card.lines()) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps([card.to_json() for card in cards], indent=1) + "\n")
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    """A spec's circuit as a graph: its top nodes with their cards, the edges between them, and clusters; as text,
+    and as JSON other tools can read."""
+    out = _output(args.json)
+    session = _session(args)
+    spec = load_spec(Path(args.spec), session.options.project)
+    subject = session.subject(spec, args.model or spec.models[0], from_command_line=args.model is not None)
+    read = corpus(subject.loaded, subject.sites, subject.traces, _corpus(args.corpus)) if args.contexts else None
+    found = graph(subject, args.top, read, args.clusters)
+    names = [format_node(card.node) for card in found.cards]
+    for index, label in enumerate(found.labels):
+        members = [card for card, cluster in zip(found.cards, found.clusters) if cluster == index]
+        _say(f"cluster {index} ({len(members)} nodes) {label}")
+        _say("\n".join(f"  {card.summary()}" for card in members))
+    _say(f"\nstrongest edges (of {len(found.edges())}; an edge moves its target's activation by the weight when its "
+         "source takes its counterfactual value):")
+    for source, target, weight in found.edges(args.edges):
+        _say(f"  {names[source]} -> {names[target]}  {weight:+.4g}")
+    if out is not None:
+        out.write_text(json.dumps({"spec": spec.name, "model": subject.loaded.ref.name, **found.to_json()}, indent=1) + "\n")
+    return 0
+
+
+def _node_argument(text: str):
+    try:
+        return parse_node(text)
+    except ValueError as error:
+        raise CircuitTestsError(str(error)) from None
+
+
+def _corpus(name: str | None) -> Path:
+    """The corpus a card's contexts come from: ``--corpus FILE`` (one sentence a line), else the one shipped."""
+    if name is None:
+        return CORPUS
+    path = Path(name)
+    if not path.is_file():
+        raise CircuitTestsError(f"--corpus {printable(name)}: no such file. Give a text file with one sentence per line.")
+    return path
+
+
 def _new(args: argparse.Namespace) -> int:
     """Write a starting spec for a dataset: the model must behave, and a small circuit must explain it.
 
@@ -413,7 +483,7 @@ def _positive(text: str) -> int:
 
 
 COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "series": _run, "bisect": _bisect,
-            "diff": _diff, "new": _new, "promote": _promote, "schema": _schema}
+            "diff": _diff, "explain": _explain, "graph": _graph, "new": _new, "promote": _promote, "schema": _schema}
 SERIES_HELP = ("the checkpoints, in training order: globs of directories ('ckpts/step-*', natural order), names, "
                "comma-separated lists, or @FILE with one per line")
 
@@ -465,6 +535,26 @@ def main(argv: list[str] | None = None) -> int:
     differ.add_argument("--models", nargs=2, required=True, metavar=("A", "B"))
     differ.add_argument("--top", type=_positive, default=100, help="circuit size compared (default 100)")
     _device_options(differ)
+    explainer = commands.add_parser("explain", help="neuron cards: what nodes promote, where they fire in a corpus, "
+                                                     "and with --spec their tokens and ranks there")
+    explainer.add_argument("model", metavar="MODEL")
+    explainer.add_argument("nodes", nargs="+", metavar="NODE", help="L<layer>/N<neuron> or L<layer>/P<position>/N<neuron>")
+    explainer.add_argument("--spec", help="add the tokens at each node's position in this spec's prompts, and its score and rank")
+    explainer.add_argument("--corpus", metavar="FILE", help="top-activating contexts from this text, one sentence a line "
+                                                            "(default: the corpus shipped with circuit-tests)")
+    explainer.add_argument("--no-contexts", action="store_true", help="skip the corpus pass (the output direction only)")
+    explainer.add_argument("--json", metavar="OUT.json", help="also write the cards as JSON")
+    _device_options(explainer)
+    grapher = commands.add_parser("graph", help="a spec's circuit as a graph: node cards, edges between nodes, clusters")
+    grapher.add_argument("spec", metavar="SPEC")
+    grapher.add_argument("--model", help="default: the spec's first model")
+    grapher.add_argument("--top", type=_positive, default=30, help="how many of the circuit's nodes (default 30)")
+    grapher.add_argument("--clusters", type=_positive, default=CLUSTERS, help=f"how many clusters (default {CLUSTERS})")
+    grapher.add_argument("--edges", type=_positive, default=20, help="how many edges to print (default 20; JSON has all)")
+    grapher.add_argument("--contexts", action="store_true", help="add top-activating corpus contexts to the cards (a corpus pass)")
+    grapher.add_argument("--corpus", metavar="FILE", help="with --contexts: this text instead of the shipped corpus")
+    grapher.add_argument("--json", metavar="OUT.json", help="write the graph as JSON: nodes with cards, edges, clusters")
+    _device_options(grapher)
     scaffold = commands.add_parser("new", help="scaffold a spec from a dataset")
     scaffold.add_argument("dataset", metavar="DATASET.jsonl")
     scaffold.add_argument("--name", required=True)

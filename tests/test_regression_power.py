@@ -64,7 +64,7 @@ def test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved(project
 
 
 def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
-    result = project.runpytest("specs", f"--circuit-model={broken}", "-p", "no:cacheprovider")
+    result = project.runpytest("specs", f"--circuit-model={broken}", "-p", "no:cacheprovider", "--circuit-report", "r.html")
     result.stdout.fnmatch_lines([  # the short summary, in collection order
         f"FAILED specs/{name}.yaml::{name.replace('_', '-')}::{kind}[[]*smollm2-broken*[]]*"
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
@@ -72,6 +72,12 @@ def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
     result.stdout.fnmatch_lines(["*expected: accuracy >= 0.90*", "*measured: accuracy 0.*"])
     result.stdout.fnmatch_lines(["*overlap with smollm2-135m-instruct's baseline circuit*", "*left (*): L*"])
     assert result.parseoutcomes()["failed"] >= len(SPECS) * 3
+    # What the nodes that left do, from their cards: on sva_simple the agreement writers left (measured: L22/N296
+    # promotes ' themselves', ' their'; L26/N630 ' are', ' were'), in the failure and in the report.
+    result.stdout.fnmatch_lines(["*what the strongest of them do*", "*  + L*/P-1/N* at *: promotes *; suppresses *",
+                                 "*  - L26/P-1/N630 at *: promotes ' are', ' were'*"])
+    page = (project.path / "r.html").read_text()
+    assert "Nodes that moved against the baseline circuit" in page and "L26/P-1/N630 at" in page
 
 
 def test_diff_shows_what_changed_in_the_circuit(broken, capsys):

@@ -116,6 +116,23 @@ class Scores:
         return [((int(l), None if aggregate else int(p) - offset, int(n)), float(flat[i]))
                 for l, p, n, i in zip(layer, position, neuron, order)]
 
+    def standing(self, node: Node, aggregate: bool = False) -> tuple[int, float] | None:
+        """A node's place in :meth:`ranked` (1: the strongest) and its signed score; ``None`` for a zero score or a node
+        this table does not hold (``aggregate``: a (layer, None, neuron) pair summed over positions)."""
+        table = self.by_neuron().unsqueeze(1) if aggregate else self.scores
+        layer, position, neuron = node
+        if neuron is None or (position is None) != aggregate:
+            return None
+        index = 0 if aggregate else position + (table.shape[1] if self.align == "end" else 0)
+        if not (0 <= layer < table.shape[0] and 0 <= index < table.shape[1] and 0 <= neuron < table.shape[2]):
+            return None
+        flat = table.flatten()
+        where = (layer * table.shape[1] + index) * table.shape[2] + neuron
+        magnitude, mine = flat.abs(), flat[where].abs()
+        if mine == 0:
+            return None
+        return int((magnitude > mine).sum()) + int((magnitude[:where] == mine).sum()) + 1, float(flat[where])
+
     def save(self, path: Path) -> None:
         """Write one safetensors file; the metadata travels as JSON in its header."""
         header = {"n_examples": self.n_examples, **self.metadata}
@@ -164,10 +181,10 @@ def attribute(
     batches = [batch.to(device) for batch in batches]
     n_positions = max(batch.n_positions for batch in batches)
     total = torch.zeros(sites.n_layers, n_positions, sites.n_neurons, dtype=torch.float64, device=device)
-    mean = _mean_baseline(sites, batches) if options.baseline == "mean" else None
+    mean = mean_baseline(sites, batches) if options.baseline == "mean" else None
     metric = METRICS[options.metric]
     for batch in bar(batches, f"{options.method} attribution"):
-        baseline = _baseline(sites, batch, options.baseline, mean)
+        baseline = baseline_values(sites, batch, options.baseline, mean)
         if options.method == "exact":
             if candidates is None:
                 raise ValueError("method 'exact' needs candidate nodes: patching every node one by one is too slow.")
@@ -195,7 +212,7 @@ def neuron_values(sites: NeuronSites, ids: torch.Tensor) -> list[torch.Tensor]:
     return acts
 
 
-def _mean_baseline(sites: NeuronSites, batches: Sequence[PairedBatch]) -> list[torch.Tensor]:
+def mean_baseline(sites: NeuronSites, batches: Sequence[PairedBatch]) -> list[torch.Tensor]:
     """Per layer and position, the mean counterfactual activation over all examples."""
     lengths = {batch.n_positions for batch in batches}
     if len(lengths) != 1:
@@ -208,7 +225,8 @@ def _mean_baseline(sites: NeuronSites, batches: Sequence[PairedBatch]) -> list[t
     return [s / n for s in sums]
 
 
-def _baseline(sites: NeuronSites, batch: PairedBatch, kind: str, mean: list[torch.Tensor] | None) -> list[torch.Tensor]:
+def baseline_values(sites: NeuronSites, batch: PairedBatch, kind: str, mean: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Per layer, the ``[batch, positions, neurons]`` values a node moves to: the counterfactual prompt's, zero, or ``mean``."""
     if kind == "counterfactual":
         return neuron_values(sites, batch.patch_ids)
     shape = (len(batch), batch.n_positions, sites.n_neurons)

@@ -11,6 +11,7 @@ and reports print them (:func:`format_node`).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from functools import cached_property
 import torch
 
 Node = tuple[int, int | None, int | None]
+NODE_PATTERN = re.compile(r"[Ll](\d+)(?:/[Pp](-?\d+))?(?:/[Nn](\d+))?")
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,15 @@ def format_node(node: Node) -> str:
     """``L3/P-1/N77`` (``L3/N77`` for every position, ``L3`` for the whole layer)."""
     layer, position, neuron = node
     return f"L{layer}" + ("" if position is None else f"/P{position}") + ("" if neuron is None else f"/N{neuron}")
+
+
+def parse_node(text: str) -> Node:
+    """The node :func:`format_node` writes: ``L3/P-1/N77``, ``L3/N77`` (every position) or ``L3`` (the whole layer)."""
+    match = NODE_PATTERN.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a node: write L<layer>/N<neuron> or L<layer>/P<position>/N<neuron>, e.g. L26/P-1/N1071.")
+    layer, position, neuron = match.groups()
+    return int(layer), _int_or_none(position), _int_or_none(neuron)
 
 
 def format_nodes(nodes: Sequence[Node], shown: int = 12) -> str:

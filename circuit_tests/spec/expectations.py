@@ -8,9 +8,10 @@ circuit size or, for ``stable``, the neurons that entered and left the circuit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
@@ -253,6 +254,7 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     faithful_enough = math.isfinite(now) and (then is None or now >= then - params.faithfulness_tolerance)
     lost_top = [(rank, node) for rank, node in enumerate(stored.nodes[: params.keep_top], 1) if node not in current]
     entered, left = moved(stored.nodes, current.nodes)
+    entered_cards, left_cards = subject.describe_moved(entered, left, stored.nodes)
     then_text = f"{then:.3f}" if then is not None else "not stored"
     now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
     sizes = f"{len(stored)} stored nodes" if len(stored) < size else f"{size} nodes"
@@ -268,8 +270,16 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
             f"{format_node(node)} (rank {rank}, score {entry['circuit'][rank - 1][3]:+.3g})" for rank, node in lost_top)]
            if lost_top else []),
          f"entered ({len(entered)}): {format_nodes(entered)}", f"left ({len(left)}): {format_nodes(left)}",
-         *([] if passed else [_accept(subject, name)])),
+         *([] if passed else [*_what_moved(entered_cards, left_cards), _accept(subject, name)])),
     )
+
+
+def _what_moved(entered: Sequence[Card], left: Sequence[Card]) -> list[str]:
+    """A line per card of the strongest nodes that entered (+) and left (-): the token there and what it writes."""
+    if not entered and not left:
+        return []
+    return ["what the strongest of them do (their output through the unembedding; `circuit-tests explain` says more):",
+            *(f"  + {card.summary()}" for card in entered), *(f"  - {card.summary()}" for card in left)]
 
 
 def _faithful_size(subject: Subject, entry: dict, name: str, keep_top: int) -> int:

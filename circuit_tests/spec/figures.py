@@ -69,6 +69,8 @@ class Figures:
     circuit: list[list] = field(default_factory=list)  # the same rows for stable's circuit, else the nodes for 0.8 (or 100)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("trace", "faithfulness curve", ...), cached or not
     tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
+    cards: dict[str, dict] = field(default_factory=dict)  # node name ("L3/P-1/N77") -> its card (Card.to_json)
+    moved: dict[str, list[str]] = field(default_factory=dict)  # "entered"/"left" -> node names, when stable compared
     overlap: float | None = None  # with the stored baseline circuit (stable)
     baseline: str | None = None  # whose baseline that was
     stored_circuit_faithfulness: float | None = None  # the stored circuit's faithfulness now
@@ -97,6 +99,10 @@ class Figures:
             data["circuit"] = self.circuit
         if self.tokens:
             data["tokens"] = self.tokens
+        if self.cards:
+            data["cards"] = self.cards
+        if self.moved:
+            data["moved"] = self.moved
         if self.timings:
             data["timings"] = {stage: round(seconds, 3) for stage, seconds in self.timings.items()}
         for name in ("overlap", "baseline", "stored_circuit_faithfulness"):
@@ -129,7 +135,8 @@ class Figures:
             curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
-            sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
+            sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),
+            cards=data.get("cards", {}), moved=data.get("moved", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
             stored_baseline=BaselineFigures.from_json(stored) if stored else None,
         )

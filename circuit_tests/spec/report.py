@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from circuit_tests.model.nodes import format_node
+from circuit_tests.analysis.cards import Card
+from circuit_tests.model.nodes import format_node, parse_node
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
 from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, matrix_table, table, trends
@@ -357,7 +358,7 @@ def _section(row: Row) -> str:
         f"<p>{html.escape(row.path)}</p>" + (f"<p class='description'>{html.escape(row.description)}</p>" if row.description else "")
         + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.curve, figures.stored_baseline)}</div>"
         f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
-        + _top_nodes(figures) + "</section>"
+        + _top_nodes(figures) + _moved_nodes(figures) + "</section>"
     )
 
 
@@ -369,10 +370,11 @@ def _top_nodes(figures: Figures) -> str:
     stored = figures.stored_baseline
     ranked = stored is not None and len(stored.ranks) == len(figures.top)
     head = "<tr><th>layer</th><th>position</th><th>neuron</th><th>score</th>" + (
-        f"<th>rank in {html.escape(printable(stored.model))}'s baseline</th>" if ranked else "") + "</tr>"
+        f"<th>rank in {html.escape(printable(stored.model))}'s baseline</th>" if ranked else "") + "<th>card</th></tr>"
     rows = "".join(
         f"<tr><td>{layer}</td><td>{html.escape(_position(position, figures.tokens))}</td><td>{neuron}</td><td>{score:+.4f}</td>"
-        + (f"<td>{stored.ranks[i] or 'new'}</td>" if ranked else "") + "</tr>"
+        + (f"<td>{stored.ranks[i] or 'new'}</td>" if ranked else "")
+        + f"<td>{_card(figures, (layer, position, neuron))}</td></tr>"
         for i, (layer, position, neuron, score) in enumerate(figures.top)
     )
     lost = ", ".join(f"{_node(layer, position, neuron, figures.tokens)} (rank {rank})"
@@ -380,6 +382,30 @@ def _top_nodes(figures: Figures) -> str:
     lost_line = (f"<p class='lost'>In the top {len(figures.top)} of {html.escape(printable(stored.model))}'s baseline, "
                  f"not in this run's: {html.escape(lost)}</p>") if lost else ""
     return f"<h3>Top nodes</h3><table>{head}{rows}</table>{lost_line}"
+
+
+def _moved_nodes(figures: Figures) -> str:
+    """The nodes that entered and left the stored circuit (``stable``), the strongest with their cards."""
+    if not figures.moved:
+        return ""
+    parts = []
+    for way in ("entered", "left"):
+        names = figures.moved.get(way, [])
+        described = "".join(f"<li>{_card(figures, parse_node(name))}</li>" for name in names if name in figures.cards)
+        rest = [name for name in names if name not in figures.cards]
+        parts.append(f"<h4>{way.capitalize()} ({len(names)})</h4><ul class='cards'>{described}</ul>"
+                     + (f"<p>{html.escape(', '.join(rest))}</p>" if rest else ""))
+    return "<h3>Nodes that moved against the baseline circuit</h3>" + "".join(parts)
+
+
+def _card(figures: Figures, node: tuple) -> str:
+    """A node's card, folded: one line (the token there, what it promotes and suppresses), the whole card on expanding."""
+    data = figures.cards.get(format_node(node))
+    if data is None:
+        return ""
+    card = Card.from_json(data)
+    return (f"<details><summary>{html.escape(printable(card.summary()))}</summary>"
+            f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details>")
 
 
 def _position(position: int | None, tokens: dict[str, str]) -> str:

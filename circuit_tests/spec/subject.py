@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from circuit_tests.analysis.attribution import Scores, data_hash, trace
+from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.measures import (
     Curve,
     Means,
@@ -40,13 +41,15 @@ from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
-from circuit_tests.model.nodes import Circuit, Node
+from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.spec.figures import CurveFigures, Figures
+from circuit_tests.spec.reading import Corpus, describe
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
 
 STANDARD_SIZES = (10, 30, 100, 300, 1000)
+MOVED_CARDS = 5  # nodes that entered or left a stored circuit described on a card, each way
 UNREACHED = 100  # the size of the circuit the figures hold when no standard size reaches 0.8 faithfulness
 
 
@@ -114,7 +117,24 @@ class Subject:
         self.figures.timings["trace"] = time.perf_counter() - started
         self.figures.top = [[*node, score] for node, score in scores.ranked(20, aggregate=self.by_neuron)]
         self.figures.tokens = self._tokens()
+        self._record(describe(self.loaded, self.sites, [tuple(row[:3]) for row in self.figures.top], scores=scores,
+                              aggregate=self.by_neuron, test=self.test))
         return scores
+
+    def describe(self, nodes: Sequence[Node], stored: Sequence[Node] | None = None, read: Corpus | None = None) -> list[Card]:
+        """Cards for ``nodes`` (:func:`~circuit_tests.spec.reading.describe`) with their score, rank and the tokens at
+        their positions here, and their rank in ``stored``; the report shows them."""
+        return self._record(describe(self.loaded, self.sites, nodes, scores=self.scores, aggregate=self.by_neuron,
+                                     test=self.test, stored=stored, read=read))
+
+    def describe_moved(self, entered: Sequence[Node], left: Sequence[Node], stored: Sequence[Node]) -> tuple[list[Card], list[Card]]:
+        """Cards of the first :data:`MOVED_CARDS` nodes that entered and that left a stored circuit; the figures name all."""
+        self.figures.moved = {"entered": [format_node(node) for node in entered], "left": [format_node(node) for node in left]}
+        return self.describe(entered[:MOVED_CARDS], stored), self.describe(left[:MOVED_CARDS], stored)
+
+    def _record(self, cards: list[Card]) -> list[Card]:
+        self.figures.cards.update({format_node(card.node): card.to_json() for card in cards})
+        return cards
 
     def _tokens(self) -> dict[str, str]:
         """Each position (as ``trace.align`` counts it) -> its token's text in the first held-out prompt."""
