@@ -38,7 +38,7 @@ from circuit_tests.model.sites import NeuronSites
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.reading import corpus, describe, graph
-from circuit_tests.spec.report import github_annotations, github_step_summary, payload
+from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
@@ -53,7 +53,7 @@ from circuit_tests.spec.schema import (
     spec_from_mapping,
 )
 from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
-from circuit_tests.spec.subject import STANDARD_SIZES, drops_allowed, prompts, token_limit
+from circuit_tests.spec.subject import MOVED_CARDS, STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import TraceCache, default_trace_cache
 from circuit_tests.spec.trend import FIGURES, cell, circuit_of, values
 from circuit_tests.text import has_control, printable
@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
     session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json),
-                       summary=_output(args.summary) or github_step_summary(), series=series)
+                       summary=_output(args.summary) or github_step_summary(), series=series, graph=args.graph)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
     for name in args.specs:
@@ -288,8 +288,9 @@ def _diff(args: argparse.Namespace) -> int:
     a, b = first.circuit(args.top), second.circuit(args.top)
     jaccard, weighted = overlap(a, b)
     _say(f"\ntop {args.top} circuits: Jaccard overlap {jaccard:.3f}, |score|-weighted {weighted:.3f}")
-    for label, nodes in zip(("gained", "lost"), moved(a.nodes, b.nodes)):
+    for (label, subject, sign), nodes in zip((("gained", second, "+"), ("lost", first, "-")), moved(a.nodes, b.nodes)):
         _say(f"{label} ({len(nodes)}): " + format_nodes(nodes, shown=len(nodes)))
+        _say("\n".join(f"  {sign} {card.summary()}" for card in subject.describe(nodes[:MOVED_CARDS])))
     return 0
 
 
@@ -321,7 +322,7 @@ def _explain(args: argparse.Namespace) -> int:
 def _graph(args: argparse.Namespace) -> int:
     """A spec's circuit as a graph: its top nodes with their cards, the edges between them, and clusters; as text,
     and as JSON other tools can read."""
-    out = _output(args.json)
+    out, page = _output(args.json), _output(args.html)
     session = _session(args)
     spec = load_spec(Path(args.spec), session.options.project)
     subject = session.subject(spec, args.model or spec.models[0], from_command_line=args.model is not None)
@@ -336,8 +337,11 @@ def _graph(args: argparse.Namespace) -> int:
          "source takes its counterfactual value):")
     for source, target, weight in found.edges(args.edges):
         _say(f"  {names[source]} -> {names[target]}  {weight:+.4g}")
+    drawn = {"spec": spec.name, "model": subject.loaded.ref.name, **found.to_json()}
     if out is not None:
-        out.write_text(json.dumps({"spec": spec.name, "model": subject.loaded.ref.name, **found.to_json()}, indent=1) + "\n")
+        out.write_text(json.dumps(drawn, indent=1) + "\n")
+    if page is not None:
+        page.write_text(graph_page(f"{spec.name} [{subject.loaded.ref.name}]", drawn), encoding="utf-8")
     return 0
 
 
@@ -462,6 +466,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="PATH.json")
     parser.add_argument("--summary", metavar="PATH.md", help="append a Markdown summary (default under GitHub Actions: "
                                                                "$GITHUB_STEP_SUMMARY)")
+    parser.add_argument("--graph", type=_non_negative, default=0, metavar="N",
+                        help="draw the top N nodes of each spec's circuit as a graph in the reports (default 0, none)")
     _device_options(parser)
 
 
@@ -470,6 +476,10 @@ def _device_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="append", default=[], metavar="MODEL",
                         help="let this model run the code shipped with its checkpoint (hub id or id@revision; repeatable)")
+
+
+def _non_negative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
 
 
 def _positive(text: str) -> int:
@@ -554,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     grapher.add_argument("--contexts", action="store_true", help="add top-activating corpus contexts to the cards (a corpus pass)")
     grapher.add_argument("--corpus", metavar="FILE", help="with --contexts: this text instead of the shipped corpus")
     grapher.add_argument("--json", metavar="OUT.json", help="write the graph as JSON: nodes with cards, edges, clusters")
+    grapher.add_argument("--html", metavar="OUT.html", help="write the graph as a page: layers, edges, clusters, cards")
     _device_options(grapher)
     scaffold = commands.add_parser("new", help="scaffold a spec from a dataset")
     scaffold.add_argument("dataset", metavar="DATASET.jsonl")

@@ -4,6 +4,7 @@ clusters, and the ``explain`` and ``graph`` commands."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from circuit_tests.model.data import PairedBatch, Tokenized
 from circuit_tests.model.nodes import format_node, parse_node
 from circuit_tests.model.sites import NeuronSites, capture
 from circuit_tests.testing import TINY_WORDS, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+
+pytest_plugins = ["pytester"]
 
 SENTENCES = ["The author is near the key .", "The bakers are by the cabinets", "The pilot", "The doctors of the farmer were"]
 
@@ -161,7 +164,10 @@ def test_explain_prints_cards_with_contexts_and_spec_figures(tiny_project, capsy
 def test_graph_writes_nodes_edges_and_clusters_as_json(tiny_project, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tiny_project)
     monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
-    assert main(["graph", "agreement.yaml", "--top", "12", "--clusters", "3", "--json", str(tmp_path / "g.json")]) == 0
+    assert main(["graph", "agreement.yaml", "--top", "12", "--clusters", "3", "--json", str(tmp_path / "g.json"),
+                 "--html", str(tmp_path / "g.html")]) == 0
+    page = (tmp_path / "g.html").read_text()
+    assert page.count("<circle") == 12 and "<path d='M" in page and "cluster 2 (" in page
     printed = capsys.readouterr().out
     assert "cluster 0 (" in printed and "strongest edges" in printed and " -> " in printed
     graph = json.loads((tmp_path / "g.json").read_text())
@@ -169,3 +175,20 @@ def test_graph_writes_nodes_edges_and_clusters_as_json(tiny_project, capsys, mon
     assert len(names) == 12 and {node["cluster"] for node in graph["nodes"]} == {0, 1, 2}
     assert graph["edges"] and all(parse_node(e["source"])[0] < parse_node(e["target"])[0] for e in graph["edges"])
     assert sorted(name for c in graph["clusters"] for name in c["members"]) == sorted(names)
+
+
+def test_the_plugin_draws_each_circuit_as_a_graph_in_the_reports(tiny_project, pytester, monkeypatch, tmp_path):
+    monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
+    shutil.copytree(tiny_project / "ckpt", pytester.path / "ckpt")
+    shutil.copy(tiny_project / "data.jsonl", pytester.path)
+    (pytester.path / "specs").mkdir()
+    (pytester.path / "specs" / "agreement.yaml").write_text((tiny_project / "agreement.yaml").read_text()
+                                                            .replace("./ckpt", "../ckpt").replace("data.jsonl", "../data.jsonl"))
+    result = pytester.runpytest_subprocess("specs", "--circuit-graph", "10", "--circuit-report", "r.html", "--circuit-json", "r.json")
+    result.assert_outcomes(passed=1)
+    graph = json.loads((pytester.path / "r.json").read_text())["rows"][0]["figures"]["graph"]
+    assert len(graph["nodes"]) == 10 and graph["edges"] and graph["clusters"]
+    page = (pytester.path / "r.html").read_text()
+    assert "Circuit graph: top 10 nodes" in page and page.count("<circle") == 10
+    refused = pytester.runpytest_subprocess("specs", "--circuit-graph", "-1")
+    refused.stderr.fnmatch_lines(["*--circuit-graph -1: give how many of each circuit's top nodes to draw*"])

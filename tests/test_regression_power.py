@@ -85,5 +85,6 @@ def test_diff_shows_what_changed_in_the_circuit(broken, capsys):
     assert main(["diff", str(spec), "--models", "smollm2-135m-instruct", str(broken), "--top", "100"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "gained (" in out and "lost (" in out
+    assert out.count("\n  + L") == 5 and out.count("\n  - L") == 5 and "promotes " in out  # cards of the first 5 each way
     gained = int(out.split("gained (")[1].split(")")[0])
     assert 0 < gained < 100  # the broken circuit shares some nodes with the base one, not all

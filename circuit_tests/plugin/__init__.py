@@ -37,6 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-series", action="append", default=[], metavar="CHECKPOINTS",
                     help="run every spec against a training run's checkpoints, in order, and report the trend: a glob "
                          "('ckpts/step-*', natural order), a comma-separated list, or @FILE with one per line (repeatable)")
+    group.addoption("--circuit-graph", type=int, default=0, metavar="N",
+                    help="draw the top N nodes of each spec's circuit as a graph in the reports: cards, edges, clusters "
+                         "(one backward pass per node; default 0, none)")
     group.addoption("--circuit-summary", metavar="PATH.md",
                     help="write a Markdown summary of the run (default under GitHub Actions: $GITHUB_STEP_SUMMARY)")
     group.addoption("--circuit-device", default=None, metavar="DEVICE",
@@ -79,6 +82,9 @@ def run_options(config: pytest.Config) -> RunOptions:
     check_trusted(trusted, config.rootpath)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     series = config.getoption("circuit_series")
+    if config.getoption("circuit_graph") < 0:
+        raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
+                             "to draw (0 draws none).")
     if series and config.getoption("circuit_model"):
         raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(
@@ -92,6 +98,7 @@ def run_options(config: pytest.Config) -> RunOptions:
         json=_path(config, "circuit_json"),
         summary=_path(config, "circuit_summary") or github_step_summary(),
         series=expand_series(series, config.invocation_params.dir),
+        graph=config.getoption("circuit_graph"),
     )
 
 

@@ -71,6 +71,7 @@ class Figures:
     tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
     cards: dict[str, dict] = field(default_factory=dict)  # node name ("L3/P-1/N77") -> its card (Card.to_json)
     moved: dict[str, list[str]] = field(default_factory=dict)  # "entered"/"left" -> node names, when stable compared
+    graph: dict | None = None  # the circuit's graph (Graph.to_json), when the run asked for one
     overlap: float | None = None  # with the stored baseline circuit (stable)
     baseline: str | None = None  # whose baseline that was
     stored_circuit_faithfulness: float | None = None  # the stored circuit's faithfulness now
@@ -103,6 +104,8 @@ class Figures:
             data["cards"] = self.cards
         if self.moved:
             data["moved"] = self.moved
+        if self.graph is not None:
+            data["graph"] = self.graph
         if self.timings:
             data["timings"] = {stage: round(seconds, 3) for stage, seconds in self.timings.items()}
         for name in ("overlap", "baseline", "stored_circuit_faithfulness"):
@@ -136,7 +139,7 @@ class Figures:
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
             sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),
-            cards=data.get("cards", {}), moved=data.get("moved", {}), timings=data.get("timings", {}), overlap=data.get("overlap"),
+            cards=data.get("cards", {}), moved=data.get("moved", {}), graph=data.get("graph"), timings=data.get("timings", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
             stored_baseline=BaselineFigures.from_json(stored) if stored else None,
         )

@@ -358,7 +358,7 @@ def _section(row: Row) -> str:
         f"<p>{html.escape(row.path)}</p>" + (f"<p class='description'>{html.escape(row.description)}</p>" if row.description else "")
         + f"<div class='grid'><table>{fact_rows}</table>{_curve_svg(figures.curve, figures.stored_baseline)}</div>"
         f"<h3>Expectations</h3><table><tr><th>expectation</th><th>result</th><th>report</th></tr>{results}</table>"
-        + _top_nodes(figures) + _moved_nodes(figures) + "</section>"
+        + _top_nodes(figures) + _moved_nodes(figures) + graph_section(figures.graph) + "</section>"
     )
 
 
@@ -396,6 +396,68 @@ def _moved_nodes(figures: Figures) -> str:
         parts.append(f"<h4>{way.capitalize()} ({len(names)})</h4><ul class='cards'>{described}</ul>"
                      + (f"<p>{html.escape(', '.join(rest))}</p>" if rest else ""))
     return "<h3>Nodes that moved against the baseline circuit</h3>" + "".join(parts)
+
+
+PALETTE = ("#1f6feb", "#d97706", "#16a34a", "#9333ea", "#db2777", "#0891b2", "#65a30d", "#78716c")
+GRAPH_EDGES = 40  # the strongest edges drawn; the JSON has every one
+
+
+def graph_section(graph: dict | None) -> str:
+    """A circuit's graph (:meth:`~circuit_tests.analysis.edges.Graph.to_json`): one column per layer, a node's colour its
+    cluster, an edge's width its weight (blue: raises the target's activation, red: lowers it); hovering a node shows
+    its card's line, and each cluster's cards unfold below."""
+    if not graph or not graph.get("nodes"):
+        return ""
+    cards = [Card.from_json(node) for node in graph["nodes"]]
+    clusters = [node["cluster"] for node in graph["nodes"]]
+    legend = "".join(
+        f"<details><summary><span style='color:{PALETTE[c['id'] % len(PALETTE)]}'>&#9679;</span> cluster {c['id']} "
+        f"({len(c['members'])} nodes): {html.escape(printable(c['label']))}</summary><ul class='cards'>"
+        + "".join(f"<li><details><summary>{html.escape(printable(card.summary()))}</summary>"
+                  f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details></li>"
+                  for card, cluster in zip(cards, clusters) if cluster == c["id"])
+        + "</ul></details>" for c in graph["clusters"])
+    return (f"<h3>Circuit graph: top {len(cards)} nodes, {len(graph['edges'])} edges (the strongest "
+            f"{min(GRAPH_EDGES, len(graph['edges']))} drawn)</h3>{_graph_svg(cards, clusters, graph['edges'])}{legend}")
+
+
+def _graph_svg(cards: Sequence[Card], clusters: Sequence[int], edges: Sequence[dict], row: int = 26, room: int = 1000) -> str:
+    """Layers left to right, a layer's nodes top to bottom in circuit order; an edge arcs over the layers it skips."""
+    layers = sorted({card.node[0] for card in cards})
+    column = min(70, room // max(1, len(layers)))
+    arc = 70  # room above the nodes for the arcs of long edges
+    slots: dict[int, int] = {}
+    where = {}
+    for card in cards:
+        layer = card.node[0]
+        slots[layer] = slots.get(layer, 0) + 1
+        where[format_node(card.node)] = (30 + column * layers.index(layer), arc + 20 + row * (slots[layer] - 1))
+    width, height = 60 + column * (len(layers) - 1), arc + 40 + row * (max(slots.values()) - 1)
+    drawn = [edge for edge in edges[:GRAPH_EDGES] if edge["source"] in where and edge["target"] in where]
+    strongest = max((abs(edge["weight"]) for edge in drawn), default=1.0) or 1.0
+
+    def path(edge: dict) -> str:
+        (x1, y1), (x2, y2) = where[edge["source"]], where[edge["target"]]
+        lift = min(arc, 6 * (x2 - x1) / column)
+        return f"M{x1},{y1} Q{(x1 + x2) / 2:.1f},{min(y1, y2) - lift:.1f} {x2},{y2}"
+
+    lines = "".join(
+        f"<path d='{path(e)}' fill='none' stroke='{'#1f6feb' if e['weight'] > 0 else '#d1242f'}' stroke-opacity='0.55' "
+        f"stroke-width='{0.5 + 3.5 * abs(e['weight']) / strongest:.2f}'>"
+        f"<title>{html.escape(e['source'])} -> {html.escape(e['target'])} {e['weight']:+.4g}</title></path>" for e in drawn)
+    dots = "".join(
+        f"<circle cx='{where[format_node(card.node)][0]}' cy='{where[format_node(card.node)][1]}' r='7' "
+        f"fill='{PALETTE[cluster % len(PALETTE)]}'><title>{html.escape(printable(card.summary()))}</title></circle>"
+        for card, cluster in zip(cards, clusters))
+    axis = "".join(f"<text x='{30 + column * i}' y='{height - 4}' font-size='10' text-anchor='middle'>L{layer}</text>"
+                   for i, layer in enumerate(layers))
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + 10}' role='img' "
+            f"aria-label='circuit graph'>{lines}{dots}{axis}</svg>")
+
+
+def graph_page(title: str, graph: dict) -> str:
+    """A standalone page holding one circuit's graph (``circuit-tests graph --html``)."""
+    return PAGE.format(style=STYLE, sections=f"<section><h2>{html.escape(printable(title))}</h2>{graph_section(graph)}</section>")
 
 
 def _card(figures: Figures, node: tuple) -> str:

@@ -54,6 +54,7 @@ class RunOptions:
     json: Path | None = None
     summary: Path | None = None  # a Markdown summary (GitHub Actions' job summary)
     series: tuple[Checkpoint, ...] = ()  # the checkpoints of a training run, in order: models loaded one at a time
+    graph: int = 0  # draw the top N nodes of each spec's circuit as a graph in the reports (0: none)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class CircuitSession:
             self._tested.add((spec.path, model_key(subject)))
             outcome = check(subject, expectation, self.baselines)
             self._record(subject)
+            if self.options.graph:
+                subject.graph(self.options.graph)
         except ModelNotAvailableError as error:
             may_skip = not (self.options.strict or from_command_line)
             return Verdict("skipped" if may_skip else "failed", str(error) if may_skip else f"{error}{_why_not_skipped(from_command_line)}")

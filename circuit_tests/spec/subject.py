@@ -44,7 +44,7 @@ from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.spec.figures import CurveFigures, Figures
-from circuit_tests.spec.reading import Corpus, describe
+from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
 
@@ -131,6 +131,12 @@ class Subject:
         """Cards of the first :data:`MOVED_CARDS` nodes that entered and that left a stored circuit; the figures name all."""
         self.figures.moved = {"entered": [format_node(node) for node in entered], "left": [format_node(node) for node in left]}
         return self.describe(entered[:MOVED_CARDS], stored), self.describe(left[:MOVED_CARDS], stored)
+
+    def graph(self, size: int) -> dict:
+        """The top ``size`` nodes as a graph (:func:`~circuit_tests.spec.reading.graph`), kept in the figures for the report."""
+        if self.figures.graph is None or len(self.figures.graph["nodes"]) != min(size, self.n_nodes):
+            self.figures.graph = graph(self, size).to_json()
+        return self.figures.graph
 
     def _record(self, cards: list[Card]) -> list[Card]:
         self.figures.cards.update({format_node(card.node): card.to_json() for card in cards})
