@@ -18,14 +18,14 @@ SPECS = ROOT / "specs" / "llama-3.1-8b"
 
 
 def test_they_collect_one_item_per_model_and_expectation(pytester):
-    result = pytester.runpytest_subprocess(str(SPECS), "--collect-only", "-q")
+    result = pytester.runpytest_inprocess(str(SPECS), "--collect-only", "-q")
     result.stdout.fnmatch_lines(["*sva_simple.yaml::llama-sva-simple::sparse[[]meta-llama/Llama-3.1-8B[]]",
                                  "*texas_california.yaml::llama-texas-california::pinned[[]meta-llama/Llama-3.1-8B-Instruct[]]",
                                  "38 tests collected*"])
 
 
 def test_without_a_gpu_they_skip_saying_why(pytester):
-    result = pytester.runpytest_subprocess(str(SPECS), "-rs", "-q")
+    result = pytester.runpytest_inprocess(str(SPECS), "-rs", "-q")
     result.assert_outcomes(skipped=38)
     result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from circuit_tests.analysis.attribution import AttributionOptions, attribute
 from circuit_tests.analysis.cards import Card, Context, corpus_extremes, output_lens, tokenize_corpus
@@ -156,6 +157,12 @@ def test_explain_prints_cards_with_contexts_and_spec_figures(tiny_project, capsy
     cards = json.loads(out.read_text())
     assert [card["name"] for card in cards] == ["L1/P-1/N3", "L0/N5"] and len(cards[0]["positive"]) == 5
     assert cards[0]["rank"] >= 1 and cards[1]["score"] is None  # a node without a position is not one the spec ranks
+    for entry in (tmp_path / "cache").rglob("*.safetensors"):  # a cached corpus pass pointing outside the corpus
+        tensors = load_file(str(entry))
+        if "top_at" in tensors:
+            save_file({**tensors, "top_at": tensors["top_at"] + (1 << 40)}, str(entry))
+    assert main(["explain", "./ckpt", "L1/P-1/N3", "L0/N5", "--spec", "agreement.yaml", "--corpus", "corpus.txt"]) == 0
+    assert capsys.readouterr().out == printed  # measured again, not trusted
     assert main(["explain", "./ckpt", "L9/N3"]) == 2
     assert "name no neuron of ./ckpt" in capsys.readouterr().err
     assert main(["explain", "./ckpt", "neuron 3"]) == 2 and "is not a node" in capsys.readouterr().err
@@ -184,11 +191,11 @@ def test_the_plugin_draws_each_circuit_as_a_graph_in_the_reports(tiny_project, p
     (pytester.path / "specs").mkdir()
     (pytester.path / "specs" / "agreement.yaml").write_text((tiny_project / "agreement.yaml").read_text()
                                                             .replace("./ckpt", "../ckpt").replace("data.jsonl", "../data.jsonl"))
-    result = pytester.runpytest_subprocess("specs", "--circuit-graph", "10", "--circuit-report", "r.html", "--circuit-json", "r.json")
+    result = pytester.runpytest_inprocess("specs", "--circuit-graph", "10", "--circuit-report", "r.html", "--circuit-json", "r.json")
     result.assert_outcomes(passed=1)
     graph = json.loads((pytester.path / "r.json").read_text())["rows"][0]["figures"]["graph"]
     assert len(graph["nodes"]) == 10 and graph["edges"] and graph["clusters"]
     page = (pytester.path / "r.html").read_text()
     assert "Circuit graph: top 10 nodes" in page and page.count("<circle") == 10
-    refused = pytester.runpytest_subprocess("specs", "--circuit-graph", "-1")
+    refused = pytester.runpytest_inprocess("specs", "--circuit-graph", "-1")
     refused.stderr.fnmatch_lines(["*--circuit-graph -1: give how many of each circuit's top nodes to draw*"])

@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from circuit_tests.analysis.attribution import Scores
 from circuit_tests.analysis.cards import (
     CONTEXTS,
+    STRIDE,
     Card,
     Context,
     Extremes,
@@ -53,8 +56,26 @@ def corpus(loaded: LoadedModel, sites: NeuronSites, traces: TraceCache, path: Pa
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:24]
     what = {"measure": "corpus extremes", "corpus": digest, "k": CONTEXTS}
     tensors = traces.measured(loaded, what, {"top", "top_at", "bottom", "bottom_at"},
-                              lambda: corpus_extremes(sites, ids, CONTEXTS, batch_size).tensors(), CONTEXTS)
+                              lambda: corpus_extremes(sites, ids, CONTEXTS, batch_size).tensors(), CONTEXTS,
+                              lambda found: _fits(found, sites, ids))
     return Corpus(ids, Extremes(**tensors))
+
+
+def _fits(found: dict, sites: NeuronSites, ids: Sequence[list[int]]) -> bool:
+    """Whether cached extremes are this model's and point into this corpus (the cache may sit where others write)."""
+    shape = (sites.n_layers, sites.n_neurons, CONTEXTS)
+    if any(tensor.shape != shape for tensor in found.values()):
+        return False
+    if not (found["top"].isfinite().all() and found["bottom"].isfinite().all()):
+        return False
+    for places in (found["top_at"], found["bottom_at"]):
+        sentence, token = places.div(STRIDE, rounding_mode="floor"), places.remainder(STRIDE)
+        if not ((0 <= sentence) & (sentence < len(ids))).all():
+            return False
+        lengths = torch.tensor([len(sentence_ids) for sentence_ids in ids])[sentence]
+        if not (token < lengths).all():
+            return False
+    return True
 
 
 def describe(loaded: LoadedModel, sites: NeuronSites, nodes: Sequence[Node], *, scores: Scores | None = None,

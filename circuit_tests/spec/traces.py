@@ -51,10 +51,11 @@ class TraceCache:
         return scores
 
     def measured(self, loaded: LoadedModel, what: dict, names: set[str], compute: Callable[[], dict[str, torch.Tensor]],
-                 examples: int) -> dict[str, torch.Tensor]:
+                 examples: int, valid: Callable[[dict[str, torch.Tensor]], bool] = lambda tensors: True) -> dict[str, torch.Tensor]:
         """The cached tensors of the measurement ``what`` describes (held-out data included) if usable, else ``compute()``.
 
-        Usable: the tensors ``names`` that ``compute()`` returns, each one's last dimension holding the ``examples`` measured.
+        Usable: the tensors ``names`` that ``compute()`` returns, each one's last dimension holding the ``examples`` measured,
+        and whatever else ``valid`` checks of them.
         """
         path = self._path(loaded, {"measured": what})
         if path is not None and path.is_file() and not path.is_symlink():
@@ -62,7 +63,8 @@ class TraceCache:
                 cached = load_file(str(path))
             except Exception:  # noqa: BLE001 -- a damaged cache entry is a cache miss; measuring again overwrites it
                 cached = {}
-            if set(cached) == names and all(value.ndim and value.shape[-1] == examples for value in cached.values()):
+            if set(cached) == names and all(value.ndim and value.shape[-1] == examples for value in cached.values()) \
+                    and valid(cached):
                 return cached
         tensors = compute()
         if path is not None:
