@@ -298,24 +298,21 @@ def _explain(args: argparse.Namespace) -> int:
     """Neuron cards: what each node promotes through the unembedding, and where in a corpus it fires most; with
     ``--spec``, the tokens at its position in the spec's prompts and its score and rank there."""
     nodes = [_node_argument(text) for text in args.nodes]
-    corpus_path = _corpus(args.corpus)
+    corpus_path, out = _corpus(args.corpus), _output(args.json)
     session = _session(args)
-    if args.spec:
-        subject = session.subject(load_spec(Path(args.spec), session.options.project), args.model, from_command_line=True)
-        loaded, sites = subject.loaded, subject.sites
-        cards = subject.describe(nodes, read=None if args.no_contexts else corpus(loaded, sites, subject.traces, corpus_path))
-    else:
-        loaded = session.model(args.model)
-        sites = NeuronSites(loaded.model)
-        read = None if args.no_contexts else corpus(loaded, sites, TraceCache(default_trace_cache()), corpus_path)
-        cards = describe(loaded, sites, nodes, read=read)
+    subject = session.subject(load_spec(Path(args.spec), session.options.project), args.model, from_command_line=True) \
+        if args.spec else None
+    loaded = subject.loaded if subject else session.model(args.model)
+    sites = subject.sites if subject else NeuronSites(loaded.model)
+    read = None if args.no_contexts else corpus(loaded, sites, TraceCache(session.options.trace_cache), corpus_path)
+    cards = subject.describe(nodes, read=read) if subject else describe(loaded, sites, nodes, read=read)
     if len(cards) < len(nodes):
         raise CircuitTestsError(f"{len(nodes) - len(cards)} of the nodes name no neuron of {args.model} "
                                 f"({sites.n_layers} layers x {sites.n_neurons} neurons): give L<layer>/N<neuron> inside those bounds.")
     for card in cards:
         _say("\n".join(card.lines()) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps([card.to_json() for card in cards], indent=1) + "\n")
+    if out is not None:
+        out.write_text(json.dumps([card.to_json() for card in cards], indent=1) + "\n")
     return 0
 
 

@@ -166,6 +166,8 @@ def test_explain_prints_cards_with_contexts_and_spec_figures(tiny_project, capsy
     assert main(["explain", "./ckpt", "L9/N3"]) == 2
     assert "name no neuron of ./ckpt" in capsys.readouterr().err
     assert main(["explain", "./ckpt", "neuron 3"]) == 2 and "is not a node" in capsys.readouterr().err
+    assert main(["explain", "./ckpt", "L0/N5", "--json", str(tmp_path / "missing" / "cards.json")]) == 2  # refused before any work
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_graph_writes_nodes_edges_and_clusters_as_json(tiny_project, capsys, monkeypatch, tmp_path):

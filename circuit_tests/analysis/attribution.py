@@ -33,7 +33,7 @@ from circuit_tests.analysis.relp import RelPRules, relp_rules
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedBatch, PairedExample, Tokenized, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel
-from circuit_tests.model.nodes import Node
+from circuit_tests.model.nodes import Node, in_prompt
 from circuit_tests.model.sites import NeuronSites, capture, copies_from, next_token_logits, on_neurons
 from circuit_tests.progress import bar
 
@@ -319,7 +319,7 @@ def _patched_metric(
     def patch_one_node_per_copy(layer: int, neurons: torch.Tensor) -> torch.Tensor:
         neurons = neurons.clone().view(n, b, *neurons.shape[1:])
         for copy, (node_layer, position, neuron) in enumerate(nodes):
-            if node_layer == layer and -batch.n_positions <= position < batch.n_positions:  # a shorter prompt lacks it
+            if node_layer == layer and in_prompt(position, batch.n_positions):  # a shorter prompt lacks it
                 neurons[copy, :, position, neuron] = baseline[layer][:, position, neuron]
         return neurons.view(n * b, *neurons.shape[2:])
 

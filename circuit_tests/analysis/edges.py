@@ -26,7 +26,7 @@ from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.relp import relp_rules
 from circuit_tests.model.data import PairedBatch, Tokenized
 from circuit_tests.model.interventions import intervene, patch
-from circuit_tests.model.nodes import Circuit, Node, format_node
+from circuit_tests.model.nodes import Circuit, Node, every_if_none, format_node, in_prompt
 from circuit_tests.model.sites import NeuronSites, capture, next_token_logits
 from circuit_tests.text import quoted
 
@@ -58,12 +58,8 @@ class Graph:
         }
 
 
-def _at(position: int | None) -> int | slice:
-    return slice(None) if position is None else position
-
-
 def _reaches(batch: PairedBatch, node: Node) -> bool:
-    return node[1] is None or -batch.n_positions <= node[1] < batch.n_positions
+    return in_prompt(node[1], batch.n_positions)
 
 
 def edge_weights(sites: NeuronSites, data: Tokenized, nodes: Sequence[Node], options: AttributionOptions = AttributionOptions()
@@ -81,13 +77,13 @@ def edge_weights(sites: NeuronSites, data: Tokenized, nodes: Sequence[Node], opt
             if not sources or not _reaches(batch, nodes[j]):
                 continue
             layers = sorted({nodes[i][0] for i in sources})
-            target = acts[layer][:, _at(position), neuron].sum()
+            target = acts[layer][:, every_if_none(position), neuron].sum()
             grads = dict(zip(layers, torch.autograd.grad(target, [acts[k] for k in layers], retain_graph=True, allow_unused=True)))
             for i in sources:
                 source_layer, source_position, source_neuron = nodes[i]
                 grad = grads[source_layer]
                 if grad is not None:
-                    at = (slice(None), _at(source_position), source_neuron)
+                    at = (slice(None), every_if_none(source_position), source_neuron)
                     delta = baseline[source_layer][at].to(grad.device) - acts[source_layer][at].detach()
                     total[i, j] += (grad[at] * delta).sum(dtype=torch.float64).cpu()
     return (total / data.n_examples).float()
@@ -108,7 +104,7 @@ def exact_edge_weights(sites: NeuronSites, data: Tokenized, nodes: Sequence[Node
                 next_token_logits(sites.model, batch.clean_ids)
             for j, (layer, position, neuron) in enumerate(nodes):
                 if layer > source[0] and _reaches(batch, nodes[j]):
-                    at = (slice(None), _at(position), neuron)
+                    at = (slice(None), every_if_none(position), neuron)
                     total[i, j] += (moved[layer][at] - clean[layer][at]).sum(dtype=torch.float64).cpu()
     return (total / data.n_examples).float()
 

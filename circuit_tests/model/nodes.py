@@ -71,9 +71,9 @@ class Circuit:
         """A boolean ``[positions, neurons]`` mask of this circuit's nodes in ``layer``."""
         mask = torch.zeros(n_positions, n_neurons, dtype=torch.bool, device=device)
         for position, neuron in self._by_layer[layer]:
-            if position is not None and not -n_positions <= position < n_positions:
+            if not in_prompt(position, n_positions):
                 raise IndexError(f"Position {position} is outside a prompt of {n_positions} tokens (layer {layer}).")
-            mask[_every_if_none(position), _every_if_none(neuron)] = True
+            mask[every_if_none(position), every_if_none(neuron)] = True
         return mask
 
     def ranks(self, n_layers: int, n_positions: int, n_neurons: int) -> torch.Tensor:
@@ -85,8 +85,8 @@ class Circuit:
         """
         rank = torch.full((n_layers, n_positions, n_neurons), len(self), dtype=torch.long)
         for index, (layer, position, neuron) in reversed(list(enumerate(self.nodes))):  # strongest last: it wins
-            if position is None or -n_positions <= position < n_positions:
-                rank[layer, _every_if_none(position), _every_if_none(neuron)] = index
+            if in_prompt(position, n_positions):
+                rank[layer, every_if_none(position), every_if_none(neuron)] = index
         return rank
 
     @cached_property
@@ -130,5 +130,11 @@ def _int_or_none(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _every_if_none(index: int | None) -> int | slice:
+def in_prompt(position: int | None, n_positions: int) -> bool:
+    """Whether a node's position is a token of a prompt of ``n_positions`` tokens (``None``, every position, always is)."""
+    return position is None or -n_positions <= position < n_positions
+
+
+def every_if_none(index: int | None) -> int | slice:
+    """A position or neuron as a tensor index: ``None`` selects all of them."""
     return slice(None) if index is None else index

@@ -35,7 +35,7 @@ from circuit_tests.analysis.cards import (
 from circuit_tests.analysis.edges import CLUSTERS, Graph, circuit_graph
 from circuit_tests.model.data import Tokenized
 from circuit_tests.model.loading import LoadedModel
-from circuit_tests.model.nodes import Node
+from circuit_tests.model.nodes import Node, in_prompt
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.spec.traces import TraceCache
 
@@ -119,7 +119,7 @@ def tokens_at(loaded: LoadedModel, test: Tokenized, position: int | None, shown:
         return ()
     counts: Counter[str] = Counter()
     for batch in test.batches:
-        if -batch.n_positions <= position < batch.n_positions:
+        if in_prompt(position, batch.n_positions):
             counts.update(loaded.tokenizer.decode([int(token)]) for token in batch.clean_ids[:, position])
     return tuple(counts.most_common(shown))
 

@@ -413,9 +413,7 @@ def graph_section(graph: dict | None) -> str:
     legend = "".join(
         f"<details><summary><span style='color:{PALETTE[c['id'] % len(PALETTE)]}'>&#9679;</span> cluster {c['id']} "
         f"({len(c['members'])} nodes): {html.escape(printable(c['label']))}</summary><ul class='cards'>"
-        + "".join(f"<li><details><summary>{html.escape(printable(card.summary()))}</summary>"
-                  f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details></li>"
-                  for card, cluster in zip(cards, clusters) if cluster == c["id"])
+        + "".join(f"<li>{_folded(card)}</li>" for card, cluster in zip(cards, clusters) if cluster == c["id"])
         + "</ul></details>" for c in graph["clusters"])
     return (f"<h3>Circuit graph: top {len(cards)} nodes, {len(graph['edges'])} edges (the strongest "
             f"{min(GRAPH_EDGES, len(graph['edges']))} drawn)</h3>{_graph_svg(cards, clusters, graph['edges'])}{legend}")
@@ -463,9 +461,10 @@ def graph_page(title: str, graph: dict) -> str:
 def _card(figures: Figures, node: tuple) -> str:
     """A node's card, folded: one line (the token there, what it promotes and suppresses), the whole card on expanding."""
     data = figures.cards.get(format_node(node))
-    if data is None:
-        return ""
-    card = Card.from_json(data)
+    return "" if data is None else _folded(Card.from_json(data))
+
+
+def _folded(card: Card) -> str:
     return (f"<details><summary>{html.escape(printable(card.summary()))}</summary>"
             f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details>")
 

@@ -89,6 +89,7 @@ class Subject:
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
         self._faithful: dict[int, float] = {}  # faithfulness of the top-k circuit, by k
         self._curves: dict[int, Curve] = {}  # curves of single sizes the spec does not name, by size
+        self._graphs: dict[int, dict] = {}  # circuit graphs (Graph.to_json), by size
 
     def _refuse_too_many_drops(self) -> None:
         """Fail the spec when more of its examples are dropped than ``task.max_dropped`` allows (compared exactly)."""
@@ -133,9 +134,11 @@ class Subject:
         return self.describe(entered[:MOVED_CARDS], stored), self.describe(left[:MOVED_CARDS], stored)
 
     def graph(self, size: int) -> dict:
-        """The top ``size`` nodes as a graph (:func:`~circuit_tests.spec.reading.graph`), kept in the figures for the report."""
-        if self.figures.graph is None or len(self.figures.graph["nodes"]) != min(size, self.n_nodes):
-            self.figures.graph = graph(self, size).to_json()
+        """The top ``size`` nodes as a graph (:func:`~circuit_tests.spec.reading.graph`), made once per size; the
+        figures keep the last one asked for, for the report."""
+        if size not in self._graphs:
+            self._graphs[size] = graph(self, size).to_json()
+        self.figures.graph = self._graphs[size]
         return self.figures.graph
 
     def _record(self, cards: list[Card]) -> list[Card]:
