@@ -20,7 +20,8 @@ from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, 
 from circuit_tests.model.references import check_trusted
 from circuit_tests.model.series import expand_series
 from circuit_tests.plugin.hooks import SessionHooks
-from circuit_tests.plugin.items import SESSION, SpecFile, in_series
+from circuit_tests.plugin.items import SESSION, ExpectationItem, SpecFile, in_series
+from circuit_tests.spec.distributed import LOCAL
 from circuit_tests.spec.report import github_step_summary
 from circuit_tests.spec.schema import is_spec_path, spec_from_mapping
 from circuit_tests.spec.session import CircuitSession, RunOptions
@@ -37,6 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-series", action="append", default=[], metavar="CHECKPOINTS",
                     help="run every spec against a training run's checkpoints, in order, and report the trend: a glob "
                          "('ckpts/step-*', natural order), a comma-separated list, or @FILE with one per line (repeatable)")
+    group.addoption("--circuit-ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                    help="measure on a Ray cluster: an actor per checkpoint (no ADDRESS: start Ray on this machine); "
+                         "reports and baselines stay here")
     group.addoption("--circuit-graph", type=int, default=0, metavar="N",
                     help="draw the top N nodes of each spec's circuit as a graph in the reports: cards, edges, clusters "
                          "(one backward pass per node; default 0, none)")
@@ -85,6 +89,8 @@ def run_options(config: pytest.Config) -> RunOptions:
     if config.getoption("circuit_graph") < 0:
         raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
                              "to draw (0 draws none).")
+    if config.getoption("circuit_ray") and worker is not None:
+        raise BadOptionError("--circuit-ray spreads the work over a Ray cluster; pytest-xdist (-n) cannot run beside it.")
     if series and config.getoption("circuit_model"):
         raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(
@@ -99,6 +105,7 @@ def run_options(config: pytest.Config) -> RunOptions:
         summary=_path(config, "circuit_summary") or github_step_summary(),
         series=expand_series(series, config.invocation_params.dir),
         graph=config.getoption("circuit_graph"),
+        ray=config.getoption("circuit_ray"),
     )
 
 
@@ -128,9 +135,14 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In a series run, spec items run checkpoint by checkpoint, so that one checkpoint is loaded at a time."""
-    series = config.stash[SESSION].options.series
-    if series:
-        in_series(items, series)
+    session = config.stash[SESSION]
+    if session.options.series:
+        in_series(items, session.options.series)
+    if session.options.ray:
+        try:
+            session.send([item.work for item in items if isinstance(item, ExpectationItem)])
+        except CircuitTestsError as error:
+            raise pytest.UsageError(printable(str(error))) from None
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

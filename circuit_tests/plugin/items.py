@@ -22,6 +22,7 @@ import pytest
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.model.series import Checkpoint, in_training_order
 from circuit_tests.progress import on_terminal
+from circuit_tests.spec.distributed import Work
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
 from circuit_tests.spec.session import CircuitSession
@@ -76,6 +77,11 @@ class ExpectationItem(pytest.Item):
         self.model = model
         self.expectation = expectation
         self.from_command_line = from_command_line
+
+    @property
+    def work(self) -> Work:
+        """What this item asks the session to check (sent ahead to a Ray cluster under ``--circuit-ray``)."""
+        return Work(self.parent.spec, self.model, self.expectation, self.from_command_line)
 
     def runtest(self) -> None:
         session = self.config.stash[SESSION]

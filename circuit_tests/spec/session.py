@@ -29,6 +29,7 @@ from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.baselines import BaselineStore, entry_for, model_key
+from circuit_tests.spec.distributed import RayRun, Work
 from circuit_tests.spec.expectations import check
 from circuit_tests.spec.figures import BaselineFigures
 from circuit_tests.spec.report import Report, payload
@@ -55,6 +56,7 @@ class RunOptions:
     summary: Path | None = None  # a Markdown summary (GitHub Actions' job summary)
     series: tuple[Checkpoint, ...] = ()  # the checkpoints of a training run, in order: models loaded one at a time
     graph: int = 0  # draw the top N nodes of each spec's circuit as a graph in the reports (0: none)
+    ray: str | None = None  # measure on a Ray cluster at this address ("local": start one here); None: in this process
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,8 @@ class CircuitSession:
         self.models = ModelCache()
         self._subjects: dict[tuple, Subject | CircuitTestsError] = {}
         self._recorded: set[tuple[Path, str]] = set()
-        self._tested: set[tuple[Path, str]] = set()  # (spec, baseline key) of every model a spec ran on
+        self.tested: set[tuple[Path, str]] = set()  # (spec, baseline key) of every model a spec ran on
+        self.remote: RayRun | None = None  # under options.ray, the actors measuring each checkpoint
         self.written: list[Path] = []  # baseline files, once finished
         self.problems: list[str] = []  # outputs that could not be written, once finished
 
@@ -117,12 +120,23 @@ class CircuitSession:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def send(self, works: Sequence[Work]) -> None:
+        """Under ``options.ray``, send every check the run will ask for to the cluster now, an actor per checkpoint."""
+        if self.remote is None:
+            self.remote = RayRun(self.options.ray, 0 if self.options.load.device == "cpu" else 1)
+        self.remote.submit(self.options, works)
+
     def check(self, spec: Spec, model: str, expectation: Expectation, from_command_line: bool = False) -> Verdict:
         """Check one expectation; every error becomes a failed (or, for a missing hub model, skipped) verdict."""
+        if self.remote is not None:
+            verdict, pending, tested = self.remote.result(Work(spec, model, expectation, from_command_line))
+            self.baselines.merge(pending)
+            self.tested.update((Path(path), key) for path, key in tested)
+            return verdict
         subject = None
         try:
             subject = self.subject(spec, model, from_command_line)
-            self._tested.add((spec.path, model_key(subject)))
+            self.tested.add((spec.path, model_key(subject)))
             outcome = check(subject, expectation, self.baselines)
             self._record(subject)
             if self.options.graph:
@@ -163,7 +177,7 @@ class CircuitSession:
 
     def stale(self, spec: Spec) -> list[str]:
         """Models in the spec's baseline file that it no longer lists, and that this run did not test it on."""
-        return [name for name in self.baselines.stale(spec) if (spec.path, name) not in self._tested]
+        return [name for name in self.baselines.stale(spec) if (spec.path, name) not in self.tested]
 
     def _figures(self, subject: Subject | None) -> dict:
         """The subject's figures as plain data, with the stored baseline the report compares them with."""
@@ -189,6 +203,8 @@ class CircuitSession:
 
     def finish(self) -> None:
         """Write the baselines, then each report; one output failing never costs another."""
+        if self.remote is not None:
+            self.remote.shutdown()
         self.written, self.problems = self.baselines.flush()
         outputs = ((self.options.html, self.report.write_html), (self.options.json, self.report.write_json),
                    (self.options.summary, self.report.write_markdown))
