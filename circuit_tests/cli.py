@@ -26,10 +26,10 @@ from circuit_tests.analysis.cards import CORPUS
 from circuit_tests.analysis.edges import CLUSTERS
 from circuit_tests.analysis.metrics import METRICS
 from circuit_tests.analysis.selection import overlap
-from circuit_tests.errors import CircuitTestsError
+from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.files import inside
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
-from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype
+from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
@@ -37,6 +37,7 @@ from circuit_tests.model.series import expand_series, first_failure, in_training
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
+from circuit_tests.spec.distributed import LOCAL, Work, cluster
 from circuit_tests.spec.reading import corpus, describe, graph
 from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
@@ -146,13 +147,17 @@ def _say_checks(model: str, checks: list[PairCheck], allowed: float, every: bool
 
 def _session(args: argparse.Namespace, **options) -> CircuitSession:
     """The run's session: the project is the current directory; the device, dtype and trust come from the options."""
-    check_device(args.device)
+    ray = getattr(args, "ray", None)
+    check_device(args.device, available=ray is None)  # on a cluster, the GPUs are the workers'
     check_dtype(args.dtype)
     project = Path.cwd()
     trusted = tuple(args.trust_remote_code)
     check_trusted(trusted, project)
+    if args.device != "cpu" and ray is None:
+        deterministic_cuda()
+    where = None if ray is None else cluster(ray, args.device, args.ray_gpus)
     return CircuitSession(RunOptions(project=project, load=LoadOptions(args.device, args.dtype), trusted=trusted,
-                                     trace_cache=default_trace_cache(), **options))
+                                     trace_cache=default_trace_cache(), ray=where, **options))
 
 
 def _output(name: str | None) -> Path | None:
@@ -174,6 +179,11 @@ def _run(args: argparse.Namespace) -> int:
     """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written.
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
+    if series and args.matrix and args.ray:
+        raise BadOptionError("--matrix evaluates every checkpoint's circuit on every checkpoint in this process; "
+                             "run it without --ray.")
+    if args.ray is None and args.ray_gpus is not None:
+        raise BadOptionError("--ray-gpus sets the GPUs of each Ray actor; give --ray too.")
     session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json),
                        summary=_output(args.summary) or github_step_summary(), series=series, graph=args.graph)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
@@ -186,7 +196,10 @@ def _run(args: argparse.Namespace) -> int:
             continue
         runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
     place = in_training_order(series)
-    for spec, model, expectation in sorted(runs, key=lambda run: place(run[1])):  # without a series, the order given
+    runs.sort(key=lambda run: place(run[1]))  # without a series, the order given
+    if args.ray:
+        session.send([Work(spec, model, expectation, bool(given)) for spec, model, expectation in runs])
+    for spec, model, expectation in runs:
         _check_one(session, spec, model, expectation, bool(given))
     if series and args.matrix:
         for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
@@ -465,6 +478,11 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                                                                "$GITHUB_STEP_SUMMARY)")
     parser.add_argument("--graph", type=_non_negative, default=0, metavar="N",
                         help="draw the top N nodes of each spec's circuit as a graph in the reports (default 0, none)")
+    parser.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                        help="measure on a Ray cluster, an actor per checkpoint (no ADDRESS: start Ray on this machine)")
+    parser.add_argument("--ray-gpus", type=float, default=None, metavar="N",
+                        help="GPUs each checkpoint's actor holds (default: 1 for cuda, 0 for cpu; with --device auto, "
+                             "the GPUs a checkpoint is sharded over)")
     _device_options(parser)
 
 

@@ -1,19 +1,28 @@
-"""--circuit-ray: the same verdicts, figures and baselines as one process; an actor that dies fails its items only.
+"""--circuit-ray: the same verdicts, figures, trends and baselines as one process; faults fail only what they touch.
 
-A local Ray instance (started by the plugin), two tiny checkpoints, one spec. Skipped where Ray is not installed
-(``pip install 'circuit-tests[ray]'``)."""
+Tiny checkpoints and one spec on a local Ray instance (one per module, started here with its files in a temporary
+directory; the plugin joins it). The Ray cases skip where Ray is not installed (``pip install 'circuit-tests[ray]'``);
+the option checks run everywhere."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
+from circuit_tests import cli
+from circuit_tests.errors import BadOptionError
+from circuit_tests.spec.distributed import LOCAL, TOKEN, Cluster, cluster
 from circuit_tests.testing import save_tiny_checkpoint
 
-pytest.importorskip("ray")
 pytest_plugins = ["pytester"]
-pytestmark = pytest.mark.slow
 
 SPEC = """name: agree
 models: [../a, ../b]
@@ -25,12 +34,56 @@ expect:
   - stable: {nodes: 20}
 """
 KILL_ONE = """
-import ray
+import pytest, ray
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
     run = session.config.pluginmanager.get_plugin("circuit-tests-session").session.remote
     ray.kill(run.actors["../b"])  # one checkpoint's actor dies before it measures anything
 """
+LOSE_THE_CLUSTER = """
+import subprocess, pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    subprocess.run(["pkill", "-9", "-f", {where!r}])  # every process of the cluster, once the work is sent
+"""
+
+
+def test_the_gpus_of_an_actor_follow_the_device():
+    assert cluster(LOCAL, "cpu", None) == Cluster(LOCAL, 0)
+    assert cluster("auto", "cuda:3", None) == Cluster("auto", 1)
+    assert cluster(LOCAL, "cuda", 0.5) == Cluster(LOCAL, 0.5)
+    assert cluster(LOCAL, "auto", 4) == Cluster(LOCAL, 4)
+    for device, gpus, says in [("cpu", 1, "asks for GPUs on --circuit-device cpu"), ("cuda", 2, "give --circuit-device auto"),
+                               ("auto", None, "say how many with --circuit-ray-gpus"), ("cuda", 0, "0 < N <= 1")]:
+        with pytest.raises(BadOptionError, match=says):
+            cluster(LOCAL, device, gpus)
+
+
+def test_ray_options_that_cannot_work_are_refused_before_anything_runs(pytester, capsys):
+    pytester.makefile(".yaml", spec=SPEC)
+    result = pytester.runpytest_inprocess("--circuit-ray-gpus", "1", "spec.yaml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--circuit-ray-gpus sets the GPUs of each Ray actor; give --circuit-ray too.*"])
+    result = pytester.runpytest_inprocess("--circuit-ray", "--circuit-device", "auto", "spec.yaml")
+    result.stderr.fnmatch_lines(["*--circuit-device auto on a Ray cluster shards*--circuit-ray-gpus N*"])
+    save_tiny_checkpoint(pytester.path / "a")
+    assert cli.main(["series", "spec.yaml", "--checkpoints", "a", "--matrix", "--ray"]) == 2
+    assert "--matrix evaluates every checkpoint's circuit on every checkpoint in this process" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ray_here():
+    """A local Ray instance for the module; its address, and the environment another process needs to join it."""
+    ray = pytest.importorskip("ray")
+    where = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN, os.urandom(16).hex())
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=where)
+        yield ray.get_runtime_context().gcs_address
+        ray.shutdown()
+    shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture
@@ -43,18 +96,16 @@ def project(pytester, monkeypatch, tmp_path):
     (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (pytester.path / "specs").mkdir()
     (pytester.path / "specs" / "agree.yaml").write_text(SPEC)
-    yield pytester
-    import ray
-
-    ray.shutdown()
+    return pytester
 
 
-def _figures(path):
+def _figures(path: Path) -> list:
     return [(row["model"], {k: v for k, v in row["figures"].items() if k != "timings"}, [r["outcome"] for r in row["results"]])
             for row in json.loads(path.read_text())["rows"]]
 
 
-def test_a_ray_run_gives_what_one_process_gives_and_only_the_client_writes_baselines(project):
+@pytest.mark.slow
+def test_a_ray_run_gives_what_one_process_gives_and_only_the_client_writes_baselines(project, ray_here):
     baseline = project.path / "specs" / "agree.baseline.json"
     here = project.runpytest_inprocess("specs", "--circuit-update", "--circuit-no-cache", "--circuit-json", "here.json")
     here.assert_outcomes(passed=6)
@@ -64,14 +115,69 @@ def test_a_ray_run_gives_what_one_process_gives_and_only_the_client_writes_basel
     remote.assert_outcomes(passed=6)
     assert baseline.read_bytes() == recorded  # written once, by the client, from the actors' entries
     assert _figures(project.path / "ray.json") == _figures(project.path / "here.json")
-    compared = project.runpytest_inprocess("specs", "--circuit-no-cache", "--circuit-ray")  # stable reads the stored file
-    compared.assert_outcomes(passed=6)
+    compared = project.runpytest_inprocess("specs", "--circuit-no-cache", "--circuit-ray", "-k", "stable")
+    compared.assert_outcomes(passed=2, deselected=4)  # stable compares with the client's file, sent with the work
 
 
-def test_an_actor_that_dies_fails_its_checkpoints_items_only(project):
+@pytest.mark.slow
+def test_a_series_through_ray_has_the_same_trend(project, ray_here, monkeypatch):
+    monkeypatch.chdir(project.path)
+    save_tiny_checkpoint(project.path / "c", seed=2)
+    run = ["series", "specs/agree.yaml", "--checkpoints", "a,b,c"]
+    assert cli.main([*run, "--update"]) in (0, 1)
+    assert cli.main([*run, "--json", "here.json"]) in (0, 1)
+    assert cli.main([*run, "--json", "ray.json", "--ray", ray_here]) in (0, 1)
+    here, remote = (json.loads((project.path / name).read_text()) for name in ("here.json", "ray.json"))
+    assert [point["checkpoint"] for point in here["series"][0]["points"]] == ["a", "b", "c"]
+    assert remote["series"] == here["series"]
+    assert _figures(project.path / "ray.json") == _figures(project.path / "here.json")
+
+
+@pytest.mark.slow
+def test_an_actor_that_dies_fails_its_checkpoints_items_only(project, tmp_path):
+    pytest.importorskip("ray")
     project.runpytest_inprocess("specs", "--circuit-update").assert_outcomes(passed=6)
     project.makeconftest(KILL_ONE)
-    result = project.runpytest_subprocess("specs", "--circuit-ray")  # a process of its own: Ray's and the plugin's state
-    result.assert_outcomes(passed=3, failed=3)
-    result.stdout.fnmatch_lines(["*../b: the Ray actor measuring this checkpoint died*the others go on*"])
-    assert "../a" not in "".join(line for line in result.stdout.lines if "actor" in line)
+    cache, home = Path(tempfile.mkdtemp(prefix="ct", dir="/tmp")), tmp_path / "home"
+    env = {"CIRCUIT_TESTS_CACHE": str(cache), "HOME": str(home)}
+    result = _pytest(project, env, "specs", "--circuit-ray")  # this process starts a local instance of its own
+    assert result.returncode == 1, result.stdout
+    assert "3 failed, 3 passed" in result.stdout
+    assert "../b: the Ray actor measuring this checkpoint died" in result.stdout
+    assert "../a" not in "".join(line for line in result.stdout.splitlines() if "actor" in line)
+    assert (cache / "ray").is_dir() and not (home / ".ray").exists()  # Ray's files in the cache, its token never on disk
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_lost_cluster_fails_the_run_and_keeps_the_baselines(project):
+    pytest.importorskip("ray")
+    project.runpytest_inprocess("specs", "--circuit-update").assert_outcomes(passed=6)
+    baseline = (project.path / "specs" / "agree.baseline.json").read_bytes()
+    where, port = tempfile.mkdtemp(prefix="ray", dir="/tmp"), _free_port()
+    env = {TOKEN: os.urandom(16).hex(), "RAY_AUTH_MODE": "token"}  # what joining a cluster with token authentication needs
+    ray = Path(sys.executable).parent / "ray"
+    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    f"--temp-dir={where}"], env=os.environ | env, check=True, capture_output=True, timeout=120)
+    try:
+        project.makeconftest(LOSE_THE_CLUSTER.format(where=where))
+        result = _pytest(project, env, "specs", "--circuit-update", "--circuit-ray", f"127.0.0.1:{port}")
+    finally:
+        subprocess.run(["pkill", "-9", "-f", where])
+        shutil.rmtree(where, ignore_errors=True)
+    assert result.returncode == 1, result.stdout
+    assert "6 failed" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.stdout.count("the connection to the Ray cluster was lost") >= 6
+    assert (project.path / "specs" / "agree.baseline.json").read_bytes() == baseline
+
+
+def _pytest(project, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """pytest in a process of its own (Ray's state and the plugin's stay out of this one)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project.path,
+                          env=os.environ | env, capture_output=True, text=True, timeout=300)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

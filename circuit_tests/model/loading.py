@@ -111,6 +111,13 @@ def check_device(device: str, available: bool = True) -> str:
     return device
 
 
+def deterministic_cuda() -> None:
+    """Same spec, same checkpoint, same numbers on a GPU too: deterministic kernels where torch has them
+    (``warn_only``: an op without one warns instead of failing), and cuBLAS's fixed workspace."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def check_dtype(dtype: str | None) -> str | None:
     """``dtype`` if it is one circuit-tests loads weights in (None: the device's default), else :class:`BadOptionError`."""
     if dtype is not None and (not isinstance(dtype, str) or dtype not in _DTYPES):

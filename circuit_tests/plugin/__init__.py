@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from circuit_tests.errors import BadOptionError, CircuitTestsError
-from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, check_dtype
+from circuit_tests.model.loading import LoadedModel, LoadOptions, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.references import check_trusted
 from circuit_tests.model.series import expand_series
 from circuit_tests.plugin.hooks import SessionHooks
 from circuit_tests.plugin.items import SESSION, ExpectationItem, SpecFile, in_series
-from circuit_tests.spec.distributed import LOCAL
+from circuit_tests.spec.distributed import LOCAL, cluster
 from circuit_tests.spec.report import github_step_summary
 from circuit_tests.spec.schema import is_spec_path, spec_from_mapping
 from circuit_tests.spec.session import CircuitSession, RunOptions
@@ -41,6 +41,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
                     help="measure on a Ray cluster: an actor per checkpoint (no ADDRESS: start Ray on this machine); "
                          "reports and baselines stay here")
+    group.addoption("--circuit-ray-gpus", type=float, default=None, metavar="N",
+                    help="GPUs each checkpoint's actor holds under --circuit-ray (default: 1 for cuda, 0 for cpu; "
+                         "a fraction shares a GPU; with --circuit-device auto, the GPUs a checkpoint is sharded over)")
     group.addoption("--circuit-graph", type=int, default=0, metavar="N",
                     help="draw the top N nodes of each spec's circuit as a graph in the reports: cards, edges, clusters "
                          "(one backward pass per node; default 0, none)")
@@ -70,7 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
         options = run_options(config)
     except CircuitTestsError as error:
         raise pytest.UsageError(printable(str(error))) from None
-    if options.load.device != "cpu":
+    if options.load.device != "cpu" and options.ray is None:
         deterministic_cuda()
     session = CircuitSession(options)
     config.stash[SESSION] = session
@@ -80,7 +83,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def run_options(config: pytest.Config) -> RunOptions:
     """The command line's choices, checked before anything runs."""
     device = config.getoption("circuit_device") or "cpu"
-    check_device(device)
+    ray = config.getoption("circuit_ray")
+    check_device(device, available=ray is None)  # on a cluster, the GPUs are the workers'
     check_dtype(config.getoption("circuit_dtype"))
     trusted = tuple(config.getoption("circuit_trust_remote_code"))
     check_trusted(trusted, config.rootpath)
@@ -89,8 +93,10 @@ def run_options(config: pytest.Config) -> RunOptions:
     if config.getoption("circuit_graph") < 0:
         raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
                              "to draw (0 draws none).")
-    if config.getoption("circuit_ray") and worker is not None:
+    if ray and worker is not None:
         raise BadOptionError("--circuit-ray spreads the work over a Ray cluster; pytest-xdist (-n) cannot run beside it.")
+    if ray is None and config.getoption("circuit_ray_gpus") is not None:
+        raise BadOptionError("--circuit-ray-gpus sets the GPUs of each Ray actor; give --circuit-ray too.")
     if series and config.getoption("circuit_model"):
         raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(
@@ -105,7 +111,7 @@ def run_options(config: pytest.Config) -> RunOptions:
         summary=_path(config, "circuit_summary") or github_step_summary(),
         series=expand_series(series, config.invocation_params.dir),
         graph=config.getoption("circuit_graph"),
-        ray=config.getoption("circuit_ray"),
+        ray=None if ray is None else cluster(ray, device, config.getoption("circuit_ray_gpus")),
     )
 
 
@@ -113,13 +119,6 @@ def run_options(config: pytest.Config) -> RunOptions:
 def _path(config: pytest.Config, option: str) -> Path | None:
     value = config.getoption(option)
     return None if value is None else Path(value).absolute()
-
-
-def deterministic_cuda() -> None:
-    """Same spec, same checkpoint, same numbers on a GPU too: deterministic kernels where torch has them
-    (``warn_only``: an op without one warns instead of failing), and cuBLAS's fixed workspace."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
@@ -135,12 +134,17 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In a series run, spec items run checkpoint by checkpoint, so that one checkpoint is loaded at a time."""
-    session = config.stash[SESSION]
-    if session.options.series:
-        in_series(items, session.options.series)
-    if session.options.ray:
+    series = config.stash[SESSION].options.series
+    if series:
+        in_series(items, series)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under ``--circuit-ray``, every item that will run is sent to the cluster now, once deselection is done."""
+    circuits = session.config.stash[SESSION]
+    if circuits.options.ray and not session.config.option.collectonly:
         try:
-            session.send([item.work for item in items if isinstance(item, ExpectationItem)])
+            circuits.send([item.work for item in session.items if isinstance(item, ExpectationItem)])
         except CircuitTestsError as error:
             raise pytest.UsageError(printable(str(error))) from None
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -207,6 +208,18 @@ class BaselineStore:
         if isinstance(found, SpecError):
             raise found
         return found["models"]
+
+    def copy_for(self, spec: Spec) -> dict[Path, dict | SpecError]:
+        """The spec's baseline file as this store read it (or the error reading it gave), for a store on another
+        machine (:meth:`preload`): a Ray actor compares with the client's file, not with its node's."""
+        with suppress(SpecError):
+            self.stored(spec.path)
+        path = baseline_path(spec.path)
+        return {path: self._read[path]}
+
+    def preload(self, copied: dict[Path, dict | SpecError]) -> None:
+        """Take files another store read (:meth:`copy_for`) as read."""
+        self._read.update(copied)
 
     def entry(self, spec: Spec, model: str, preferred: str | None = None) -> tuple[str, dict] | None:
         """The stored entry for ``preferred`` if given, else for ``model``, else for the spec's first

@@ -29,7 +29,7 @@ from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.baselines import BaselineStore, entry_for, model_key
-from circuit_tests.spec.distributed import RayRun, Work
+from circuit_tests.spec.distributed import Cluster, RayRun, Work
 from circuit_tests.spec.expectations import check
 from circuit_tests.spec.figures import BaselineFigures
 from circuit_tests.spec.report import Report, payload
@@ -56,7 +56,7 @@ class RunOptions:
     summary: Path | None = None  # a Markdown summary (GitHub Actions' job summary)
     series: tuple[Checkpoint, ...] = ()  # the checkpoints of a training run, in order: models loaded one at a time
     graph: int = 0  # draw the top N nodes of each spec's circuit as a graph in the reports (0: none)
-    ray: str | None = None  # measure on a Ray cluster at this address ("local": start one here); None: in this process
+    ray: Cluster | None = None  # measure on a Ray cluster, an actor per checkpoint; None: in this process
 
 
 @dataclass(frozen=True)
@@ -123,16 +123,13 @@ class CircuitSession:
     def send(self, works: Sequence[Work]) -> None:
         """Under ``options.ray``, send every check the run will ask for to the cluster now, an actor per checkpoint."""
         if self.remote is None:
-            self.remote = RayRun(self.options.ray, 0 if self.options.load.device == "cpu" else 1)
-        self.remote.submit(self.options, works)
+            self.remote = RayRun(self.options.ray)
+        self.remote.submit(self.options, works, self.baselines)
 
     def check(self, spec: Spec, model: str, expectation: Expectation, from_command_line: bool = False) -> Verdict:
         """Check one expectation; every error becomes a failed (or, for a missing hub model, skipped) verdict."""
         if self.remote is not None:
-            verdict, pending, tested = self.remote.result(Work(spec, model, expectation, from_command_line))
-            self.baselines.merge(pending)
-            self.tested.update((Path(path), key) for path, key in tested)
-            return verdict
+            return self._checked_remotely(Work(spec, model, expectation, from_command_line))
         subject = None
         try:
             subject = self.subject(spec, model, from_command_line)
@@ -152,6 +149,16 @@ class CircuitSession:
             return Verdict("failed", str(error), self._figures(subject))
         message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
         return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
+
+    def _checked_remotely(self, work: Work) -> Verdict:
+        """The verdict an actor gave, with the baseline entries it recorded and the keys it tested taken in."""
+        try:
+            verdict, pending, tested = self.remote.result(work)
+        except CircuitTestsError as error:
+            return Verdict("failed", str(error))
+        self.baselines.merge(pending)
+        self.tested.update((Path(path), key) for path, key in tested)
+        return verdict
 
     def result(self, spec: Spec, model: str, expectation: Expectation, verdict: Verdict) -> dict:
         """What one checked expectation carries to the report (and, under pytest, to its JUnit property)."""
