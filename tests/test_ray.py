@@ -1,7 +1,7 @@
 """--circuit-ray: the same verdicts, figures, trends and baselines as one process; faults fail only what they touch.
 
-Tiny checkpoints and one spec on a local Ray instance (one per module, started here with its files in a temporary
-directory; the plugin joins it). The Ray cases skip where Ray is not installed (``pip install 'circuit-tests[ray]'``);
+Two shipped specs on SmolLM2, and tiny checkpoints with one spec, on a local Ray instance (one per module, started
+here with its files in a temporary directory; the plugin joins it; the fault cases run pytest in processes of their own). The Ray cases skip where Ray is not installed (``pip install 'circuit-tests[ray]'``);
 the option checks run everywhere."""
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from circuit_tests.errors import BadOptionError
 from circuit_tests.spec.distributed import LOCAL, TOKEN, Cluster, cluster
 from circuit_tests.testing import save_tiny_checkpoint
 
+try:  # imported here, once: pytester's in-process runs drop modules imported during them, and Ray cannot load twice
+    import ray
+except ImportError:
+    ray = None
+
 pytest_plugins = ["pytester"]
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: pip install 'circuit-tests[ray]'")
+ROOT = Path(__file__).resolve().parents[1]
 
 SPEC = """name: agree
 models: [../a, ../b]
@@ -73,10 +80,18 @@ def test_ray_options_that_cannot_work_are_refused_before_anything_runs(pytester,
     assert "--matrix evaluates every checkpoint's circuit on every checkpoint in this process" in capsys.readouterr().err
 
 
+@needs_ray
+def test_a_cluster_that_is_not_there_is_a_usage_error(project):
+    result = project.runpytest_inprocess("specs", "--circuit-ray", f"127.0.0.1:{_free_port()}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*could not reach the Ray cluster (nothing answers there). Start one with `ray start --head`*"])
+
+
 @pytest.fixture(scope="module")
 def ray_here():
     """A local Ray instance for the module; its address, and the environment another process needs to join it."""
-    ray = pytest.importorskip("ray")
+    if ray is None:
+        pytest.skip("Ray is not installed: pip install 'circuit-tests[ray]'")
     where = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(TOKEN, os.urandom(16).hex())
@@ -105,21 +120,6 @@ def _figures(path: Path) -> list:
 
 
 @pytest.mark.slow
-def test_a_ray_run_gives_what_one_process_gives_and_only_the_client_writes_baselines(project, ray_here):
-    baseline = project.path / "specs" / "agree.baseline.json"
-    here = project.runpytest_inprocess("specs", "--circuit-update", "--circuit-no-cache", "--circuit-json", "here.json")
-    here.assert_outcomes(passed=6)
-    recorded = baseline.read_bytes()
-    baseline.unlink()
-    remote = project.runpytest_inprocess("specs", "--circuit-update", "--circuit-no-cache", "--circuit-ray", "--circuit-json", "ray.json")
-    remote.assert_outcomes(passed=6)
-    assert baseline.read_bytes() == recorded  # written once, by the client, from the actors' entries
-    assert _figures(project.path / "ray.json") == _figures(project.path / "here.json")
-    compared = project.runpytest_inprocess("specs", "--circuit-no-cache", "--circuit-ray", "-k", "stable")
-    compared.assert_outcomes(passed=2, deselected=4)  # stable compares with the client's file, sent with the work
-
-
-@pytest.mark.slow
 def test_a_series_through_ray_has_the_same_trend(project, ray_here, monkeypatch):
     monkeypatch.chdir(project.path)
     save_tiny_checkpoint(project.path / "c", seed=2)
@@ -134,11 +134,13 @@ def test_a_series_through_ray_has_the_same_trend(project, ray_here, monkeypatch)
 
 
 @pytest.mark.slow
+@needs_ray
 def test_an_actor_that_dies_fails_its_checkpoints_items_only(project, tmp_path):
-    pytest.importorskip("ray")
     project.runpytest_inprocess("specs", "--circuit-update").assert_outcomes(passed=6)
     project.makeconftest(KILL_ONE)
     cache, home = Path(tempfile.mkdtemp(prefix="ct", dir="/tmp")), tmp_path / "home"
+    (cache / "ray").mkdir()
+    (cache / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")  # a cluster `ray start` left: not joined
     env = {"CIRCUIT_TESTS_CACHE": str(cache), "HOME": str(home)}
     result = _pytest(project, env, "specs", "--circuit-ray")  # this process starts a local instance of its own
     assert result.returncode == 1, result.stdout
@@ -150,14 +152,14 @@ def test_an_actor_that_dies_fails_its_checkpoints_items_only(project, tmp_path):
 
 
 @pytest.mark.slow
+@needs_ray
 def test_a_lost_cluster_fails_the_run_and_keeps_the_baselines(project):
-    pytest.importorskip("ray")
     project.runpytest_inprocess("specs", "--circuit-update").assert_outcomes(passed=6)
     baseline = (project.path / "specs" / "agree.baseline.json").read_bytes()
     where, port = tempfile.mkdtemp(prefix="ray", dir="/tmp"), _free_port()
     env = {TOKEN: os.urandom(16).hex(), "RAY_AUTH_MODE": "token"}  # what joining a cluster with token authentication needs
-    ray = Path(sys.executable).parent / "ray"
-    subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+    command = Path(sys.executable).parent / "ray"
+    subprocess.run([command, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
                     f"--temp-dir={where}"], env=os.environ | env, check=True, capture_output=True, timeout=120)
     try:
         project.makeconftest(LOSE_THE_CLUSTER.format(where=where))
@@ -169,6 +171,26 @@ def test_a_lost_cluster_fails_the_run_and_keeps_the_baselines(project):
     assert "6 failed" in result.stdout, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("the connection to the Ray cluster was lost") >= 6
     assert (project.path / "specs" / "agree.baseline.json").read_bytes() == baseline
+
+
+@pytest.mark.slow
+def test_shipped_sva_specs_on_smollm2_give_the_same_figures_and_baselines_through_ray(pytester, ray_here):
+    """Figures identical to one process; the client alone writes the baselines, byte for byte as one process does."""
+    names = ("specs/sva_simple.yaml", "specs/sva_early_layers.yaml", "fixtures/sva/simple.jsonl")
+    baselines = ("specs/sva_simple.baseline.json", "specs/sva_early_layers.baseline.json")
+    for name in names + baselines:
+        (pytester.path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, pytester.path / name)
+    run = ("specs", "-k", "smollm2", "--circuit-strict", "--circuit-no-cache", "--circuit-update")
+    pytester.runpytest_inprocess(*run, "--circuit-json", "here.json").assert_outcomes(passed=7, deselected=5)
+    recorded = [(pytester.path / name).read_bytes() for name in baselines]
+    for name in baselines:  # stable compares with the shipped file again, as the client reads it
+        shutil.copy2(ROOT / name, pytester.path / name)
+    remote = pytester.runpytest_inprocess(*run, "--circuit-json", "ray.json", "--circuit-ray")
+    remote.assert_outcomes(passed=7, deselected=5)
+    remote.stdout.fnmatch_lines_random([f"baseline written: *{name}" for name in baselines])  # by the client
+    assert [(pytester.path / name).read_bytes() for name in baselines] == recorded
+    assert _figures(pytester.path / "ray.json") == _figures(pytester.path / "here.json")
 
 
 def _pytest(project, env: dict, *args: str) -> subprocess.CompletedProcess:

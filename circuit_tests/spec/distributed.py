@@ -1,19 +1,20 @@
 """Measuring on a Ray cluster: one actor per checkpoint, the pytest session (or ``circuit-tests run``) the client.
 
-:class:`RayRun` starts an actor per checkpoint (``num_gpus`` from the device the run asked for) and
-sends it every (spec, expectation) that needs that checkpoint, in the order the items will run,
-then asks it to end once that work is done, so that a cluster smaller than the run frees room
-for the next checkpoint. Each actor holds a :class:`~circuit_tests.spec.session.CircuitSession` of its
-own, so a checkpoint is loaded once across the cluster and its subjects are shared by its specs,
-exactly as in one process. What comes back is what an in-process check gives: the
-:class:`Verdict` (figures as plain data), the baseline entries it recorded
-(:meth:`BaselineStore.pending`, as pytest-xdist workers hand them over) and the baseline key it
-tested. Only the client writes baselines and reports.
+:class:`RayRun` starts an actor per checkpoint and sends it every (spec, expectation) that needs that
+checkpoint, in the order the items will run, then asks it to end once that work is done, so that
+a cluster smaller than the run frees room for the next checkpoint. An actor holds the GPUs the
+device asks for (:class:`Cluster`); on the CPU, as many CPUs as this process computes with, so
+that its sums run in the same order. Each actor holds a
+:class:`~circuit_tests.spec.session.CircuitSession` of its own, so a checkpoint is loaded once
+across the cluster and its subjects are shared by its specs, exactly as in one process. What comes
+back is what an in-process check gives: the :class:`Verdict` (figures as plain data), the baseline
+entries it recorded (:meth:`BaselineStore.pending`, as pytest-xdist workers hand them over) and the
+baseline key it tested. Only the client writes baselines and reports.
 
 Specs travel with the task (a parsed spec carries its examples), and so does the spec's stored
-baseline file as the client read it; checkpoints are read where they are, so every node must see
-the same paths (a shared filesystem, or the same hub cache), and the directory the run started in, where
-names given on the command line are read.
+baseline file as the client read it. Checkpoints are read where they are, so every node must see
+the same paths (a shared filesystem, or the same hub cache), and the directory the run started
+in, where names given on the command line are read.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.model.loading import cache_dir, deterministic_cuda
 from circuit_tests.spec.baselines import BaselineStore
 from circuit_tests.spec.schema import Expectation, Spec
 
-LOCAL = "local"  # --circuit-ray with no address: start a Ray instance on this machine
+LOCAL = "local"  # --circuit-ray with no address: start a new Ray instance on this machine (Ray's own word for it)
 TOKEN = "RAY_AUTH_TOKEN"  # a local instance's token lives in the environment, never in ~/.ray
 PROBE = 10  # seconds between checks that the cluster still answers, while a result is awaited
 SOCKETS = 40  # Ray's socket paths (<temp dir>/session_<time>_<pid>/sockets/...) must fit in 107 bytes
@@ -80,10 +83,11 @@ class Work:
 class CheckpointWorker:
     """A Ray actor's body: a session of its own that checks what the client sends, and writes nothing."""
 
-    def __init__(self, options, directory: str) -> None:
+    def __init__(self, options, directory: str, threads: int) -> None:
         from circuit_tests.spec.session import CircuitSession
 
         os.chdir(directory)  # names given on the command line are read as the client reads them
+        torch.set_num_threads(threads)  # as many as the actor holds CPUs: on the CPU, the same sums as the client's
         device = options.load.device
         if device != "cpu":
             deterministic_cuda()
@@ -122,28 +126,42 @@ class RayRun:
 
     def _connect(self) -> None:
         """Join the cluster at the address, or start a local instance whose files stay in the cache."""
+        address = self.where.address
+        unreachable = ("could not reach the Ray cluster", "Start one with `ray start --head`, or give its address (host:port, "
+                       "or auto for the one `ray start` started here); to join a cluster with token authentication, set "
+                       "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN).")
+        if ":" in address and not _answers(address):  # Ray itself would wait minutes for an address that is not there
+            raise BadOptionError(f"--circuit-ray {address}: {unreachable[0]} (nothing answers there). {unreachable[1]}")
         try:
-            if self.where.address == LOCAL:
+            if address == LOCAL:
                 os.environ.setdefault(TOKEN, secrets.token_hex(32))
-                self.ray.init(include_dashboard=False, log_to_driver=False, _temp_dir=str(_temp_dir()))
+                self.ray.init(address=LOCAL, include_dashboard=False, log_to_driver=False, _temp_dir=str(_temp_dir()))
             else:
-                self.ray.init(address=self.where.address, include_dashboard=False, log_to_driver=False)
+                self.ray.init(address=address, include_dashboard=False, log_to_driver=False)
         except CircuitTestsError:
             raise
         except Exception as error:  # noqa: BLE001 -- any failure to reach the cluster is the run's failure, said once
-            raise BadOptionError(f"--circuit-ray {self.where.address}: could not reach the Ray cluster "
-                                 f"({type(error).__name__}: {_cause(error)}). Start one with `ray start --head`, "
-                                 "or give its address (host:port, ray://host:port or auto).") from None
+            raise BadOptionError(f"--circuit-ray {address}: {unreachable[0]} ({type(error).__name__}: {_cause(error)}). "
+                                 f"{unreachable[1]}") from None
 
     def submit(self, options, works: Sequence[Work], baselines: BaselineStore) -> None:
         """Start an actor per checkpoint, send each its work in order, then ask it to end once that is done."""
-        actor = self.ray.remote(num_gpus=self.where.gpus, num_cpus=1, max_restarts=0)(CheckpointWorker)
+        cpus = self._cpus()
+        actor = self.ray.remote(num_gpus=self.where.gpus, num_cpus=cpus, max_restarts=0)(CheckpointWorker)
         for work in works:
             if work.model not in self.actors:
-                self.actors[work.model] = actor.remote(options, os.getcwd())
+                self.actors[work.model] = actor.remote(options, os.getcwd(), cpus)
             self.futures[work.key] = self.actors[work.model].check.remote(work, baselines.copy_for(work.spec))
         for handle in self.actors.values():
             handle.__ray_terminate__.remote()  # runs after the checks sent before it
+
+    def _cpus(self) -> int:
+        """CPUs per actor: one beside a GPU; on the CPU, the threads this process computes with (so that a local run
+        sums in the same order and gives the same figures as one process), at most the largest node's CPUs."""
+        if self.where.gpus:
+            return 1
+        largest = max((node["Resources"].get("CPU", 0) for node in self.ray.nodes() if node["Alive"]), default=1)
+        return max(1, min(torch.get_num_threads(), int(largest)))
 
     def result(self, work: Work) -> tuple:
         """The (verdict, pending baselines, tested keys) of submitted work. An actor that died fails its checkpoint's
@@ -178,12 +196,7 @@ class RayRun:
 
     def _reachable(self) -> bool:
         """Whether the cluster's control store still answers (a dead actor on a live cluster is that actor's loss)."""
-        host, _, port = self.ray.get_runtime_context().gcs_address.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=5).close()
-        except OSError:
-            return False
-        return True
+        return _answers(self.ray.get_runtime_context().gcs_address)
 
     def shutdown(self) -> None:
         """End every actor still running; disconnect, and stop a local instance, if this run started Ray."""
@@ -206,6 +219,16 @@ def _temp_dir() -> Path:
                              "shorter directory, or start Ray yourself (`ray start --head`) and give --circuit-ray=auto.")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts a connection at ``host:port`` within :data:`PROBE` seconds."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE).close()
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _cause(error: Exception) -> str:
