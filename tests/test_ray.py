@@ -57,6 +57,12 @@ def pytest_collection_finish(session):
 """
 
 
+@pytest.fixture(autouse=True)
+def not_an_xdist_worker(monkeypatch):
+    """The runs here are the client; under `pytest -n`, this process's worker id would refuse --circuit-ray."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+
+
 def test_the_gpus_of_an_actor_follow_the_device():
     assert cluster(LOCAL, "cpu", None) == Cluster(LOCAL, 0)
     assert cluster("auto", "cuda:3", None) == Cluster("auto", 1)
