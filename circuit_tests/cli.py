@@ -185,7 +185,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.ray is None and args.ray_gpus is not None:
         raise BadOptionError("--ray-gpus sets the GPUs of each Ray actor; give --ray too.")
     session = _session(args, update=args.update, strict=args.strict, html=_output(args.report), json=_output(args.json),
-                       summary=_output(args.summary) or github_step_summary(), series=series, graph=args.graph)
+                       summary=_output(args.summary) or github_step_summary(), series=series, graph=args.graph,
+                       areas=args.areas)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
     for name in args.specs:
@@ -478,6 +479,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                                                                "$GITHUB_STEP_SUMMARY)")
     parser.add_argument("--graph", type=_non_negative, default=0, metavar="N",
                         help="draw the top N nodes of each spec's circuit as a graph in the reports (default 0, none)")
+    parser.add_argument("--areas", action="store_true",
+                        help="measure MIB's curve and its areas (CPR, CMD) for every spec and model, for the reports")
     parser.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
                         help="measure on a Ray cluster, an actor per checkpoint (no ADDRESS: start Ray on this machine)")
     parser.add_argument("--ray-gpus", type=float, default=None, metavar="N",

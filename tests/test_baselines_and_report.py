@@ -117,7 +117,7 @@ def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_p
     parser.feed(path.read_text())
     assert {"svg", "polyline", "table"} <= set(parser.tags) and parser.urls == []
     assert "s&lt;x&gt;" in path.read_text()
-    assert report.terminal_lines()[1].split() == ["s<x>", "m", "0", "0.95", "70", "1.00@30", "-", "-", "failed", "(1/2)"]
+    assert report.terminal_lines()[1].split() == ["s<x>", "m", "0", "0.95", "70", "-", "1.00@30", "-", "-", "failed", "(1/2)"]
     report.write_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["status"] == "failed"
 

@@ -72,6 +72,21 @@ def test_node_ranks_keep_the_best_rank_and_expand_none():
     assert (rank == 4).sum() == rank.numel() - 1 - 4 - sites.n_neurons
 
 
+def test_node_ranks_equal_placing_each_node_in_turn():
+    """The scatter of single nodes against the plain rule: strongest wins, wildcards expand, outside the prompt is left out."""
+    generator = torch.Generator().manual_seed(0)
+    layers, positions, neurons = 3, 5, 7
+    nodes = [(int(l), None if int(p) == 9 else int(p) - 7, None if int(n) == 9 else int(n))
+             for l, p, n in zip(*(torch.randint(high, (200,), generator=generator) for high in (layers, 10, 10)))]
+    nodes = [(l, p, n if n is None or n < neurons else n % neurons) for l, p, n in nodes]
+    circuit = Circuit(tuple(nodes), (1.0,) * len(nodes))
+    expected = torch.full((layers, positions, neurons), len(nodes), dtype=torch.long)
+    for index, (l, p, n) in reversed(list(enumerate(nodes))):
+        if p is None or -positions <= p < positions:
+            expected[l, slice(None) if p is None else p, slice(None) if n is None else n] = index
+    assert torch.equal(circuit.ranks(layers, positions, neurons), expected)
+
+
 def test_full_circuit_is_fully_faithful_and_empty_is_not(data):
     sites = _sites()
     everything = Circuit(tuple((l, None, None) for l in range(sites.n_layers)), (1.0,) * sites.n_layers)

@@ -97,11 +97,12 @@ class Scores:
         return self.metadata.get("align", "end")
 
     def ranked(self, limit: int | None = None, aggregate: bool = False,
-               layers: Iterable[int] | None = None) -> list[tuple[Node, float]]:
+               layers: Iterable[int] | None = None, signed: bool = False) -> list[tuple[Node, float]]:
         """Nodes by decreasing |score| (ties in index order), each with its signed score; zero scores left out.
 
         ``aggregate``: (layer, neuron) pairs scored by their sum over positions (position ``None``);
-        ``layers``: only these layers; ``limit``: at most this many.
+        ``layers``: only these layers; ``limit``: at most this many; ``signed``: by decreasing signed score
+        instead, the nodes whose counterfactual values move the model most towards the counterfactual answer first.
         """
         table = self.by_neuron().unsqueeze(1) if aggregate else self.scores
         if layers is not None:
@@ -109,7 +110,7 @@ class Scores:
             outside[list(layers)] = False
             table = table.masked_fill(outside.view(-1, 1, 1), 0.0)
         flat = table.flatten()
-        order = _by_magnitude(flat, limit)
+        order = _strongest(flat if signed else flat.abs(), limit)
         order = order[flat[order] != 0][:limit]
         layer, position, neuron = torch.unravel_index(order, table.shape)
         offset = table.shape[1] if self.align == "end" else 0
@@ -148,16 +149,16 @@ class Scores:
         return cls(load_file(str(path))["scores"], n_examples, header)
 
 
-def _by_magnitude(flat: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """Indices of ``flat`` by decreasing magnitude, ties in index order: all of them, or the first ``limit``
-    and any tied with the last. A full sort of a Llama-3.1-8B-sized table (millions of nodes) takes a third
-    of a second on a CPU; only the entries at or above the ``limit``-th magnitude are sorted here."""
-    magnitude = flat.abs()
-    if limit is not None and limit < flat.numel():
-        floor = magnitude.topk(limit).values[-1]
-        kept = ((magnitude >= floor) | magnitude.isnan()).nonzero().squeeze(1)  # index order: ties stay in it
-        return kept[magnitude[kept].argsort(descending=True, stable=True)]
-    return magnitude.argsort(descending=True, stable=True)
+def _strongest(key: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """Indices of ``key`` by decreasing value, ties in index order: all of them, or the first ``limit`` and any
+    tied with the last. A full sort of a Llama-3.1-8B-sized table (millions of nodes) takes a third of a second
+    on a CPU; only the entries at or above the ``limit``-th value are sorted here."""
+    if limit is not None and limit < key.numel():
+        floor = key.topk(limit).values[-1]
+        kept = ((key >= floor) | key.isnan()).nonzero().squeeze(1)  # index order: ties stay in it
+        return kept[key[kept].argsort(descending=True, stable=True)]
+    return key.argsort(descending=True, stable=True)
+
 
 def data_hash(examples: Iterable[PairedExample]) -> str:
     """A short content hash of a dataset, independent of where its examples were read from."""

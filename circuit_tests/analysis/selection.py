@@ -16,9 +16,10 @@ from circuit_tests.analysis.attribution import Scores
 from circuit_tests.model.nodes import Circuit, Node
 
 
-def top_k(scores: Scores, k: int, aggregate: bool = False, layers: Iterable[int] | None = None) -> Circuit:
-    """The ``k`` nodes of largest |score|."""
-    return _circuit(scores.ranked(k, aggregate, layers))
+def top_k(scores: Scores, k: int, aggregate: bool = False, layers: Iterable[int] | None = None,
+          signed: bool = False) -> Circuit:
+    """The ``k`` nodes of largest |score| (``signed``: of largest signed score)."""
+    return _circuit(scores.ranked(k, aggregate, layers, signed))
 
 
 def above(scores: Scores, threshold: float, aggregate: bool = False, layers: Iterable[int] | None = None) -> Circuit:

@@ -81,12 +81,22 @@ class Circuit:
 
         ``ranks < k`` is the mask of the top ``k`` nodes, so circuits of several sizes are masked at
         once. A node listed twice (or covered by a whole-layer entry) keeps its best rank; positions
-        past the prompt are left out.
+        past the prompt are left out. Single nodes are placed in one scatter (MIB's curve ranks every
+        node of the model), entries for every position or neuron one by one.
         """
         rank = torch.full((n_layers, n_positions, n_neurons), len(self), dtype=torch.long)
-        for index, (layer, position, neuron) in reversed(list(enumerate(self.nodes))):  # strongest last: it wins
-            if in_prompt(position, n_positions):
-                rank[layer, every_if_none(position), every_if_none(neuron)] = index
+        single = [(index, node) for index, node in enumerate(self.nodes) if None not in node[1:]]
+        if single:
+            index = torch.tensor([i for i, _ in single])
+            layer, position, neuron = torch.tensor([node for _, node in single]).unbind(1)
+            position = position + (position < 0) * n_positions
+            inside = (position >= 0) & (position < n_positions)
+            flat = (layer * n_positions + position) * n_neurons + neuron
+            rank.view(-1).scatter_reduce_(0, flat[inside], index[inside], reduce="amin")
+        for index, (layer, position, neuron) in enumerate(self.nodes):
+            if None in (position, neuron) and in_prompt(position, n_positions):
+                covered = rank[layer, every_if_none(position), every_if_none(neuron)]
+                covered.clamp_(max=index)
         return rank
 
     @cached_property

@@ -44,6 +44,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--circuit-ray-gpus", type=float, default=None, metavar="N",
                     help="GPUs each checkpoint's actor holds under --circuit-ray (default: 1 for cuda, 0 for cpu; "
                          "a fraction shares a GPU; with --circuit-device auto, the GPUs a checkpoint is sharded over)")
+    group.addoption("--circuit-areas", action="store_true",
+                    help="measure MIB's faithfulness curve (top 0.1%% to 100%% of nodes) and its areas, CPR and CMD, for "
+                         "every spec and model, for the reports (one more curve of 10 sizes each)")
     group.addoption("--circuit-graph", type=int, default=0, metavar="N",
                     help="draw the top N nodes of each spec's circuit as a graph in the reports: cards, edges, clusters "
                          "(one backward pass per node; default 0, none)")
@@ -111,6 +114,7 @@ def run_options(config: pytest.Config) -> RunOptions:
         summary=_path(config, "circuit_summary") or github_step_summary(),
         series=expand_series(series, config.invocation_params.dir),
         graph=config.getoption("circuit_graph"),
+        areas=config.getoption("circuit_areas"),
         ray=None if ray is None else cluster(ray, device, config.getoption("circuit_ray_gpus")),
     )
 

@@ -17,7 +17,7 @@ from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes, moved
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
-from circuit_tests.spec.schema import Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
+from circuit_tests.spec.schema import Area, Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 
@@ -117,6 +117,20 @@ def _sparse(subject: Subject, params: Sparse) -> Outcome:
         (f"faithfulness {_bound(params.min_faithfulness)} needs " + (f"{needed} nodes (the smallest top-k circuit reaching it)"
          if needed else f"more than {max(STANDARD_SIZES)} nodes"), *_fewer(subject, params.max_nodes)),
     )
+
+
+def _area(subject: Subject, params: Area) -> Outcome:
+    area = subject.area(params.ranking)
+    bounds = ([f"CPR >= {_bound(params.min_cpr)}"] if params.min_cpr is not None else []) + (
+        [f"CMD <= {_bound(params.max_cmd)}"] if params.max_cmd is not None else [])
+    expected = (f"over the top 0.1% to 100% of nodes ({area.ranking} ranking, {area.ablation} ablation), "
+                + " and ".join(bounds))
+    if not all(map(math.isfinite, (area.cpr, area.cmd))):
+        return Outcome(False, expected, _undefined(subject, "CPR and CMD"))
+    held = (params.min_cpr is None or area.cpr >= params.min_cpr) and (params.max_cmd is None or area.cmd <= params.max_cmd)
+    curve = ", ".join(f"{fraction:.1%} ({size}) {value:.3f}" for fraction, size, value in zip(area.fractions, area.sizes, area.faithfulness))
+    return Outcome(held, expected, f"CPR {_ci(area.cpr, area.cpr_interval, params.min_cpr)}, CMD "
+                   f"{_ci(area.cmd, area.cmd_interval, params.max_cmd)} {_on_test(subject)}", (f"faithfulness at each share of nodes (nodes): {curve}",))
 
 
 def _fewer(subject: Subject, size: int) -> tuple[str, ...]:
@@ -339,5 +353,5 @@ def _same_shape(subject: Subject, entry: dict) -> bool:
     return in_range and entry.get("shape") in (None, subject.shape)
 
 
-CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Necessary: _necessary, Flips: _flips,
+CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Area: _area, Necessary: _necessary, Flips: _flips,
                                 Pinned: _pinned, Steers: _steers, Scales: _scales}

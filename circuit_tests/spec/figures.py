@@ -25,6 +25,22 @@ class CurveFigures:
 
 
 @dataclass(frozen=True)
+class AreaFigures:
+    """MIB's curve (:mod:`circuit_tests.analysis.areas`) under one ranking and ablation, with CPR and CMD and their 95%
+    bootstrap intervals."""
+
+    ranking: str  # "absolute" or "signed"
+    ablation: str  # the spec's trace.ablation
+    fractions: list[float]  # of all nodes
+    sizes: list[int]  # nodes at each fraction
+    faithfulness: list[float]
+    cpr: float
+    cpr_interval: list[float]
+    cmd: float
+    cmd_interval: list[float]
+
+
+@dataclass(frozen=True)
 class BaselineFigures:
     """The stored baseline a report compares this run with: whose it is, its curve, where this run's top nodes stand in it.
 
@@ -61,6 +77,7 @@ class Figures:
     dropped: list[str] = field(default_factory=list)  # "FILE:LINE: why", one per dropped example
     accuracy: float | None = None
     curve: CurveFigures | None = None
+    areas: dict[str, AreaFigures] = field(default_factory=dict)  # MIB's curve and areas, by ranking
     nodes_for_08: float | None = None  # circuit size reaching 0.8 faithfulness; None with the curve: not reached
     flip_rate: dict[int, float] = field(default_factory=dict)  # by circuit size
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
@@ -88,6 +105,8 @@ class Figures:
         if self.curve is not None:
             data["curve"] = {name: value for name, value in asdict(self.curve).items() if value is not None}
             data["nodes_for_0.8"] = self.nodes_for_08
+        if self.areas:
+            data["areas"] = {ranking: asdict(area) for ranking, area in self.areas.items()}
         if self.flip_rate:
             data["flip_rate"] = {str(size): rate for size, rate in sorted(self.flip_rate.items())}
         if self.steering:
@@ -135,7 +154,8 @@ class Figures:
             model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
             n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
-            curve=CurveFigures(**curve) if curve else None, nodes_for_08=data.get("nodes_for_0.8"),
+            curve=CurveFigures(**curve) if curve else None,
+            areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()}, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
             sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),

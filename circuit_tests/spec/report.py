@@ -24,7 +24,7 @@ from pathlib import Path
 from circuit_tests.analysis.cards import Card
 from circuit_tests.model.nodes import format_node, parse_node
 from circuit_tests.model.series import Checkpoint
-from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
+from circuit_tests.spec.figures import AreaFigures, BaselineFigures, CurveFigures, Figures
 from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, matrix_table, table, trends
 from circuit_tests.text import printable, quoted
 
@@ -117,10 +117,11 @@ class Report:
     # ------------------------------------------------------------------ terminal
 
     def terminal_lines(self) -> list[str]:
-        header = ("spec", "model", "dropped", "acc", "n@0.8", "flip", "steer", "overlap", "result")
+        header = ("spec", "model", "dropped", "acc", "n@0.8", "cpr/cmd", "flip", "steer", "overlap", "result")
         cells = [header] + [
             (printable(self._label(row), one_line=True), printable(row.model, one_line=True),
-             str(figures.n_dropped) if row.figures else "-", _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"), _last(figures.flip_rate),
+             str(figures.n_dropped) if row.figures else "-", _number(figures.accuracy), _number(figures.nodes_for_08, "{:.0f}"),
+             _areas(figures), _last(figures.flip_rate),
              _last(figures.steering), _number(figures.overlap),
              f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})")
             for row, figures in ((row, row.figures or NOTHING) for row in self.rows.values())
@@ -215,8 +216,8 @@ def _last(rates: dict[int, float]) -> str:
 def markdown(report: Report) -> str:
     """The run as Markdown: one line per spec and model, each failure, and each spec's trend over a series."""
     lines = ["## circuit-tests", "", *_md_table(
-        [["spec", "model", "accuracy", "nodes for 0.8", "overlap", "result"]]
-        + [[row.spec, row.model, _number(f.accuracy), _number(f.nodes_for_08, "{:.0f}"), _number(f.overlap),
+        [["spec", "model", "accuracy", "nodes for 0.8", "CPR / CMD", "overlap", "result"]]
+        + [[row.spec, row.model, _number(f.accuracy), _number(f.nodes_for_08, "{:.0f}"), _areas(f), _number(f.overlap),
             f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})"]
            for row, f in ((row, row.figures or NOTHING) for row in report.rows.values())])]
     failures = [(row, r) for row in report.rows.values() for r in row.results if r.outcome == "failed"]
@@ -339,6 +340,17 @@ def _trend_svg(trend: Trend, key: str, width: int = 250, height: int = 160) -> s
             f"<polyline fill='none' stroke='#1f6feb' stroke-width='2' points='{drawn}'/>{dots}</svg>")
 
 
+def _areas(figures: Figures) -> str:
+    """CPR/CMD under absolute ranking (MIB's default) for the tables; "-" where not measured."""
+    area = figures.areas.get("absolute")
+    return "-" if area is None else f"{_number(area.cpr)}/{_number(area.cmd)}"
+
+
+def _area_text(area: AreaFigures) -> str:
+    return (f"{_number(area.cpr)} (95% CI {_number(area.cpr_interval[0])} to {_number(area.cpr_interval[1])}) / "
+            f"{_number(area.cmd)} (95% CI {_number(area.cmd_interval[0])} to {_number(area.cmd_interval[1])})")
+
+
 def _section(row: Row) -> str:
     figures = row.figures or NOTHING
     split = (figures.n_train, figures.n_test, figures.n_dropped) if row.figures else ("-",) * 3
@@ -346,6 +358,8 @@ def _section(row: Row) -> str:
              ("train / test / dropped", " / ".join(map(str, split))),
              *(("dropped", drop) for drop in figures.dropped),
              ("accuracy", _number(figures.accuracy)), ("nodes for 0.8 faithfulness", _number(figures.nodes_for_08, "{:.0f}")),
+             *((f"MIB's CPR / CMD ({area.ranking} ranking, {area.ablation} ablation)", _area_text(area))
+               for area in figures.areas.values()),
              ("flip rate", _rates(figures.flip_rate)), ("steering success", _rates(figures.steering)),
              ("overlap with baseline", _number(figures.overlap))]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)

@@ -193,6 +193,26 @@ class Sparse(Claim):
     min_faithfulness: float = Field(gt=0.0, description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation (above 0)")
 
 
+class Area(Claim):
+    """The whole faithfulness curve, as MIB summarises it: the top 0.1% to 100% of nodes, and the area under the
+    curve (CPR, higher is better) and between it and 1 (CMD, lower is better)."""
+
+    THRESHOLDS = ('min_cpr', 'max_cmd')
+
+    ranking: Literal["absolute", "signed"] = Field("absolute", description="how nodes are ranked: by |score|, or by signed "
+                                                   "score, the nodes that carry the behaviour first (both change the result)")
+    min_cpr: float | None = Field(None, gt=0.0, description="area under the faithfulness curve over fractions 0.001 to 1: "
+                                  "at least (above 0; about 1 is a circuit faithful at every size)")
+    max_cmd: float | None = Field(None, ge=0.0, description="area between the curve and 1, |1 - f|: at most (0 is a perfect "
+                                  "circuit)")
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> Area:
+        if self.min_cpr is None and self.max_cmd is None:
+            raise ValueError("give 'min_cpr', 'max_cmd' or both: what the curve's areas must reach")
+        return self
+
+
 class Necessary(Claim):
     """Ablating the top ``nodes`` nodes (and keeping the rest) destroys the behaviour."""
 
@@ -290,7 +310,7 @@ class Stable(Claim):
 
 
 KINDS: dict[str, type[Claim]] = {
-    "behaves": Behaves, "sparse": Sparse, "necessary": Necessary, "flips": Flips,
+    "behaves": Behaves, "sparse": Sparse, "area": Area, "necessary": Necessary, "flips": Flips,
     "pinned": Pinned, "steers": Steers, "scales": Scales, "stable": Stable,
 }
 

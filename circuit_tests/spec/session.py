@@ -56,6 +56,7 @@ class RunOptions:
     summary: Path | None = None  # a Markdown summary (GitHub Actions' job summary)
     series: tuple[Checkpoint, ...] = ()  # the checkpoints of a training run, in order: models loaded one at a time
     graph: int = 0  # draw the top N nodes of each spec's circuit as a graph in the reports (0: none)
+    areas: bool = False  # measure MIB's curve and its areas (CPR, CMD) for every spec, for the reports
     ray: Cluster | None = None  # measure on a Ray cluster, an actor per checkpoint; None: in this process
 
 
@@ -138,6 +139,8 @@ class CircuitSession:
             self._record(subject)
             if self.options.graph:
                 subject.graph(self.options.graph)
+            if self.options.areas:
+                subject.area()
         except ModelNotAvailableError as error:
             may_skip = not (self.options.strict or from_command_line)
             return Verdict("skipped" if may_skip else "failed", str(error) if may_skip else f"{error}{_why_not_skipped(from_command_line)}")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from circuit_tests.analysis.areas import FRACTIONS, areas, sizes_for
 from circuit_tests.analysis.attribution import Scores, data_hash, trace
 from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.measures import (
@@ -43,7 +44,7 @@ from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_ch
 from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
-from circuit_tests.spec.figures import CurveFigures, Figures
+from circuit_tests.spec.figures import AreaFigures, CurveFigures, Figures
 from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
@@ -276,6 +277,21 @@ class Subject:
         asked = {e.params.max_nodes if isinstance(e.params, Sparse) else e.params.nodes
                  for e in self.spec.expectations if isinstance(e.params, (Sparse, Necessary, Stable))}
         return tuple(sorted(set(STANDARD_SIZES) | asked - {None}))
+
+    def area(self, ranking: str = "absolute") -> AreaFigures:
+        """MIB's curve: faithfulness at :data:`~circuit_tests.analysis.areas.FRACTIONS` of all nodes ranked by
+        ``ranking``, under the spec's ablation, with CPR and CMD and their bootstrap intervals over held-out examples."""
+        if ranking not in self.figures.areas:
+            sizes = sizes_for(self.n_nodes)
+            circuit = top_k(self.scores, sizes[-1], aggregate=self.by_neuron, signed=ranking == "signed")
+            curve = self.faithfulness_curve(circuit, sizes, complement=False)
+            samples, seed = [curve.per_example[:-2], curve.per_example[-2], curve.per_example[-1]], self.spec.task.seed
+            cpr, cmd = areas(curve.faithfulness)
+            self.figures.areas[ranking] = AreaFigures(
+                ranking, self.spec.trace.ablation, list(FRACTIONS), sizes, curve.faithfulness,
+                cpr, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[0], samples, seed=seed)),
+                cmd, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[1], samples, seed=seed)))
+        return self.figures.areas[ranking]
 
     def faithfulness(self, size: int) -> Measured:
         """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""

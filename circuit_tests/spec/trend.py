@@ -2,7 +2,7 @@
 
 Built from the report's rows alone (so it works under pytest-xdist too) for the terminal table, the
 JSON, HTML and Markdown reports. Each point holds what the spec measured on that checkpoint:
-accuracy, nodes for 0.8 faithfulness, the baseline circuit's faithfulness now, the flip rate and
+accuracy, nodes for 0.8 faithfulness, the baseline circuit's faithfulness now, CPR where measured, the flip rate and
 steering success of the largest circuit measured, and the weighted overlap of its circuit
 (:attr:`~circuit_tests.spec.figures.Figures.circuit`: the circuit ``stable`` compared, of the baseline's size,
 else the nodes for 0.8) with the stored baseline's and with the previous checkpoint's.
@@ -17,12 +17,13 @@ from circuit_tests.analysis.selection import overlap
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.model.series import Checkpoint, axis
 from circuit_tests.spec.figures import Figures
-from circuit_tests.spec.schema import Behaves, Expectation, Flips, Sparse, Stable, Steers
+from circuit_tests.spec.schema import Area, Behaves, Expectation, Flips, Sparse, Stable, Steers
 
 FIGURES = {  # key in a point's figures -> what the reports call it
     "accuracy": "accuracy",
     "nodes_for_0.8": "nodes for 0.8",
     "stored_circuit_faithfulness": "baseline circuit's faithfulness",
+    "cpr": "CPR, the area under MIB's curve (absolute ranking)",
     "flip_rate": "flip rate",
     "steering": "steering success",
     "overlap": "overlap with the baseline",
@@ -32,13 +33,15 @@ FIGURES = {  # key in a point's figures -> what the reports call it
 
 def watched(expectation: Expectation) -> dict[str, float | None]:
     """The trend figures an expectation judges, each with the threshold line it draws (None: judged, no line):
-    ``behaves`` accuracy, ``sparse`` at 0.8 nodes for 0.8, ``flips`` the flip rate, ``steers`` steering success,
+    ``behaves`` accuracy, ``sparse`` at 0.8 nodes for 0.8, ``area`` (absolute ranking) CPR, ``flips`` the flip rate, ``steers`` steering success,
     ``stable`` the overlap with the baseline and the baseline circuit's faithfulness."""
     params = expectation.params
     if isinstance(params, Behaves):
         return {"accuracy": params.min_accuracy}
     if isinstance(params, Sparse) and params.min_faithfulness == 0.8:
         return {"nodes_for_0.8": params.max_nodes}
+    if isinstance(params, Area) and params.ranking == "absolute":
+        return {"cpr": params.min_cpr}
     if isinstance(params, Flips):
         return {"flip_rate": params.min_flip_rate}
     if isinstance(params, Steers):
@@ -122,6 +125,7 @@ def values(figures: Figures | None, previous: Figures | None) -> dict[str, float
         "accuracy": figures.accuracy,
         "nodes_for_0.8": figures.nodes_for_08,
         "stored_circuit_faithfulness": figures.stored_circuit_faithfulness,
+        "cpr": figures.areas["absolute"].cpr if "absolute" in figures.areas else None,
         "flip_rate": _largest(figures.flip_rate),
         "steering": _largest(figures.steering),
         "overlap": figures.overlap,
@@ -140,7 +144,7 @@ def circuit_of(figures: Figures) -> Circuit:
 
 # --------------------------------------------------------------------------- tables
 
-SHORT = {"accuracy": "acc", "nodes_for_0.8": "n@0.8", "stored_circuit_faithfulness": "base-faith", "flip_rate": "flip",
+SHORT = {"accuracy": "acc", "nodes_for_0.8": "n@0.8", "stored_circuit_faithfulness": "base-faith", "cpr": "cpr", "flip_rate": "flip",
          "steering": "steer", "overlap": "ov-base", "overlap_previous": "ov-prev"}
 
 
