@@ -58,3 +58,15 @@ def _shares(circuit: Circuit) -> dict[Node, float]:
     """Each node's share of the circuit's total weight (equal shares when every weight is 0)."""
     total = sum(circuit.weights)
     return {node: weight / total if total else 1 / len(circuit) for node, weight in zip(circuit.nodes, circuit.weights)}
+
+
+def matched_random(circuit: Circuit, n_neurons: int, draws: int, seed: int) -> list[Circuit]:
+    """``draws`` random circuits shaped like ``circuit``: as many nodes at each (layer, position) as it has, the neurons
+    drawn without replacement with ``seed``. The null a circuit claim is compared with: a claim random neurons of the
+    same layers and positions also satisfy is not a claim about these neurons."""
+    cells: dict[tuple[int, int | None], int] = {}
+    for layer, position, _ in circuit.nodes:
+        cells[(layer, position)] = cells.get((layer, position), 0) + 1
+    generator = torch.Generator().manual_seed(seed)
+    return [Circuit.of((layer, position, int(neuron)) for (layer, position), count in cells.items()
+                       for neuron in torch.randperm(n_neurons, generator=generator)[:count]) for _ in range(draws)]

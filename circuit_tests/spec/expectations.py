@@ -17,7 +17,7 @@ from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes, moved
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
-from circuit_tests.spec.schema import Area, Behaves, Expectation, Flips, Necessary, Pinned, Scales, Sparse, Stable, Steers
+from circuit_tests.spec.schema import Area, Behaves, Expectation, Flips, Necessary, Null, Pinned, Scales, Sparse, Stable, Steers
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 
@@ -111,12 +111,26 @@ def _sparse(subject: Subject, params: Sparse) -> Outcome:
     expected = f"the top {params.max_nodes} nodes are >= {_bound(params.min_faithfulness)} faithful ({subject.spec.trace.ablation} ablation)"
     if not math.isfinite(value):
         return Outcome(False, expected, _undefined(subject, "faithfulness"))
-    return Outcome(
+    return _against_null(subject, params.vs_random, "faithfulness", params.max_nodes, Outcome(
         value >= params.min_faithfulness, expected,
         f"faithfulness {_ci(value, interval, params.min_faithfulness)} {_on_test(subject)}",
         (f"faithfulness {_bound(params.min_faithfulness)} needs " + (f"{needed} nodes (the smallest top-k circuit reaching it)"
          if needed else f"more than {max(STANDARD_SIZES)} nodes"), *_fewer(subject, params.max_nodes)),
-    )
+    ))
+
+
+def _against_null(subject: Subject, params: Null | None, figure: str, size: int, outcome: Outcome) -> Outcome:
+    """The outcome, also requiring (when the claim asks) that random circuits of the same shape rarely do as well."""
+    if params is None:
+        return outcome
+    null = subject.null(figure, size, params.draws)
+    draws = sorted(null.draws)
+    line = (f"against {params.draws} random circuits of the same shape (as many nodes per layer and position): "
+            f"{figure} {min(draws):.3f} to {max(draws):.3f} (median {draws[len(draws) // 2]:.3f}); margin "
+            f"{null.margin:+.3f}, p = {null.p:.3f} (at most {params.max_p:g})")
+    return replace(outcome, passed=outcome.passed and null.p <= params.max_p,
+                   expected=f"{outcome.expected}, and beats random circuits of its shape (p <= {params.max_p:g})",
+                   details=(line, *outcome.details))
 
 
 def _area(subject: Subject, params: Area) -> Outcome:
@@ -154,12 +168,12 @@ def _flips(subject: Subject, params: Flips) -> Outcome:
     _check_size(subject, params.nodes, "flips.nodes")
     measured = subject.flip_rate(params.nodes)
     value, interval = measured.value, measured.interval
-    return Outcome(
+    return _against_null(subject, params.vs_random, "flip rate", params.nodes, Outcome(
         value >= params.min_flip_rate,
         f"patching the top {params.nodes} nodes from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers",
         f"flip rate {_ci(value, interval, params.min_flip_rate)} {_on_test(subject)}",
         _fewer(subject, params.nodes),
-    )
+    ))
 
 
 def _pinned(subject: Subject, params: Pinned) -> Outcome:

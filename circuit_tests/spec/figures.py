@@ -41,6 +41,26 @@ class AreaFigures:
 
 
 @dataclass(frozen=True)
+class NullFigures:
+    """A claim's figure for its circuit and for random circuits of the same shape (matched per layer and position)."""
+
+    figure: str  # "faithfulness" or "flip rate"
+    size: int
+    circuit: float
+    draws: list[float]  # one per random circuit
+
+    @property
+    def margin(self) -> float:
+        """The circuit's figure minus the mean of the draws'."""
+        return self.circuit - sum(self.draws) / len(self.draws)
+
+    @property
+    def p(self) -> float:
+        """(1 + draws at least as good as the circuit) / (1 + draws): how often random circuits do as well."""
+        return (1 + sum(draw >= self.circuit for draw in self.draws)) / (1 + len(self.draws))
+
+
+@dataclass(frozen=True)
 class BaselineFigures:
     """The stored baseline a report compares this run with: whose it is, its curve, where this run's top nodes stand in it.
 
@@ -78,6 +98,7 @@ class Figures:
     accuracy: float | None = None
     curve: CurveFigures | None = None
     areas: dict[str, AreaFigures] = field(default_factory=dict)  # MIB's curve and areas, by ranking
+    nulls: dict[str, NullFigures] = field(default_factory=dict)  # "faithfulness@100", "flip rate@30" -> against random circuits
     nodes_for_08: float | None = None  # circuit size reaching 0.8 faithfulness; None with the curve: not reached
     flip_rate: dict[int, float] = field(default_factory=dict)  # by circuit size
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
@@ -107,6 +128,8 @@ class Figures:
             data["nodes_for_0.8"] = self.nodes_for_08
         if self.areas:
             data["areas"] = {ranking: asdict(area) for ranking, area in self.areas.items()}
+        if self.nulls:
+            data["nulls"] = {key: asdict(null) | {"margin": null.margin, "p": null.p} for key, null in self.nulls.items()}
         if self.flip_rate:
             data["flip_rate"] = {str(size): rate for size, rate in sorted(self.flip_rate.items())}
         if self.steering:
@@ -155,7 +178,9 @@ class Figures:
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
             n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
             curve=CurveFigures(**curve) if curve else None,
-            areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()}, nodes_for_08=data.get("nodes_for_0.8"),
+            areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()},
+            nulls={key: NullFigures(null["figure"], null["size"], null["circuit"], null["draws"])
+                   for key, null in data.get("nulls", {}).items()}, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
             sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),

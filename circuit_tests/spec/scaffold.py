@@ -5,7 +5,8 @@ data on the chosen model (:func:`measured_claims`): each sits at the measured va
 bootstrap bound less a margin (upper bound plus the margin for completeness), rounded away from
 the measurement to two decimals, so the spec holds on that model and fails when the figure drops
 below what the data could show by chance. Each line is commented with what was measured. A claim
-whose threshold would not be a rate above 0 is left out, with a comment saying why.
+whose threshold would not be a rate above 0 is left out, with a comment saying why. ``sparse`` and
+``flips`` claims must also beat random circuits of their shape (:data:`NULL`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from circuit_tests.analysis.stats import Measured
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
+NULL = "{draws: 20, max_p: 0.05}"  # a new spec's circuit claims must beat random circuits of their shape
 DEFAULT_CLAIMS = (
     "behaves: {min_accuracy: 0.9}",
-    "sparse: {max_nodes: 100, min_faithfulness: 0.8}",
+    f"sparse: {{max_nodes: 100, min_faithfulness: 0.8, vs_random: {NULL}}}",
     "necessary: {nodes: 300, max_completeness: 0.2}",
-    "flips: {nodes: 30, min_flip_rate: 0.9}",
+    f"flips: {{nodes: 30, min_flip_rate: 0.9, vs_random: {NULL}}}",
     "stable: {min_overlap: 0.5, faithfulness_tolerance: 0.05, keep_top: 5}",
 )
 STABLE = DEFAULT_CLAIMS[-1] + "  # vs the baseline recorded with it"
@@ -78,13 +80,14 @@ def measured_claims(subject: Subject, margin: float) -> tuple[tuple[str, ...], s
         size = max(STANDARD_SIZES)
         note += f"\nNo circuit of up to {size} nodes reached 0.8 faithfulness: the claims use {size} nodes."
     claims = [_claim("behaves", {"min_accuracy": lower(accuracy, margin)})]
-    claims.append(_claim("sparse", {"max_nodes": size, "min_faithfulness": lower(subject.faithfulness(size), margin)}))
+    claims.append(_claim("sparse", {"max_nodes": size, "min_faithfulness": lower(subject.faithfulness(size), margin),
+                                    "vs_random": NULL}))
     claims.append(_claim("necessary", {"nodes": size, "max_completeness": upper(subject.completeness(size), margin)}))
-    claims.append(_claim("flips", {"nodes": size, "min_flip_rate": lower(subject.flip_rate(size), margin)}))
+    claims.append(_claim("flips", {"nodes": size, "min_flip_rate": lower(subject.flip_rate(size), margin), "vs_random": NULL}))
     return (*claims, STABLE), note + "\nEdit any threshold to state what the circuit must keep."
 
 
-def _claim(kind: str, fields: dict[str, int | Threshold]) -> str:
+def _claim(kind: str, fields: dict[str, int | str | Threshold]) -> str:
     """``kind: {field: value, ...}  # measured ...``, or a comment saying why the claim is left out."""
     thresholds = [value for value in fields.values() if isinstance(value, Threshold)]
     shown = ", ".join(f"{key}: {value.value if isinstance(value, Threshold) else value}" for key, value in fields.items())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,14 +184,30 @@ class Behaves(Claim):
     min_accuracy: Rate = Field(description="fraction of test prompts (above 0)")
 
 
+class Null(Strict):
+    """The circuit against random circuits of its shape: as many nodes at each layer and position, random neurons."""
+
+    draws: int = Field(20, ge=1, le=1000, description="random circuits measured (the smallest p-value is 1 / (draws + 1))")
+    max_p: float = Field(0.05, gt=0.0, lt=1.0, description="the share of draws (counted as (1 + at least as good) / "
+                         "(1 + draws)) that may do as well as the circuit: at most")
+
+    @model_validator(mode="after")
+    def _can_pass(self) -> Null:
+        if 1 / (self.draws + 1) > self.max_p:
+            raise ValueError(f"with {self.draws} draws the p-value is at least {1 / (self.draws + 1):.3f}, above max_p "
+                             f"{self.max_p:g}: no circuit could pass; draw at least {math.ceil(1 / self.max_p) - 1}")
+        return self
+
+
 class Sparse(Claim):
     """A small circuit suffices: the top ``max_nodes`` nodes are at least this faithful."""
 
-    THRESHOLDS = ('min_faithfulness',)
+    THRESHOLDS = ('min_faithfulness', 'vs_random')
 
     RENAMED = {"max_neurons": "max_nodes"}
     max_nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was max_neurons)")
     min_faithfulness: float = Field(gt=0.0, description="(F(C) - F(empty)) / (F(M) - F(empty)), ablation per trace.ablation (above 0)")
+    vs_random: Null | None = Field(None, description="also beat random circuits of the same shape (matched per layer and position)")
 
 
 class Area(Claim):
@@ -226,11 +243,12 @@ class Necessary(Claim):
 class Flips(Claim):
     """Patching the top ``nodes`` nodes from the counterfactual flips the preferred answer."""
 
-    THRESHOLDS = ('min_flip_rate',)
+    THRESHOLDS = ('min_flip_rate', 'vs_random')
 
     RENAMED = {"neurons": "nodes"}
     nodes: Count = Field(description="circuit size, in (layer, position, neuron) nodes (was neurons)")
     min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
+    vs_random: Null | None = Field(None, description="also beat random circuits of the same shape (matched per layer and position)")
 
 
 class Pinned(Claim):

@@ -37,14 +37,15 @@ from circuit_tests.analysis.measures import (
     patch_success,
     preferences,
 )
-from circuit_tests.analysis.selection import overlap, top_k
+from circuit_tests.analysis.selection import matched_random, overlap, top_k
 from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
-from circuit_tests.spec.figures import AreaFigures, CurveFigures, Figures
+from circuit_tests.progress import bar
+from circuit_tests.spec.figures import AreaFigures, CurveFigures, Figures, NullFigures
 from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
@@ -292,6 +293,22 @@ class Subject:
                 cpr, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[0], samples, seed=seed)),
                 cmd, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[1], samples, seed=seed)))
         return self.figures.areas[ranking]
+
+    def null(self, figure: str, size: int, draws: int) -> NullFigures:
+        """``figure`` ("faithfulness" or "flip rate") of the top ``size`` nodes and of ``draws`` random circuits of the
+        same shape (:func:`~circuit_tests.analysis.selection.matched_random`, seeded by the spec's seed)."""
+        key = f"{figure}@{size}"
+        if key not in self.figures.nulls or len(self.figures.nulls[key].draws) != draws:
+            if figure == "faithfulness":
+                value, of = self.faithfulness(size).value, self._faithfulness_of_circuit
+            else:
+                value, of = self.flip_rate(size).value, lambda circuit: fraction_true(self.flips(circuit))
+            randoms = matched_random(self.circuit(size), self.sites.n_neurons, draws, self.spec.task.seed)
+            self.figures.nulls[key] = NullFigures(figure, size, value, [of(random) for random in bar(randoms, "null draws")])
+        return self.figures.nulls[key]
+
+    def _faithfulness_of_circuit(self, circuit: Circuit) -> float:
+        return self.faithfulness_curve(circuit, [len(circuit)], complement=False).faithfulness[0]
 
     def faithfulness(self, size: int) -> Measured:
         """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""
