@@ -14,6 +14,7 @@ from circuit_tests.model.nodes import Circuit
 from circuit_tests.spec.baselines import BaselineStore
 from circuit_tests.spec.expectations import Outcome, _against_null, check
 from circuit_tests.spec.figures import Figures, NullFigures
+from circuit_tests.spec.report import Row, _section
 from circuit_tests.spec.schema import Null, spec_from_mapping
 from circuit_tests.spec.subject import Subject
 
@@ -72,3 +73,5 @@ def test_the_null_is_measured_like_the_claim_on_a_tiny_model(project, loaded, ki
     assert null.draws[0] == pytest.approx(alone, abs=1e-6) and len(null.draws) == 4
     assert null.circuit == (subject.faithfulness(40).value if kind == "sparse" else subject.flip_rate(40).value)
     assert outcome.passed == (null.circuit >= 0.01 and null.p <= 0.9) and "random circuits" in outcome.message
+    page = _section(Row("agreement", "ckpt", "agreement.yaml", "", figures=subject.figures))
+    assert f"{figure} of the top 40 against 4 random circuits of its shape" in page and f"p = {null.p:.3f}" in page

@@ -360,6 +360,9 @@ def _section(row: Row) -> str:
              ("accuracy", _number(figures.accuracy)), ("nodes for 0.8 faithfulness", _number(figures.nodes_for_08, "{:.0f}")),
              *((f"MIB's CPR / CMD ({area.ranking} ranking, {area.ablation} ablation)", _area_text(area))
                for area in figures.areas.values()),
+             *((f"{null.figure} of the top {null.size} against {len(null.draws)} random circuits of its shape",
+                f"{null.circuit:.3f} against a mean of {null.circuit - null.margin:.3f}: margin {null.margin:+.3f}, p = {null.p:.3f}")
+               for null in figures.nulls.values()),
              ("flip rate", _rates(figures.flip_rate)), ("steering success", _rates(figures.steering)),
              ("overlap with baseline", _number(figures.overlap))]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
