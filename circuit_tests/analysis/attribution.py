@@ -117,6 +117,12 @@ class Scores:
         return [((int(l), None if aggregate else int(p) - offset, int(n)), float(flat[i]))
                 for l, p, n, i in zip(layer, position, neuron, order)]
 
+    def at(self, nodes: Sequence[Node]) -> torch.Tensor:
+        """The signed scores of single (layer, position, neuron) nodes, positions named as :meth:`ranked` names them."""
+        index = torch.tensor(nodes)
+        offset = self.scores.shape[1] if self.align == "end" else 0
+        return self.scores[index[:, 0], index[:, 1] + offset, index[:, 2]]
+
     def standing(self, node: Node, aggregate: bool = False) -> tuple[int, float] | None:
         """A node's place in :meth:`ranked` (1: the strongest) and its signed score; ``None`` for a zero score or a node
         this table does not hold (``aggregate``: a (layer, None, neuron) pair summed over positions)."""

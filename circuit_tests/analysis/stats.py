@@ -61,3 +61,8 @@ def bootstrap(
     values = torch.tensor([float(statistic(*(s[..., rows] for s in samples))) for rows in draws])
     tail = (1 - level) / 2
     return float(values.quantile(tail)), float(values.quantile(1 - tail))
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's r between two equally long vectors (NaN when either is constant)."""
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])

@@ -17,7 +17,20 @@ from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes, moved
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
-from circuit_tests.spec.schema import Area, Behaves, Expectation, Flips, Necessary, Null, Pinned, Scales, Sparse, Stable, Steers
+from circuit_tests.spec.schema import (
+    AgreesWithPatching,
+    Area,
+    Behaves,
+    Expectation,
+    Flips,
+    Necessary,
+    Null,
+    Pinned,
+    Scales,
+    Sparse,
+    Stable,
+    Steers,
+)
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 
@@ -145,6 +158,15 @@ def _area(subject: Subject, params: Area) -> Outcome:
     curve = ", ".join(f"{fraction:.1%} ({size}) {value:.3f}" for fraction, size, value in zip(area.fractions, area.sizes, area.faithfulness))
     return Outcome(held, expected, f"CPR {_ci(area.cpr, area.cpr_interval, params.min_cpr)}, CMD "
                    f"{_ci(area.cmd, area.cmd_interval, params.max_cmd)} {_on_test(subject)}", (f"faithfulness at each share of nodes (nodes): {curve}",))
+
+
+def _agrees_with_patching(subject: Subject, params: AgreesWithPatching) -> Outcome:
+    found = subject.agreement(params.nodes)
+    expected = (f"{found.method} scores track exact activation patching of {params.nodes} single nodes (half the top by "
+                f"score, half random): Pearson r >= {_bound(params.min_pearson)}")
+    measured = (f"r {_shown(found.pearson, params.min_pearson)} on the training split (top half {found.pearson_top:.3f}, "
+                f"random half {found.pearson_random:.3f})")
+    return Outcome(math.isfinite(found.pearson) and found.pearson >= params.min_pearson, expected, measured)
 
 
 def _fewer(subject: Subject, size: int) -> tuple[str, ...]:
@@ -367,5 +389,5 @@ def _same_shape(subject: Subject, entry: dict) -> bool:
     return in_range and entry.get("shape") in (None, subject.shape)
 
 
-CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Area: _area, Necessary: _necessary, Flips: _flips,
-                                Pinned: _pinned, Steers: _steers, Scales: _scales}
+CHECKS: dict[type, Callable] = {Behaves: _behaves, Sparse: _sparse, Area: _area, AgreesWithPatching: _agrees_with_patching,
+                                Necessary: _necessary, Flips: _flips, Pinned: _pinned, Steers: _steers, Scales: _scales}

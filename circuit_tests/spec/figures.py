@@ -61,6 +61,17 @@ class NullFigures:
 
 
 @dataclass(frozen=True)
+class AgreementFigures:
+    """The trace's scores against exact activation patching of single nodes (Pearson r), over the pool and its halves."""
+
+    method: str
+    nodes: int
+    pearson: float
+    pearson_top: float  # over the top half by score
+    pearson_random: float  # over the random half
+
+
+@dataclass(frozen=True)
 class BaselineFigures:
     """The stored baseline a report compares this run with: whose it is, its curve, where this run's top nodes stand in it.
 
@@ -98,6 +109,7 @@ class Figures:
     accuracy: float | None = None
     curve: CurveFigures | None = None
     areas: dict[str, AreaFigures] = field(default_factory=dict)  # MIB's curve and areas, by ranking
+    agreement: AgreementFigures | None = None  # agrees_with_patching
     nulls: dict[str, NullFigures] = field(default_factory=dict)  # "faithfulness@100", "flip rate@30" -> against random circuits
     nodes_for_08: float | None = None  # circuit size reaching 0.8 faithfulness; None with the curve: not reached
     flip_rate: dict[int, float] = field(default_factory=dict)  # by circuit size
@@ -128,6 +140,8 @@ class Figures:
             data["nodes_for_0.8"] = self.nodes_for_08
         if self.areas:
             data["areas"] = {ranking: asdict(area) for ranking, area in self.areas.items()}
+        if self.agreement is not None:
+            data["agreement"] = asdict(self.agreement)
         if self.nulls:
             data["nulls"] = {key: asdict(null) | {"margin": null.margin, "p": null.p} for key, null in self.nulls.items()}
         if self.flip_rate:
@@ -179,6 +193,7 @@ class Figures:
             n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
             curve=CurveFigures(**curve) if curve else None,
             areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()},
+            agreement=AgreementFigures(**data["agreement"]) if data.get("agreement") else None,
             nulls={key: NullFigures(null["figure"], null["size"], null["circuit"], null["draws"])
                    for key, null in data.get("nulls", {}).items()}, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},

@@ -230,6 +230,16 @@ class Area(Claim):
         return self
 
 
+class AgreesWithPatching(Claim):
+    """The attribution still tracks real effects: the trace's scores against exact activation patching of each node
+    alone, on half top nodes and half random nodes (seeded), over the training split the trace saw."""
+
+    THRESHOLDS = ('min_pearson',)
+
+    nodes: int = Field(200, ge=4, le=2000, description="nodes patched one by one: the top half by score, the rest random")
+    min_pearson: float = Field(gt=-1.0, lt=1.0, description="Pearson r between scores and exact effects over those nodes: at least")
+
+
 class Necessary(Claim):
     """Ablating the top ``nodes`` nodes (and keeping the rest) destroys the behaviour."""
 
@@ -328,7 +338,8 @@ class Stable(Claim):
 
 
 KINDS: dict[str, type[Claim]] = {
-    "behaves": Behaves, "sparse": Sparse, "area": Area, "necessary": Necessary, "flips": Flips,
+    "behaves": Behaves, "sparse": Sparse, "area": Area, "agrees_with_patching": AgreesWithPatching,
+    "necessary": Necessary, "flips": Flips,
     "pinned": Pinned, "steers": Steers, "scales": Scales, "stable": Stable,
 }
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from circuit_tests.analysis.areas import FRACTIONS, areas, sizes_for
-from circuit_tests.analysis.attribution import Scores, data_hash, trace
+from circuit_tests.analysis.attribution import Scores, attribute, data_hash, trace
 from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.measures import (
     Curve,
@@ -38,14 +39,14 @@ from circuit_tests.analysis.measures import (
     preferences,
 )
 from circuit_tests.analysis.selection import matched_random, overlap, top_k
-from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true
+from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true, pearson
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.progress import bar
-from circuit_tests.spec.figures import AreaFigures, CurveFigures, Figures, NullFigures
+from circuit_tests.spec.figures import AgreementFigures, AreaFigures, CurveFigures, Figures, NullFigures
 from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
@@ -306,6 +307,38 @@ class Subject:
             randoms = matched_random(self.circuit(size), self.sites.n_neurons, draws, self.spec.task.seed)
             self.figures.nulls[key] = NullFigures(figure, size, value, [of(random) for random in bar(randoms, "null draws")])
         return self.figures.nulls[key]
+
+    def agreement(self, n_nodes: int) -> AgreementFigures:
+        """Pearson r between the trace's scores and exact activation patching of single nodes (the top ``n_nodes // 2``
+        by score and random ones, seeded by the spec's seed) on the training split the trace saw."""
+        if self.figures.agreement is None or self.figures.agreement.nodes != n_nodes:
+            if self.by_neuron:
+                raise SpecError(f"{self.spec.path}: field 'expect': agrees_with_patching patches single (layer, position, "
+                                "neuron) nodes, and this spec's trace.nodes is 'neuron'. Remove the claim, or trace by position.")
+            top = [node for node, _ in self.ranked(n_nodes // 2)]
+            pool = top + self._random_nodes(n_nodes - len(top), set(top))
+            options = self.spec.trace.to_options()
+            train = tokenize_pairs(self.train, self.loaded.tokenizer)
+            exact = attribute(self.sites, train.chunks(self.batch_size), replace(options, method="exact"), candidates=pool)
+            traced, truth = self.scores.at(pool), exact.at(pool)
+            half = len(top)
+            self.figures.agreement = AgreementFigures(options.method, n_nodes, pearson(traced, truth),
+                                                      pearson(traced[:half], truth[:half]), pearson(traced[half:], truth[half:]))
+        return self.figures.agreement
+
+    def _random_nodes(self, count: int, taken: set[Node]) -> list[Node]:
+        """``count`` distinct random nodes at positions every training prompt has, none of ``taken``, seeded."""
+        shortest = min(batch.n_positions for batch in tokenize_pairs(self.train, self.loaded.tokenizer).batches)
+        first = -shortest if self.spec.trace.align == "end" else 0
+        generator, found = torch.Generator().manual_seed(self.spec.task.seed), []
+        while len(found) < count:
+            layer, position, neuron = (int(torch.randint(high, (1,), generator=generator))
+                                       for high in (self.sites.n_layers, shortest, self.sites.n_neurons))
+            node = (layer, first + position, neuron)
+            if node not in taken:
+                taken.add(node)
+                found.append(node)
+        return found
 
     def _faithfulness_of_circuit(self, circuit: Circuit) -> float:
         return self.faithfulness_curve(circuit, [len(circuit)], complement=False).faithfulness[0]
