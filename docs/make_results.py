@@ -1,6 +1,6 @@
 """Reproduce the paper's claims on SmolLM2-135M-Instruct and write docs/results.md and the plot.
 
-    python docs/make_results.py            # about 15 minutes on 2 CPU cores
+    python docs/make_results.py            # about 30 minutes on 2 CPU cores
 
 Deterministic: seeded splits, float32 on CPU. Subject-verb agreement: attribution on at most
 TRAIN examples of each subset, evaluation on TEST held-out examples, mean ablation. Multi-hop:
@@ -9,6 +9,7 @@ landmark -> country -> capital pairs, attribution on train pairs, steering on te
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import sys
@@ -179,7 +180,16 @@ def main() -> None:
     sva_section(sites, loaded.tokenizer, lines, figure)
     figure.savefig(ROOT / "docs" / "faithfulness.png", dpi=110)
     multihop_section(sites, loaded.tokenizer, lines)
+    lines += mib_section()
     (ROOT / "docs" / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def mib_section() -> list[str]:
+    """MIB's areas and the random-circuit controls of every shipped spec (fixtures/measure_mib.py)."""
+    spec = importlib.util.spec_from_file_location("measure_mib", ROOT / "fixtures" / "measure_mib.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.markdown(module.measure_all())
 
 
 if __name__ == "__main__":

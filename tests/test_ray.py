@@ -188,12 +188,12 @@ def test_shipped_sva_specs_on_smollm2_give_the_same_figures_and_baselines_throug
         (pytester.path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, pytester.path / name)
     run = ("specs", "-k", "smollm2", "--circuit-strict", "--circuit-no-cache", "--circuit-update")
-    pytester.runpytest_inprocess(*run, "--circuit-json", "here.json").assert_outcomes(passed=7, deselected=5)
+    pytester.runpytest_inprocess(*run, "--circuit-json", "here.json").assert_outcomes(passed=8, deselected=6)
     recorded = [(pytester.path / name).read_bytes() for name in baselines]
     for name in baselines:  # stable compares with the shipped file again, as the client reads it
         shutil.copy2(ROOT / name, pytester.path / name)
     remote = pytester.runpytest_inprocess(*run, "--circuit-json", "ray.json", "--circuit-ray")
-    remote.assert_outcomes(passed=7, deselected=5)
+    remote.assert_outcomes(passed=8, deselected=6)
     remote.stdout.fnmatch_lines_random([f"baseline written: *{name}" for name in baselines])  # by the client
     assert [(pytester.path / name).read_bytes() for name in baselines] == recorded
     assert _figures(pytester.path / "ray.json") == _figures(pytester.path / "here.json")

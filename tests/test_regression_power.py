@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ("sva_simple", "sva_nounpp", "sva_rc")
-KINDS = ("behaves", "sparse", "necessary", "flips", "stable")
+KINDS = ("behaves", "sparse", "area", "necessary", "flips", "stable")
 
 
 def _derive(kind: str) -> Path:

@@ -330,6 +330,10 @@ class Subject:
         """``count`` distinct random nodes at positions every training prompt has, none of ``taken``, seeded."""
         shortest = min(batch.n_positions for batch in tokenize_pairs(self.train, self.loaded.tokenizer).batches)
         first = -shortest if self.spec.trace.align == "end" else 0
+        available = self.sites.n_layers * shortest * self.sites.n_neurons - len(taken)
+        if count > available:
+            raise SpecError(f"{self.spec.path}: field 'agrees_with_patching.nodes': {count} random nodes asked for, and "
+                            f"{self.loaded.ref.name} has {available} more at positions every training prompt has. Ask for fewer.")
         generator, found = torch.Generator().manual_seed(self.spec.task.seed), []
         while len(found) < count:
             layer, position, neuron = (int(torch.randint(high, (1,), generator=generator))

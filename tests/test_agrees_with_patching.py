@@ -34,6 +34,8 @@ def test_the_figure_is_pearson_r_of_scores_and_exact_effects_on_top_and_random_n
     assert found.pearson_top == pytest.approx(pearson(subject.scores.at(top), exact.at(top)), abs=1e-6)
     assert found.method == method and found.nodes == 40 and -1 <= found.pearson <= 1
     assert subject.agreement(40) is found  # measured once
+    with pytest.raises(SpecError, match="agrees_with_patching.nodes': 100000 random nodes asked for"):
+        subject._random_nodes(100000, set(top))
     random = subject._random_nodes(20, set(top))
     assert len(set(random)) == 20 and not set(random) & set(top) and all(-8 <= position < 0 for _, position, _ in random)
 
