@@ -403,7 +403,7 @@ def _new(args: argparse.Namespace) -> int:
     subject = session.subject(spec, args.model, from_command_line=True)
     text = spec_text(args.name, model, dataset, *measured_claims(subject, args.margin))
     spec = spec_from_mapping(parse_yaml(text, out), out.absolute(), project)
-    session.baselines.record(spec, model_key(subject), entry_for(subject))
+    session.baselines.record(spec, model_key(subject), entry_for(subject, spec))  # at the size its stable claim names
     _write_new(out, text)
     _say(f"wrote {out}, its thresholds measured on {args.model} (each line says what was measured)")
     return _flush(session, f"commit it with the spec, then `pytest {out}` tests both")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from test_subject import agreement_pairs
 
 from circuit_tests.cli import main
+from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 from circuit_tests.testing import save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
@@ -110,3 +111,12 @@ def test_the_python_fixtures_as_the_readme_shows_them(project):
             assert subject.flip_rate(10) >= 0.0 and "95% CI" in str(subject.flip_rate(10))
     """)
     project.runpytest("test_agreement.py", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_a_measured_spec_whose_circuit_never_reaches_08_names_the_size_stable_compares(project, monkeypatch):
+    # IOI's case: no circuit up to the largest standard size reaches 0.8, so stable has no default size
+    monkeypatch.setattr(Subject, "nodes_for", lambda self, target: None)
+    assert main(["new", "data.jsonl", "--name", "agree", "--model", "ckpt", "--measure"]) == 0
+    text = (project.path / "specs" / "agree.yaml").read_text()
+    assert f"stable: {{nodes: {max(STANDARD_SIZES)}, min_overlap" in text
+    project.runpytest("specs", "-p", "no:cacheprovider", "-k", "stable").assert_outcomes(passed=1)

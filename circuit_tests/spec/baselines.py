@@ -74,11 +74,13 @@ class _File(BaseModel):
     models: dict[ModelName, _Entry]
 
 
-def entry_for(subject: Subject) -> dict:
-    """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded."""
+def entry_for(subject: Subject, spec: Spec | None = None) -> dict:
+    """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded. The
+    circuit reaches the largest size a ``stable`` claim of ``spec`` (default: the subject's) compares."""
     _ = subject.accuracy, subject.curve, subject.flip_rate(30), subject.flip_rate(100)  # what a baseline records
     faithful = subject.figures.nodes_for_08  # the size a `stable` without `nodes` compares
-    sizes = [e.params.nodes or faithful or 0 for e in subject.spec.expectations if isinstance(e.params, Stable)]
+    sizes = [e.params.nodes or faithful or 0 for e in (spec or subject.spec).expectations
+             if isinstance(e.params, Stable)]
     figures = _rounded(subject.figures.to_json())
     metrics = {key: figures[key] for key in ("accuracy", "n_test", "nodes_for_0.8", "flip_rate")}
     faithfulness = dict(zip(map(str, figures["curve"]["sizes"]), figures["curve"]["faithfulness"]))
