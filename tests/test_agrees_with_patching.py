@@ -29,15 +29,16 @@ def test_the_figure_is_pearson_r_of_scores_and_exact_effects_on_top_and_random_n
     subject = _subject(project, loaded, method, 0.5)
     found = subject.agreement(40)
     top = [node for node, _ in subject.ranked(20)]
-    exact = attribute(subject.sites, tokenize_pairs(subject.train, loaded.tokenizer).chunks(subject.batch_size),
-                      replace(subject.spec.trace.to_options(), method="exact"), candidates=top)
+    train = tokenize_pairs(subject.train, loaded.tokenizer)
+    exact = attribute(subject.sites, train.chunks(subject.batch_size), replace(subject.spec.trace.to_options(), method="exact"), candidates=top)
     assert found.pearson_top == pytest.approx(pearson(subject.scores.at(top), exact.at(top)), abs=1e-6)
     assert found.method == method and found.nodes == 40 and -1 <= found.pearson <= 1
     assert subject.agreement(40) is found  # measured once
+    shortest = min(batch.n_positions for batch in train.batches)
     with pytest.raises(SpecError, match="agrees_with_patching.nodes': 100000 random nodes asked for"):
-        subject._random_nodes(100000, set(top))
-    random = subject._random_nodes(20, set(top))
-    assert len(set(random)) == 20 and not set(random) & set(top) and all(-8 <= position < 0 for _, position, _ in random)
+        subject._random_nodes(100000, set(top), shortest)
+    random = subject._random_nodes(20, set(top), shortest)
+    assert len(set(random)) == 20 and not set(random) & set(top) and all(-shortest <= position < 0 for _, position, _ in random)
 
 
 def test_atp_agrees_with_patching_on_a_tiny_model_and_an_impossible_floor_fails(project, loaded):  # noqa: F811

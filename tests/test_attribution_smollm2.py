@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_tests.analysis.attribution import AttributionOptions, Scores, attribute
+from circuit_tests.analysis.attribution import AttributionOptions, attribute
+from circuit_tests.analysis.stats import pearson
 from circuit_tests.model.data import PairedExample, tokenize_pairs
 from circuit_tests.model.sites import NeuronSites
 
@@ -41,22 +42,13 @@ def agreement(smollm2):
     return scores, exact, pool, random_nodes
 
 
-def at(scores: Scores, nodes: list) -> torch.Tensor:
-    index = torch.tensor(nodes)
-    return scores.scores[index[:, 0], index[:, 1], index[:, 2]]
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
-
-
 @pytest.fixture(scope="module")
 def correlations(agreement, request):
     scores, exact, pool, random_nodes = agreement
-    truth = at(exact, pool)
+    truth = exact.at(pool)
     top = [pool[i] for i in truth.abs().topk(200).indices.tolist()]
     table = {
-        method: {"top200": pearson(at(s, top), at(exact, top)), "random200": pearson(at(s, random_nodes[:200]), at(exact, random_nodes[:200]))}
+        method: {"top200": pearson(s.at(top), exact.at(top)), "random200": pearson(s.at(random_nodes[:200]), exact.at(random_nodes[:200]))}
         for method, s in scores.items()
     }
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")

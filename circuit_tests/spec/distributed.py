@@ -127,11 +127,8 @@ class RayRun:
     def _connect(self) -> None:
         """Join the cluster at the address, or start a local instance whose files stay in the cache."""
         address = self.where.address
-        unreachable = ("could not reach the Ray cluster", "Start one with `ray start --head`, or give its address (host:port, "
-                       "or auto for the one `ray start` started here); to join a cluster with token authentication, set "
-                       "RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN).")
         if ":" in address and not _answers(address):  # Ray itself would wait minutes for an address that is not there
-            raise BadOptionError(f"--circuit-ray {address}: {unreachable[0]} (nothing answers there). {unreachable[1]}")
+            raise _unreachable(address, "nothing answers there")
         try:
             if address == LOCAL:
                 os.environ.setdefault(TOKEN, secrets.token_hex(32))
@@ -141,8 +138,7 @@ class RayRun:
         except CircuitTestsError:
             raise
         except Exception as error:  # noqa: BLE001 -- any failure to reach the cluster is the run's failure, said once
-            raise BadOptionError(f"--circuit-ray {address}: {unreachable[0]} ({type(error).__name__}: {_cause(error)}). "
-                                 f"{unreachable[1]}") from None
+            raise _unreachable(address, f"{type(error).__name__}: {_cause(error)}") from None
 
     def submit(self, options, works: Sequence[Work], baselines: BaselineStore) -> None:
         """Start an actor per checkpoint, send each its work in order, then ask it to end once that is done."""
@@ -229,6 +225,13 @@ def _answers(address: str) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def _unreachable(address: str, cause: str) -> BadOptionError:
+    """The usage error for a cluster that could not be reached at ``address``, and how to get one."""
+    return BadOptionError(f"--circuit-ray {address}: could not reach the Ray cluster ({cause}). Start one with `ray start "
+                          "--head`, or give its address (host:port, or auto for the one `ray start` started here); to join a "
+                          "cluster with token authentication, set RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN).")
 
 
 def _cause(error: Exception) -> str:

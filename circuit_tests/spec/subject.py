@@ -316,9 +316,10 @@ class Subject:
                 raise SpecError(f"{self.spec.path}: field 'expect': agrees_with_patching patches single (layer, position, "
                                 "neuron) nodes, and this spec's trace.nodes is 'neuron'. Remove the claim, or trace by position.")
             top = [node for node, _ in self.ranked(n_nodes // 2)]
-            pool = top + self._random_nodes(n_nodes - len(top), set(top))
-            options = self.spec.trace.to_options()
             train = tokenize_pairs(self.train, self.loaded.tokenizer)
+            shortest = min(batch.n_positions for batch in train.batches)
+            pool = top + self._random_nodes(n_nodes - len(top), set(top), shortest)
+            options = self.spec.trace.to_options()
             exact = attribute(self.sites, train.chunks(self.batch_size), replace(options, method="exact"), candidates=pool)
             traced, truth = self.scores.at(pool), exact.at(pool)
             half = len(top)
@@ -326,9 +327,9 @@ class Subject:
                                                       pearson(traced[:half], truth[:half]), pearson(traced[half:], truth[half:]))
         return self.figures.agreement
 
-    def _random_nodes(self, count: int, taken: set[Node]) -> list[Node]:
-        """``count`` distinct random nodes at positions every training prompt has, none of ``taken``, seeded."""
-        shortest = min(batch.n_positions for batch in tokenize_pairs(self.train, self.loaded.tokenizer).batches)
+    def _random_nodes(self, count: int, taken: set[Node], shortest: int) -> list[Node]:
+        """``count`` distinct random nodes at the ``shortest`` positions every training prompt has, none of
+        ``taken``, seeded."""
         first = -shortest if self.spec.trace.align == "end" else 0
         available = self.sites.n_layers * shortest * self.sites.n_neurons - len(taken)
         if count > available:
