@@ -4,7 +4,7 @@
 ``trace`` (attribute a dataset or a spec's task; the JSON contract other tools rely on),
 ``run`` (evaluate specs without pytest), ``series`` (on a training run's checkpoints, with each spec's
 trend), ``bisect`` (the first checkpoint at which a spec fails), ``diff`` (two checkpoints' circuits side by side),
-``explain`` (neuron cards), ``graph`` (a circuit's nodes, edges and clusters),
+``explain`` (neuron cards), ``graph`` (a circuit's nodes, edges and clusters), ``export`` (a circuit file),
 ``new`` (scaffold a spec from a dataset), ``schema`` (the spec JSON Schema), ``models`` and
 ``fetch`` (the registered models).
 """
@@ -27,7 +27,7 @@ from circuit_tests.analysis.edges import CLUSTERS
 from circuit_tests.analysis.metrics import METRICS
 from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import BadOptionError, CircuitTestsError
-from circuit_tests.files import inside
+from circuit_tests.files import inside, reviewable_json
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
 from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
@@ -37,6 +37,7 @@ from circuit_tests.model.series import expand_series, first_failure, in_training
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
+from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
 from circuit_tests.spec.reading import corpus, describe, graph
 from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
@@ -356,6 +357,25 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """A spec's top nodes as a circuit file (docs/circuit-format.md): for other tools, or for a spec to pin with
+    ``pinned: {circuit: FILE}``."""
+    out = _output(args.out)
+    session = _session(args)
+    spec = load_spec(Path(args.spec), session.options.project)
+    subject = session.subject(spec, args.model or spec.models[0], from_command_line=args.model is not None)
+    exported = circuit_json(subject, args.nodes)
+    text = reviewable_json(exported)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text, encoding="utf-8")
+        measured = exported["measured"]
+        _say(f"wrote {out}: the top {measured['nodes']} nodes of {spec.name} on {subject.loaded.ref.name} (faithfulness "
+             f"{measured['faithfulness']}, flip rate {measured['flip_rate']} on {measured['n_test']} held-out examples)")
+    return 0
+
+
 def _node_argument(text: str):
     try:
         return parse_node(text)
@@ -511,7 +531,7 @@ def _positive(text: str) -> int:
 
 
 COMMANDS = {"models": _models, "fetch": _fetch, "check": _check, "trace": _trace, "run": _run, "series": _run, "bisect": _bisect,
-            "diff": _diff, "explain": _explain, "graph": _graph, "new": _new, "promote": _promote, "schema": _schema}
+            "diff": _diff, "explain": _explain, "graph": _graph, "export": _export, "new": _new, "promote": _promote, "schema": _schema}
 SERIES_HELP = ("the checkpoints, in training order: globs of directories ('ckpts/step-*', natural order), names, "
                "comma-separated lists, or @FILE with one per line")
 
@@ -584,6 +604,13 @@ def main(argv: list[str] | None = None) -> int:
     grapher.add_argument("--json", metavar="OUT.json", help="write the graph as JSON: nodes with cards, edges, clusters")
     grapher.add_argument("--html", metavar="OUT.html", help="write the graph as a page: layers, edges, clusters, cards")
     _device_options(grapher)
+    exporter = commands.add_parser("export", help="write a spec's circuit as a circuit file (docs/circuit-format.md) "
+                                                   "that a pinned claim can read back")
+    exporter.add_argument("spec", metavar="SPEC")
+    exporter.add_argument("--model", help="default: the spec's first model")
+    exporter.add_argument("--nodes", type=_positive, default=1000, help="how many of the strongest nodes (default 1000)")
+    exporter.add_argument("--out", metavar="CIRCUIT.json", help="write the file here instead of stdout")
+    _device_options(exporter)
     scaffold = commands.add_parser("new", help="scaffold a spec from a dataset")
     scaffold.add_argument("dataset", metavar="DATASET.jsonl")
     scaffold.add_argument("--name", required=True)

@@ -17,7 +17,9 @@ see the old file or the new one, never a partial write.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Sequence
@@ -129,3 +131,12 @@ def mode_of(path: Path) -> int | None:
         return os.stat(path).st_mode
     except (OSError, ValueError):
         return None
+
+
+def reviewable_json(content: dict) -> str:
+    """Stable, reviewable JSON: sorted keys, one node or list of numbers per line."""
+    text = json.dumps(content, indent=1, sort_keys=True, allow_nan=False)
+    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]", text) + "\n"
+
+
+_SCALAR_LIST = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")

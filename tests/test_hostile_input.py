@@ -91,6 +91,27 @@ BASELINES: dict[str, tuple[str, str]] = {
 }
 
 
+def circuit_file_text(**changes) -> str:
+    """A circuit file as `circuit-tests export` writes it for the tiny model, with ``changes``."""
+    return json.dumps({"format": "circuit-tests/circuit", "version": 1, "shape": {"layers": 3, "neurons": 96},
+                       "nodes": [[2, -1, 7, 0.5], [1, -1, 3, -0.25]]} | changes)
+
+
+# Damaged or hostile circuit files, each pinned by a spec that must fail with the reason.
+CIRCUIT_FILES: dict[str, tuple[str, str]] = {
+    "not_json": ("{ damaged", "cf_not_json.json is not valid JSON"),
+    "other_format": (circuit_file_text(format="mib"), "is not a circuit file of format 'circuit-tests/circuit' version 1 (format:"),
+    "later_version": (circuit_file_text(version=2), "version: Input should be 1"),
+    "score_a_string": (circuit_file_text(nodes=[[0, -1, 1, "0.5"]]), "nodes.0.3: Input should be a valid number"),
+    "bare_nan": (circuit_file_text().replace("0.5", "NaN"), "Input should be a finite number"),
+    "node_twice": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, -1, 1, 0.25]]), "field 'nodes' lists the node [0, -1, 1] twice"),
+    "other_shape": (circuit_file_text(shape={"layers": 30, "neurons": 1536}),
+                    "was exported from a model of 30 layers x 1536 neurons, and ./ckpt has 3 x 96"),
+    "node_outside_model": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]), "(layer 9, neuron 1) is outside"),
+    "position_past_prompt": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, 7, 1, 0.5]]), "has nodes at position 7, in none of the held-out prompts"),
+}
+
+
 def cases(outside: Path) -> list[Case]:
     """Every runtime case of the project (the project's files are made by :func:`project`)."""
     one = examples(("The author", "The authors", " is", " are"), ("The baker", "The bakers", " is", " are"))
@@ -155,6 +176,13 @@ def cases(outside: Path) -> list[Case]:
                                                                             ("The baker", "The bakers", " is", " are"))),
              "clean_answer ' is\\x1b[2J' is 3 tokens"),
         *[Case(name, spec("a", STABLE), fragment) for name, (_, fragment) in BASELINES.items()],
+        *[Case(f"circuit_file_{name}", spec("a", f"- pinned: {{circuit: cf_{name}.json, min_flip_rate: 0.5}}\n"), fragment)
+          for name, (_, fragment) in CIRCUIT_FILES.items()],
+        *[Case(f"circuit_file_{kind}", spec("a", f"- pinned: {{circuit: {path}, min_flip_rate: 0.5}}\n"), fragment) for kind, path, fragment in (
+            ("link_to_a_secret", "cf_secret.json", "outside"), ("fifo", "data.fifo", "data.fifo is a FIFO, not a regular file"),
+            ("missing", "cf_missing.json", "cf_missing.json does not exist"))],
+        Case("circuit_file_fewer_nodes_than_asked", spec("a", "- pinned: {circuit: cf_good.json, nodes: 50, min_flip_rate: 0.5}\n"),
+             "field 'expect[0].pinned.nodes' asks for 50 nodes and cf_good.json holds 2"),
         *[Case(f"baseline_{kind}", spec("a", STABLE), fragment) for kind, fragment in (
             ("link_to_dev_zero", "outside"), ("fifo", "is a FIFO, not a regular file"), ("directory", "is a directory"),
             ("link_to_a_secret", "outside"), ("too_large", "is 17.0 MiB, more than the 16.0 MiB allowed"),
@@ -245,6 +273,9 @@ def project(pytester, checkpoints, tmp_path_factory, monkeypatch) -> Project:
     (root / "circuit_baseline_link_to_a_secret.baseline.json").symlink_to(outside / "secret.jsonl")
     with open(root / "circuit_baseline_too_large.baseline.json", "wb") as huge:
         huge.truncate(17 * 1024 * 1024)
+    for name, (content, _) in {**CIRCUIT_FILES, "good": (circuit_file_text(), "")}.items():
+        (root / f"cf_{name}.json").write_text(content)
+    (root / "cf_secret.json").symlink_to(outside / "secret.jsonl")
     (root / "circuit_good.yaml").write_text(spec("good", CONTROL))
     baselines = {path.name: path.read_bytes() for path in root.glob("*.baseline.json")
                  if path.is_file() and stat.S_ISREG(path.stat().st_mode) and not path.is_symlink()}

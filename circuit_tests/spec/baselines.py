@@ -22,34 +22,26 @@ import glob
 import hashlib
 import json
 import os
-import re
 from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
 
 import circuit_tests
 from circuit_tests.analysis.attribution import ALIGNMENTS
 from circuit_tests.errors import SpecError
-from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text, replace_atomically, resolved
+from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text, replace_atomically, resolved, reviewable_json
 from circuit_tests.model.loading import cache_dir
+from circuit_tests.spec.circuit_file import Row, Shape
 from circuit_tests.spec.schema import ModelName, Spec, Stable
 from circuit_tests.spec.subject import Subject
 from circuit_tests.text import printable
 
 VERSION = 1
 BASELINE_NODES = 100  # nodes of the circuit stored in a baseline, at least
-Index = Annotated[StrictInt, Field(ge=0)]  # strict: a string or a boolean in a baseline is an error, not a number
-
-
-class _Shape(BaseModel):
-    layers: Index
-    neurons: Index
-
-
 class _Metrics(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -62,9 +54,9 @@ class _Entry(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    shape: _Shape | None = None
+    shape: Shape | None = None
     metrics: _Metrics
-    circuit: list[tuple[Index, StrictInt | None, Index, StrictFloat]] = Field(min_length=1)
+    circuit: list[Row] = Field(min_length=1)
     align: Literal[ALIGNMENTS] = "start"  # how its positions count (trace.align); entries before 0.2 have none: start
 
 
@@ -167,7 +159,7 @@ def write_baseline(path: Path, spec_name: str, models: dict[str, dict]) -> None:
         _remove_stale_temporaries(path)  # every writer of this file holds the lock: a temporary now is a killed writer's
         content = read_baseline(path)
         merged = {"spec": spec_name, "version": VERSION, "models": {**content["models"], **models}}
-        replace_atomically(path, lambda temporary: temporary.write_text(dumps(merged), encoding="utf-8"))
+        replace_atomically(path, lambda temporary: temporary.write_text(reviewable_json(merged), encoding="utf-8"))
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -175,15 +167,6 @@ def _remove_stale_temporaries(path: Path) -> None:
     for stale in [*path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), *path.parent.glob(f"{glob.escape(path.name)}*.tmp")]:
         if stale.is_file() and not stale.is_symlink():
             stale.unlink()
-
-
-def dumps(content: dict) -> str:
-    """Stable, reviewable JSON: sorted keys, one node or list of numbers per line."""
-    text = json.dumps(content, indent=1, sort_keys=True, allow_nan=False)
-    return _SCALAR_LIST.sub(lambda m: "[" + ", ".join(part.strip() for part in m.group(1).split(",")) + "]", text) + "\n"
-
-
-_SCALAR_LIST = re.compile(r"\[\s+([^\[\]{}\"]*?)\s+\]")
 
 
 class BaselineStore:

@@ -15,7 +15,7 @@ from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
-from circuit_tests.model.nodes import Circuit, format_node, format_nodes, moved
+from circuit_tests.model.nodes import Circuit, format_node, format_nodes, in_prompt, moved
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, model_key
 from circuit_tests.spec.schema import (
     AgreesWithPatching,
@@ -199,26 +199,47 @@ def _flips(subject: Subject, params: Flips) -> Outcome:
 
 
 def _pinned(subject: Subject, params: Pinned) -> Outcome:
-    nodes = pinned_nodes(subject, params)
-    _check_position(subject, params.position, "pinned.position")
-    value = fraction_true(subject.flips(Circuit(nodes.nodes, (1.0,) * len(nodes))))
-    what = f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(nodes)} pinned neurons"
+    circuit = pinned_nodes(subject, params)
     at = "" if params.position is None else f" at position {params.position}"
-    return Outcome(
-        value >= params.min_flip_rate,
-        f"patching {what}{at} from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers",
-        f"flip rate {_shown(value, params.min_flip_rate)} {_on_test(subject)}",
-    )
+    what = (f"the top {len(circuit)} nodes of {params.circuit}" if params.circuit else
+            f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(circuit)} pinned neurons") + at
+    expected, measured, passed = [], [], True
+    if params.min_flip_rate is not None:
+        value = fraction_true(subject.flips(circuit))
+        passed = value >= params.min_flip_rate
+        expected.append(f"patching {what} from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers")
+        measured.append(f"flip rate {_shown(value, params.min_flip_rate)}")
+    if params.min_faithfulness is not None:
+        found = subject.faithfulness_of(circuit)
+        expected.append(f"{what} alone are >= {_bound(params.min_faithfulness)} faithful ({subject.spec.trace.ablation} ablation)")
+        if not math.isfinite(found.value):
+            return Outcome(False, "; ".join(expected), _undefined(subject, "faithfulness"))
+        passed = passed and found.value >= params.min_faithfulness
+        measured.append(f"faithfulness {_ci(found.value, found.interval, params.min_faithfulness)}")
+    return Outcome(passed, "; ".join(expected), f"{', '.join(measured)} {_on_test(subject)}")
 
 
 def pinned_nodes(subject: Subject, params: Pinned) -> Circuit:
-    """The nodes a ``pinned`` expectation names, checked against the model's shape."""
-    if params.layers:
-        pairs = [(layer, None) for layer in range(params.layers[0], params.layers[1] + 1)]
-    else:
-        pairs = list(params.neurons)
-    _check_shape(subject, pairs)
-    return Circuit.of((layer, params.position, neuron) for layer, neuron in pairs)
+    """The nodes a ``pinned`` expectation names, checked against the model's shape and the prompts' length."""
+    field = "pinned.circuit" if params.circuit else "pinned.position"
+    if params._read is not None and params._read.shape.model_dump() != subject.shape:
+        shape = params._read.shape
+        raise SpecError(f"{subject.spec.path}: field '{field}': {params.circuit} was exported from a model of {shape.layers} "
+                        f"layers x {shape.neurons} neurons, and {subject.loaded.ref.name} has {subject.sites.n_layers} x "
+                        f"{subject.sites.n_neurons}. Export the circuit from a model of this shape, or run the spec only on "
+                        "models of the file's shape.")
+    circuit = params.circuit_nodes()
+    _check_shape(subject, [(layer, neuron) for layer, _, neuron in circuit])
+    if params.circuit is None:
+        _check_position(subject, params.position, field)
+        return circuit
+    longest = max(batch.n_positions for batch in subject.test.batches)  # a traced node may lie past shorter prompts' ends
+    beyond = sorted({position for _, position, _ in circuit if not in_prompt(position, longest)})
+    if beyond:
+        raise _error(subject, field, f"{params.circuit} has nodes at position {beyond[0]}, in none of the held-out prompts "
+                     f"(at most {longest} tokens)", "Export the circuit from this spec's data, or pin it in a spec whose "
+                     "prompts are as long.")
+    return circuit
 
 
 def _check_shape(subject: Subject, pairs: list) -> None:

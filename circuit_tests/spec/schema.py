@@ -52,6 +52,8 @@ from circuit_tests.analysis.measures import ABLATIONS
 from circuit_tests.errors import SpecError
 from circuit_tests.files import SPEC_LIMIT, UnreadableInput, inside, read_text, resolved
 from circuit_tests.model.data import PairedExample, parse_example, read_jsonl
+from circuit_tests.model.nodes import Circuit
+from circuit_tests.spec.circuit_file import CircuitFile, read_circuit
 from circuit_tests.text import has_control, printable
 
 # A threshold a claim could meet on any model (a rate of at least 0, completeness of at most 1) is an
@@ -262,23 +264,47 @@ class Flips(Claim):
 
 
 class Pinned(Claim):
-    """Explicit neurons (or whole layers) flip the answer when patched from the counterfactual."""
+    """Explicit neurons, whole layers, or an exported circuit file (``circuit-tests export``) keep what they do:
+    patched from the counterfactual they flip the answer, and kept alone they recover the behaviour."""
 
-    THRESHOLDS = ('min_flip_rate',)
+    THRESHOLDS = ('min_flip_rate', 'min_faithfulness')
 
     neurons: Neurons | None = Field(None, description="[[layer, neuron], ...]")
     layers: tuple[Index, Index] | None = Field(None, description="[first, last]: every neuron of these layers")
+    circuit: str | None = Field(None, min_length=1, description="a circuit file written by `circuit-tests export`, relative "
+                                "to the spec (docs/circuit-format.md): its nodes, positions included")
+    nodes: Count | None = Field(None, description="with circuit: its strongest nodes pinned (default: all of them)")
     position: int | None = Field(None, description="one position (negative counts from the end); default every position")
-    min_flip_rate: Rate = Field(description="fraction of test examples whose preferred answer flips (above 0)")
+    min_flip_rate: Rate | None = Field(None, description="fraction of test examples whose preferred answer flips (above 0)")
+    min_faithfulness: float | None = Field(None, gt=0.0, description="faithfulness of these nodes alone, the rest ablated "
+                                           "per trace.ablation (above 0)")
+    _read: CircuitFile | None = PrivateAttr(None)  # the circuit file, read when the spec is loaded
 
     @model_validator(mode="after")
     def _one_selection(self) -> Pinned:
-        if (self.neurons is None) == (self.layers is None):
-            raise ValueError("give exactly one of 'neurons' ([[layer, neuron], ...]) or 'layers' ([first, last])")
+        if sum(given is not None for given in (self.neurons, self.layers, self.circuit)) != 1:
+            raise ValueError("give exactly one of 'neurons' ([[layer, neuron], ...]), 'layers' ([first, last]) or "
+                             "'circuit' (a file from `circuit-tests export`)")
         if self.layers is not None and self.layers[0] > self.layers[1]:
             raise ValueError(f"'layers' is [first, last] with first <= last, got {list(self.layers)}: "
                              f"write [{self.layers[1]}, {self.layers[0]}]")
+        if self.circuit is None and self.nodes is not None:
+            raise ValueError("'nodes' counts a circuit file's nodes: give 'circuit' too, or remove 'nodes'")
+        if self.circuit is not None and self.position is not None:
+            raise ValueError("a circuit file names each node's position: remove 'position'")
+        if self.min_flip_rate is None and self.min_faithfulness is None:
+            raise ValueError("give a threshold: 'min_flip_rate', 'min_faithfulness', or both")
         return self
+
+    def circuit_nodes(self) -> Circuit:
+        """The nodes pinned: the listed neurons or layers at ``position``, or the circuit file's top ``nodes``."""
+        if self.circuit is not None:
+            if self._read is None:
+                raise SpecError(f"pinned.circuit {self.circuit} was not read: load the spec with load_spec or spec_from_mapping")
+            return self._read.circuit(self.nodes)
+        if self.layers is not None:
+            return Circuit.of((layer, self.position, None) for layer in range(self.layers[0], self.layers[1] + 1))
+        return Circuit.from_neurons(self.neurons, self.position)
 
 
 class Steers(Claim):
@@ -583,7 +609,23 @@ def spec_from_mapping(raw: object, path: Path, root: Path | None = None) -> Spec
                                        f"neuron) nodes); the old name still works in this release. Rename it."), stacklevel=2)
     spec._path = path
     spec._examples = tuple(_examples(spec, path, root))
+    for expectation in spec.expectations:
+        if isinstance(expectation.params, Pinned) and expectation.params.circuit is not None:
+            expectation.params._read = _circuit_file(expectation, path, root)
     return spec
+
+
+def _circuit_file(expectation: Expectation, path: Path, root: Path | None) -> CircuitFile:
+    """A pinned claim's circuit file, relative to the spec and inside the project."""
+    field = f"field 'expect[{expectation.index}].pinned.circuit'"
+    try:
+        read = read_circuit(path.parent / expectation.params.circuit, None if root is None else [root])
+    except SpecError as error:
+        raise SpecError(f"{path}: {field}: {error} The path is relative to the spec file.") from None
+    if expectation.params.nodes is not None and expectation.params.nodes > len(read.nodes):
+        raise SpecError(f"{path}: field 'expect[{expectation.index}].pinned.nodes' asks for {expectation.params.nodes} "
+                        f"nodes and {expectation.params.circuit} holds {len(read.nodes)}. Ask for fewer, or export more.")
+    return read
 
 
 def _examples(spec: Spec, path: Path, root: Path | None) -> list[PairedExample]:

@@ -301,7 +301,7 @@ class Subject:
         key = f"{figure}@{size}"
         if key not in self.figures.nulls or len(self.figures.nulls[key].draws) != draws:
             if figure == "faithfulness":
-                value, of = self.faithfulness(size).value, self._faithfulness_of_circuit
+                value, of = self.faithfulness(size).value, lambda circuit: self.faithfulness_of(circuit).value
             else:
                 value, of = self.flip_rate(size).value, lambda circuit: fraction_true(self.flips(circuit))
             randoms = matched_random(self.circuit(size), self.sites.n_neurons, draws, self.spec.task.seed)
@@ -345,8 +345,9 @@ class Subject:
                 found.append(node)
         return found
 
-    def _faithfulness_of_circuit(self, circuit: Circuit) -> float:
-        return self.faithfulness_curve(circuit, [len(circuit)], complement=False).faithfulness[0]
+    def faithfulness_of(self, circuit: Circuit) -> Measured:
+        """Faithfulness of any circuit (a pinned one, a random draw) alone, the rest ablated, with its bootstrap interval."""
+        return self._measured(self.faithfulness_curve(circuit, [len(circuit)], complement=False), 0)
 
     def faithfulness(self, size: int) -> Measured:
         """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""
