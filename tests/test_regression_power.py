@@ -2,7 +2,8 @@
 
 Two checkpoints derived from SmolLM2 by ``fixtures/derive_checkpoints.py`` (seeded, cached): a
 benign fine-tune on ordinary prose must pass the shipped SVA specs, a fine-tune on disagreeing
-sentences must fail them, naming what broke. ``sva_within_rc`` is left out: its 100-node
+sentences must fail them, naming what broke. So must ``sva_simple_pinned``, the circuit exported
+from the base model once and pinned, with no new trace. ``sva_within_rc`` is left out: its 100-node
 faithfulness sits at the 0.8 line (0.81) and drops below it after any fine-tune we tried, benign
 ones included (docs/regressions.md).
 """
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ("sva_simple", "sva_nounpp", "sva_rc")
 KINDS = ("behaves", "sparse", "area", "necessary", "flips", "stable")
+PINNED = "sva_simple_pinned"  # one pinned claim: circuits/sva_simple.smollm2-135m-instruct.json
 
 
 def _derive(kind: str) -> Path:
@@ -45,19 +47,21 @@ def broken() -> Path:
 
 @pytest.fixture
 def project(pytester) -> pytest.Pytester:
-    """A copy of the shipped SVA specs, their baselines and data."""
+    """A copy of the shipped SVA specs, their baselines and data, and the pinned circuit's spec and file."""
     (pytester.path / "specs").mkdir()
     for name in SPECS:
         for suffix in (".yaml", ".baseline.json"):
             shutil.copy(ROOT / "specs" / f"{name}{suffix}", pytester.path / "specs")
+    shutil.copy(ROOT / "specs" / f"{PINNED}.yaml", pytester.path / "specs")
+    shutil.copytree(ROOT / "circuits", pytester.path / "circuits")
     shutil.copytree(ROOT / "fixtures" / "sva", pytester.path / "fixtures" / "sva")
     return pytester
 
 
 def test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved(project, benign):
     result = project.runpytest("specs", f"--circuit-model={benign}", "--circuit-json", "r.json", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=len(SPECS) * len(KINDS))
-    rows = json.loads((project.path / "r.json").read_text())["rows"]
+    result.assert_outcomes(passed=len(SPECS) * len(KINDS) + 1)
+    rows = [row for row in json.loads((project.path / "r.json").read_text())["rows"] if row["spec"] != "sva-simple-pinned"]
     assert len(rows) == len(SPECS)
     for row in rows:
         assert 0.5 <= row["figures"]["overlap"] < 1.0, row["spec"]  # moved, yet within what the specs allow
@@ -70,6 +74,9 @@ def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
     ])
     result.stdout.fnmatch_lines(["*expected: accuracy >= 0.90*", "*measured: accuracy 0.*"])
+    # the circuit traced on the base model, pinned: measured 0.297 and 0.054 (0.83 and 1.00 when exported)
+    result.stdout.fnmatch_lines([f"FAILED specs/{PINNED}.yaml::sva-simple-pinned::pinned[[]*smollm2-broken*[]]*"])
+    result.stdout.fnmatch_lines(["*measured: flip rate 0.*, faithfulness 0.* (95% CI * to *) on 37 held-out examples"])
     result.stdout.fnmatch_lines(["*overlap with smollm2-135m-instruct's baseline circuit*", "*left (*): L*"])
     assert result.parseoutcomes()["failed"] >= len(SPECS) * 3
     # What the nodes that left do, from their cards: on sva_simple the agreement writers left (measured: L22/N296
