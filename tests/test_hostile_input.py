@@ -108,6 +108,8 @@ CIRCUIT_FILES: dict[str, tuple[str, str]] = {
     "other_shape": (circuit_file_text(shape={"layers": 30, "neurons": 1536}),
                     "was exported from a model of 30 layers x 1536 neurons, and ./ckpt has 3 x 96"),
     "node_outside_model": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]), "(layer 9, neuron 1) is outside"),
+    "every_node": (circuit_file_text(nodes=[[layer, None, neuron, 1.0] for layer in range(3) for neuron in range(96)]),
+                   "field 'pinned': the pinned nodes are every node of the model (3 layers x 3 positions x 96 neurons)"),
     "position_past_prompt": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, 7, 1, 0.5]]), "has nodes at position 7, in none of the held-out prompts"),
 }
 
@@ -118,6 +120,7 @@ def cases(outside: Path) -> list[Case]:
     return [
         Case("pinned_position_past_prompt", spec("a", "- pinned: {neurons: [[0, 1]], position: 5, min_flip_rate: 0.5}\n"),
              "field 'pinned.position': position 5 is outside the shortest held-out prompt (3 tokens)"),
+        Case("pinned_every_layer", spec("a", "- pinned: {layers: [0, 2], min_flip_rate: 0.5}\n"), "the pinned nodes are every node"),
         Case("pinned_negative_position_past_prompt", spec("a", "- pinned: {layers: [0, 1], position: -4, min_flip_rate: 0.5}\n"),
              "position -4 is outside the shortest held-out prompt (3 tokens) for ./ckpt. Use a position from -3 to 2"),
         Case("scales_position_past_prompt", spec("a", "- scales: {neurons: [[0, 1]], position: 9, min_change: 0.1}\n"),

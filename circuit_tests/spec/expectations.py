@@ -230,15 +230,19 @@ def pinned_nodes(subject: Subject, params: Pinned) -> Circuit:
                         "models of the file's shape.")
     circuit = params.circuit_nodes()
     _check_shape(subject, [(layer, neuron) for layer, _, neuron in circuit])
+    longest = max(batch.n_positions for batch in subject.test.batches)  # a traced node may lie past shorter prompts' ends
     if params.circuit is None:
         _check_position(subject, params.position, field)
-        return circuit
-    longest = max(batch.n_positions for batch in subject.test.batches)  # a traced node may lie past shorter prompts' ends
-    beyond = sorted({position for _, position, _ in circuit if not in_prompt(position, longest)})
-    if beyond:
-        raise _error(subject, field, f"{params.circuit} has nodes at position {beyond[0]}, in none of the held-out prompts "
-                     f"(at most {longest} tokens)", "Export the circuit from this spec's data, or pin it in a spec whose "
-                     "prompts are as long.")
+    else:
+        beyond = sorted({position for _, position, _ in circuit if not in_prompt(position, longest)})
+        if beyond:
+            raise _error(subject, field, f"{params.circuit} has nodes at position {beyond[0]}, in none of the held-out "
+                         f"prompts (at most {longest} tokens)", "Export the circuit from this spec's data, or pin it in a "
+                         "spec whose prompts are as long.")
+    sites = subject.sites
+    if bool((circuit.ranks(sites.n_layers, longest, sites.n_neurons) < len(circuit)).all()):
+        raise _error(subject, "pinned", f"the pinned nodes are every node of the model ({sites.n_layers} layers x {longest} "
+                     f"positions x {sites.n_neurons} neurons)", "A claim about all of them could never fail; pin fewer.")
     return circuit
 
 
