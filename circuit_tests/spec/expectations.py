@@ -230,7 +230,7 @@ def pinned_nodes(subject: Subject, params: Pinned) -> Circuit:
                         "models of the file's shape.")
     circuit = params.circuit_nodes()
     _check_shape(subject, [(layer, neuron) for layer, _, neuron in circuit])
-    longest = max(batch.n_positions for batch in subject.test.batches)  # a traced node may lie past shorter prompts' ends
+    longest = subject.longest_prompt  # a traced node may lie past shorter prompts' ends
     if params.circuit is None:
         _check_position(subject, params.position, field)
     else:
