@@ -4,7 +4,8 @@ A sharded model (``--circuit-device auto``, or any ``device_map``) runs its laye
 devices, with accelerate's hooks moving activations between them. Neuron hooks then see tensors
 on the layer's own device, and gradients flow back across devices. :func:`measure_everything`
 runs every path that touches neurons (attribution by every method and baseline, exact patching,
-faithfulness curves under every ablation, flips, steering, multiplier sweeps) so a tensor left
+faithfulness curves under every ablation and their ends, flips, steering, multiplier sweeps, and
+what reads a circuit: edge estimates and exact edges, the output lens, corpus extremes) so a tensor left
 on the wrong device fails here. On a CPU-only machine the "shards" are both the CPU, with
 accelerate's hooks forced on; on a runner with two GPUs the same test splits the model over them.
 """
@@ -16,7 +17,9 @@ import torch
 from accelerate import dispatch_model
 
 from circuit_tests.analysis.attribution import AttributionOptions, attribute
-from circuit_tests.analysis.measures import faithfulness_curve, flip_rates, multiplier_sweep, patch_success, preferences
+from circuit_tests.analysis.cards import corpus_extremes, output_lens
+from circuit_tests.analysis.edges import edge_weights, exact_edge_weights
+from circuit_tests.analysis.measures import curve_ends, faithfulness_curve, flip_rates, multiplier_sweep, patch_success, preferences
 from circuit_tests.analysis.selection import top_k
 from circuit_tests.model import loading as models
 from circuit_tests.model.data import PairedBatch, Tokenized
@@ -46,6 +49,14 @@ def measure_everything(sites: NeuronSites, data: Tokenized) -> dict[str, torch.T
     out["flips"] = flip_rates(sites, data, circuit, [3, 30])
     out["steering"] = patch_success(sites, data, circuit, [3, 30])
     out["sweep"] = multiplier_sweep(sites, data.batches[0].clean_ids, circuit, [0.0, 2.0], [5, 6])
+    out["ends"] = curve_ends(sites, data)
+    for method in ("relp", "atp"):
+        out[f"edges/{method}"] = edge_weights(sites, data, candidates, AttributionOptions(method=method))
+    out["edges/exact"] = exact_edge_weights(sites, data, candidates)
+    out["lens"] = output_lens(sites, [(layer, neuron) for layer, _, neuron in candidates])
+    corpus = data.batches[0].clean_ids.tolist()
+    out |= {f"extremes/{name}": tensor for name, tensor in corpus_extremes(sites, [ids[: 2 + i % 4] for i, ids in enumerate(corpus)],
+                                                                              k=3, batch_size=4).tensors().items()}
     return out
 
 

@@ -1,0 +1,90 @@
+"""Run the paper's Llama-3.1-8B specs end to end on one GPU, on a random model of Llama-3.1-8B's exact shape.
+
+    python ci/gpu_specs.py                          # bf16 on cuda; the JSON report's rows, abridged, to stdout
+    python ci/gpu_specs.py --device cpu --dtype float32 --hidden-size 16   # smoke test (the model of tests/test_llama_specs.py)
+
+``ci/gpu_benchmark.py`` times the library's stages; this times what a user runs: ``pytest specs/llama-3.1-8b``
+through the plugin, model loading, data, trace and every claim included. The checkpoint is
+``circuit_tests.testing.LLAMA_31_8B`` with random weights (hidden 4096, 32 x 14336 neurons) and the
+vocabulary of the tokenizer saved beside it: SmolLM2's from the cache, or ``--tokenizer DIR``.
+SmolLM2's tokenizer splits more names than Llama's, so the specs are run from a copy in which the
+two multi-hop specs allow dropping 60% of their pairs (as ``tests/test_llama_specs.py`` does); random
+weights mean claims fail, so what counts is that every item was measured, none crashed, and the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from circuit_tests.model.loading import load_model  # noqa: E402
+from circuit_tests.testing import LLAMA_31_8B  # noqa: E402
+
+FOLDERS = ("specs/llama-3.1-8b", "fixtures/multihop", "fixtures/sva")
+MULTI_HOP = ("state_capitals.yaml", "texas_california.yaml")
+
+
+def checkpoint(args: argparse.Namespace, path: Path) -> None:
+    """A random Llama-3.1-8B-shaped checkpoint at ``path``, with its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("smollm2-135m-instruct").tokenizer
+    overrides = {"vocab_size": len(tokenizer), "hidden_size": args.hidden_size, "bos_token_id": None, "eos_token_id": None}
+    if args.hidden_size != LLAMA_31_8B["hidden_size"]:
+        overrides |= {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": args.hidden_size // 2}
+    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, **overrides})
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def copy_specs(folder: Path) -> None:
+    for name in FOLDERS:
+        shutil.copytree(ROOT / name, folder / name)
+    for name in MULTI_HOP:
+        spec = folder / "specs" / "llama-3.1-8b" / name
+        spec.write_text(spec.read_text().replace("\n  seed: 0\n", "\n  seed: 0\n  max_dropped: 0.6\n", 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--hidden-size", type=int, default=LLAMA_31_8B["hidden_size"])
+    parser.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: SmolLM2's, from the cache)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        checkpoint(args, work / "model")
+        built = time.perf_counter() - start
+        copy_specs(work)
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "pytest", "specs/llama-3.1-8b", f"--circuit-model={work / 'model'}",
+                              f"--circuit-device={args.device}", "--circuit-json=report.json", "-p", "no:cacheprovider", "-q"],
+                             cwd=work, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        rows = json.loads((work / "report.json").read_text())["rows"] if (work / "report.json").exists() else []
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
+        "hidden_size": args.hidden_size, "checkpoint seconds (build and save)": round(built, 1),
+        "pytest seconds": round(seconds, 1), "pytest summary": run.stdout.strip().splitlines()[-1:],
+        "crashed": "Traceback" in run.stdout, "exit code": run.returncode,
+        "specs": {row["spec"]: {"n_test": row["figures"].get("n_test"), "timings": row["figures"].get("timings")} for row in rows},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
