@@ -3,8 +3,8 @@
     python ci/gpu_benchmark.py                      # bf16 on cuda, 300 paired examples, JSON to stdout
     python ci/gpu_benchmark.py --device cpu --dtype float32 --hidden-size 16 --layers 2 --examples 16   # smoke test
 
-Real weights are not needed for timing: the model is built from ``circuit_tests.testing.LLAMA_31_8B``
-(32 layers x 14336 neurons, hidden 4096) with random weights, and the prompts are random token ids
+Real weights are not needed for timing: the model is ``circuit_tests.testing.scaled_llama_31_8b`` at
+the real width, Llama-3.1-8B's exact shape (32 layers x 14336 neurons, hidden 4096) with random weights, and the prompts are random token ids
 of SVA length (8 tokens, the patch prompt differing at one position). Reported per stage: seconds
 and peak GPU memory. Stages: plain forward+backward over every example (the reference), RelP
 attribution over every example (goal: at most 1.4x the reference), a 10-point faithfulness curve
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -35,20 +34,9 @@ from circuit_tests.analysis.metrics import logit_diff  # noqa: E402
 from circuit_tests.analysis.selection import top_k  # noqa: E402
 from circuit_tests.model.data import PairedBatch, Tokenized  # noqa: E402
 from circuit_tests.model.sites import NeuronSites  # noqa: E402
-from circuit_tests.testing import LLAMA_31_8B  # noqa: E402
+from circuit_tests.testing import LLAMA_31_8B, scaled_llama_31_8b  # noqa: E402
 
 SIZES = (10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000)
-
-
-def random_llama(args: argparse.Namespace) -> transformers.PreTrainedModel:
-    overrides = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers}
-    if args.hidden_size != LLAMA_31_8B["hidden_size"]:
-        overrides |= {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": args.hidden_size // 2}
-    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, **overrides})
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    return model.eval().requires_grad_(False)
 
 
 def random_pairs(n: int, vocab: int, length: int, batch_size: int) -> list[PairedBatch]:
@@ -100,7 +88,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each stage; its fastest is reported")
     args = parser.parse_args()
 
-    model = random_llama(args)
+    model = scaled_llama_31_8b(LLAMA_31_8B["vocab_size"], args.hidden_size, layers=args.layers, dtype=getattr(torch, args.dtype),
+                               device=args.device).requires_grad_(False)
     sites = NeuronSites(model)
     batches = random_pairs(args.examples, model.config.vocab_size, 8, args.batch_size)
     data = Tokenized(tuple(batches))

@@ -5,7 +5,7 @@
 
 ``ci/gpu_benchmark.py`` times the library's stages; this times what a user runs: ``pytest specs/llama-3.1-8b``
 through the plugin, model loading, data, trace and every claim included. The checkpoint is
-``circuit_tests.testing.LLAMA_31_8B`` with random weights (hidden 4096, 32 x 14336 neurons) and the
+``circuit_tests.testing.scaled_llama_31_8b`` at the real width (hidden 4096, 32 x 14336 neurons) and the
 vocabulary of the tokenizer saved beside it: SmolLM2's from the cache, or ``--tokenizer DIR``.
 SmolLM2's tokenizer splits more names than Llama's, so the specs are run from a copy in which the
 two multi-hop specs allow dropping 60% of their pairs (as ``tests/test_llama_specs.py`` does); random
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -24,13 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuit_tests.model.loading import load_model  # noqa: E402
-from circuit_tests.testing import LLAMA_31_8B  # noqa: E402
+from circuit_tests.testing import LLAMA_31_8B, scaled_llama_31_8b  # noqa: E402
 
 FOLDERS = ("specs/llama-3.1-8b", "fixtures/multihop", "fixtures/sva")
 MULTI_HOP = ("state_capitals.yaml", "texas_california.yaml")
@@ -39,14 +40,7 @@ MULTI_HOP = ("state_capitals.yaml", "texas_california.yaml")
 def checkpoint(args: argparse.Namespace, path: Path) -> None:
     """A random Llama-3.1-8B-shaped checkpoint at ``path``, with its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("smollm2-135m-instruct").tokenizer
-    overrides = {"vocab_size": len(tokenizer), "hidden_size": args.hidden_size, "bos_token_id": None, "eos_token_id": None}
-    if args.hidden_size != LLAMA_31_8B["hidden_size"]:
-        overrides |= {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": args.hidden_size // 2}
-    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, **overrides})
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-    model.save_pretrained(path)
+    scaled_llama_31_8b(len(tokenizer), args.hidden_size, dtype=getattr(torch, args.dtype), device=args.device).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
@@ -56,6 +50,12 @@ def copy_specs(folder: Path) -> None:
     for name in MULTI_HOP:
         spec = folder / "specs" / "llama-3.1-8b" / name
         spec.write_text(spec.read_text().replace("\n  seed: 0\n", "\n  seed: 0\n  max_dropped: 0.6\n", 1))
+
+
+def outcomes(stdout: str) -> dict[str, int]:
+    """pytest's closing counts: ``{"failed": 19, "passed": 3}``."""
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    return {word: int(count) for count, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)", last)}
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
     print(json.dumps({
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
         "hidden_size": args.hidden_size, "checkpoint seconds (build and save)": round(built, 1),
-        "pytest seconds": round(seconds, 1), "pytest summary": run.stdout.strip().splitlines()[-1:],
+        "pytest seconds": round(seconds, 1), "pytest summary": run.stdout.strip().splitlines()[-1:], "outcomes": outcomes(run.stdout),
         "crashed": "Traceback" in run.stdout, "exit code": run.returncode,
         "specs": {row["spec"]: {"n_test": row["figures"].get("n_test"), "timings": row["figures"].get("timings")} for row in rows},
     }, indent=1))

@@ -111,21 +111,24 @@ LLAMA_31_8B: dict = {
 }
 
 
-def scaled_llama_31_8b(vocab_size: int, hidden_size: int = 16, seed: int = 0) -> transformers.PreTrainedModel:
-    """A random Llama with Llama-3.1-8B's layers and neurons (32 x 14336) around a narrow residual stream.
+def scaled_llama_31_8b(vocab_size: int, hidden_size: int = 16, seed: int = 0, *, layers: int = LLAMA_31_8B["num_hidden_layers"],
+                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> transformers.PreTrainedModel:
+    """A random Llama with Llama-3.1-8B's layers and neurons (32 x 14336) around a residual stream of ``hidden_size``.
 
-    Specs written for the real model (pinned neurons, layer numbers) run on it end to end on a CPU;
-    ``vocab_size`` is that of the tokenizer saved beside it.
+    Narrow (the default, 16 wide, two heads, eager attention): specs written for the real model
+    (pinned neurons, layer numbers) run on it end to end on a CPU. At the real width (4096) it is
+    Llama-3.1-8B's exact shape, heads included, for timing on a GPU. ``vocab_size`` is that of the
+    tokenizer saved beside it; ``layers`` fewer than 32 make a smoke test's model.
     """
-    heads = 2
-    config = AutoConfig.for_model(
-        "llama", attn_implementation="eager",
-        **{**LLAMA_31_8B, "vocab_size": vocab_size, "hidden_size": hidden_size, "num_attention_heads": heads,
-           "num_key_value_heads": heads, "head_dim": hidden_size // heads, "bos_token_id": None, "eos_token_id": None},
-    )
+    shape = {"vocab_size": vocab_size, "hidden_size": hidden_size, "num_hidden_layers": layers,
+             "bos_token_id": None, "eos_token_id": None}
+    if hidden_size != LLAMA_31_8B["hidden_size"]:
+        shape |= {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": hidden_size // 2, "attn_implementation": "eager"}
+    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, **shape})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 # --------------------------------------------------------------------------- tiny tokenizer and checkpoint

@@ -87,7 +87,7 @@ def _completeness_at(sites, data, circuit: Circuit, needed: int | None) -> str:
     if needed is None:
         return "n/a"
     curve = faithfulness_curve(sites, data, circuit, [needed])
-    low, high = bootstrap(lambda c, m, e: (c.mean() - e.mean()) / (m.mean() - e.mean()),
+    low, high = bootstrap(lambda c, m, e: (c.mean(-1) - e.mean(-1)) / (m.mean(-1) - e.mean(-1)),
                           [curve.complement[0], curve.per_example[-2], curve.per_example[-1]])
     return f"{curve.completeness[0]:.2f} [{low:.2f}, {high:.2f}]"
 
@@ -118,7 +118,7 @@ def multihop_section(sites: NeuronSites, tokenizer, lines: list[str]) -> None:
               "patched at every position with their values from the source prompt.", "",
               "| neurons patched | answer becomes the source's capital (95% CI) |", "|---|---|"]
     for size, row in zip([10, 30, 100, 300, 1000], success):
-        low, high = bootstrap(lambda r: r.mean(), [row])
+        low, high = bootstrap(lambda r: r.mean(-1), [row])
         lines.append(f"| {size} | {row.mean():.2f} [{low:.2f}, {high:.2f}] |")
     lines += ["", *_sweep(sites, tokenizer, correct)]
 

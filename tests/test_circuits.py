@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from circuit_tests.analysis.areas import area_tensors, areas
 from circuit_tests.analysis.attribution import (
     AttributionOptions,
     Scores,
@@ -210,13 +211,25 @@ def test_nodes_for_finds_a_size_that_reaches_the_target_where_one_node_less_does
 
 def test_bootstrap_interval_is_seeded_and_covers_the_estimate():
     values = torch.linspace(0, 1, 50)
-    low, high = bootstrap(lambda v: v.mean(), [values], seed=1)
+    low, high = bootstrap(lambda v: v.mean(-1), [values], seed=1)
     assert low < values.mean() < high
-    assert (low, high) == bootstrap(lambda v: v.mean(), [values], seed=1)
-    wide = bootstrap(lambda v: v.mean(), [values[::10]], seed=1)
+    assert (low, high) == bootstrap(lambda v: v.mean(-1), [values], seed=1)
+    wide = bootstrap(lambda v: v.mean(-1), [values[::10]], seed=1)
     assert wide[1] - wide[0] > high - low
     f = bootstrap(faithfulness_from, [values + 1, values + 2, values])
     assert f[0] <= 0.5 <= f[1]
+
+
+def test_bootstrap_takes_every_resample_at_once_and_equals_drawing_them_one_by_one():
+    values, curve = torch.rand(40, generator=torch.Generator().manual_seed(3)), torch.rand(10, 40) + 0.5
+    draws = torch.randint(40, (1000, 40), generator=torch.Generator().manual_seed(0))
+    one_by_one = torch.tensor([float(values[rows].mean()) for rows in draws])
+    assert bootstrap(lambda v: v.mean(-1), [values]) == (float(one_by_one.quantile(0.025)), float(one_by_one.quantile(0.975)))
+    cprs = torch.tensor([areas(faithfulness_from(curve[:, rows], values[rows] + 1, values[rows]))[0] for rows in draws])
+    cpr = bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[0], [curve, values + 1, values])
+    assert cpr == pytest.approx((float(cprs.quantile(0.025)), float(cprs.quantile(0.975))), abs=1e-6)
+    with pytest.raises(ValueError, match="one value per resample"):
+        bootstrap(lambda v: v.mean(), [values])  # reduces the resamples too
 
 
 def test_rates_are_counted_so_27_of_30_meets_a_threshold_of_0_9(monkeypatch):

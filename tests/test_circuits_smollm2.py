@@ -64,4 +64,4 @@ def test_the_circuit_is_necessary(simple):
 def test_patching_30_neurons_flips_agreement(simple):
     sites, test_data, circuit, _ = simple
     flips = flip_rates(sites, test_data, circuit, [30])[0]
-    assert bootstrap(lambda f: f.mean(), [flips])[0] >= FLOOR_FLIP_30
+    assert bootstrap(lambda f: f.mean(-1), [flips])[0] >= FLOOR_FLIP_30

@@ -19,7 +19,14 @@ from accelerate import dispatch_model
 from circuit_tests.analysis.attribution import AttributionOptions, attribute
 from circuit_tests.analysis.cards import corpus_extremes, output_lens
 from circuit_tests.analysis.edges import edge_weights, exact_edge_weights
-from circuit_tests.analysis.measures import curve_ends, faithfulness_curve, flip_rates, multiplier_sweep, patch_success, preferences
+from circuit_tests.analysis.measures import (
+    curve_ends,
+    faithfulness_curve,
+    flip_rates,
+    multiplier_sweep,
+    patch_success,
+    preferences,
+)
 from circuit_tests.analysis.selection import top_k
 from circuit_tests.model import loading as models
 from circuit_tests.model.data import PairedBatch, Tokenized

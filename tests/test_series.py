@@ -114,7 +114,8 @@ def test_a_series_runs_checkpoint_by_checkpoint_and_reports_the_trend(project):
     assert points[0]["failed"] == [] and "stable" in points[-1]["failed"]  # the model passes; the knockout loses the circuit
     assert trend["first_failure"]["stable"] == next(p["checkpoint"] for p in points if "stable" in p["failed"])
     overlaps = [p["overlap"] for p in points]
-    assert overlaps[0] > 0.99 and overlaps == sorted(overlaps, reverse=True)  # the circuit leaves the baseline step by step
+    assert overlaps[0] > 0.99  # the circuit leaves the baseline step by step (equal overlaps may differ in the last bit)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(overlaps, overlaps[1:])), overlaps
     assert points[0]["overlap_previous"] is None and all(0 <= p["overlap_previous"] <= 1 for p in points[1:])
 
     result.stdout.fnmatch_lines(["*trend of agree over 5 checkpoints*", "checkpoint*step*acc*n@0.8*ov-base*ov-prev*failed",

@@ -31,6 +31,12 @@ def sizes_for(n_nodes: int) -> list[int]:
 
 def areas(faithfulness: Sequence[float] | torch.Tensor) -> tuple[float, float]:
     """(CPR, CMD) of a curve measured at :data:`FRACTIONS`: the trapezoid areas under ``f`` and under ``|1 - f|``."""
-    f = torch.as_tensor(faithfulness, dtype=torch.float64)
+    cpr, cmd = area_tensors(torch.as_tensor(faithfulness))
+    return float(cpr), float(cmd)
+
+
+def area_tensors(faithfulness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CPR, CMD) of curves whose first dim runs over :data:`FRACTIONS`, one per index of the other dims (resamples)."""
+    f = faithfulness.to(torch.float64)
     x = torch.tensor(FRACTIONS, dtype=torch.float64)
-    return float(torch.trapezoid(f, x)), float(torch.trapezoid((1 - f).abs(), x))
+    return torch.trapezoid(f, x, dim=0), torch.trapezoid((1 - f).abs(), x, dim=0)

@@ -215,19 +215,54 @@ def faithfulness_curve(
     caller measuring many circuits on one split does; such a caller passes the split's ``means`` too, for
     mean ablation (:func:`ablated_chunks`).
     """
-    ranks = _ranks(sites, circuit, data)
     bounds = torch.tensor([*sizes, *([len(circuit) + 1, 0] if ends is None else [])]).view(-1, 1, 1, 1)
-    kept, removed = [], []
-    chunks = ablated_chunks(sites, data, ablation, seed, batch_size, means)
-    for batch, ablate in bar(chunks, "faithfulness curve", len(data.chunks(batch_size))):
-        rank = ranks[batch.n_positions]
-        kept.append(masked_preferences(sites, batch, rank < bounds, None, ablate))
-        if complement:
-            removed.append(masked_preferences(sites, batch, rank < bounds[: len(sizes)], ablate, None))
-    per_example = torch.cat(kept, 1).cpu()
+    chosen = {length: ranks < bounds for length, ranks in _ranks(sites, circuit, data).items()}
+    kept, removed = _kept_and_removed(sites, data, chosen, len(sizes) if complement else 0, ablation, seed, batch_size, means)
     if ends is not None:
-        per_example = torch.cat([per_example, ends.to(per_example.dtype)])
-    return Curve(tuple(sizes), per_example, torch.cat(removed, 1).cpu() if complement else torch.empty(0))
+        kept = torch.cat([kept, ends.to(kept.dtype)])
+    return Curve(tuple(sizes), kept, removed)
+
+
+COPIES = 20  # circuits of unrelated nodes (random draws) measured together, as copies of one pass
+
+
+def kept_alone(
+    sites: NeuronSites,
+    data: Tokenized,
+    circuits: Sequence[Circuit],
+    ablation: str = "mean",
+    seed: int = 0,
+    *,
+    batch_size: int = BATCH_SIZE,
+    means: Means | None = None,
+) -> torch.Tensor:
+    """``[len(circuits), examples]``: each example's preference with each circuit alone kept, the rest ablated (what
+    :func:`faithfulness_from` takes, with :func:`curve_ends`). Circuits of unrelated nodes (random draws, say) run as
+    copies of one pass, ``COPIES`` at a time."""
+    kept = []
+    lengths = {batch.n_positions for batch in data.batches}
+    for start in range(0, len(circuits), COPIES):
+        group = circuits[start : start + COPIES]
+        chosen = {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in group])
+                  for length in lengths}
+        kept.append(_kept_and_removed(sites, data, chosen, 0, ablation, seed, batch_size, means)[0])
+    return torch.cat(kept)
+
+
+def _kept_and_removed(
+    sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor], removed_copies: int, ablation: str, seed: int,
+    batch_size: int, means: Means | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[copies, examples]`` preferences with each copy's ``chosen`` nodes (per token length) kept and the rest
+    ablated; and, for the first ``removed_copies``, with only those nodes ablated (empty when 0)."""
+    kept, removed = [], []
+    for batch, ablate in bar(ablated_chunks(sites, data, ablation, seed, batch_size, means), "faithfulness curve",
+                             len(data.chunks(batch_size))):
+        mask = chosen[batch.n_positions]
+        kept.append(masked_preferences(sites, batch, mask, None, ablate))
+        if removed_copies:
+            removed.append(masked_preferences(sites, batch, mask[:removed_copies], ablate, None))
+    return torch.cat(kept, 1).cpu(), torch.cat(removed, 1).cpu() if removed else torch.empty(0)
 
 
 def curve_ends(sites: NeuronSites, data: Tokenized, ablation: str = "mean", seed: int = 0, *,

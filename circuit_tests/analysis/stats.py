@@ -51,14 +51,21 @@ def fraction_true(flags: torch.Tensor) -> float:
 
 
 def bootstrap(
-    statistic: Callable[..., torch.Tensor | float],
+    statistic: Callable[..., torch.Tensor],
     samples: Sequence[torch.Tensor], n_resamples: int = 1000, level: float = 0.95, seed: int = 0
 ) -> Interval:
-    """A percentile confidence interval for ``statistic(*samples)``, resampling examples (the last dim) with ``seed``."""
+    """A percentile confidence interval for ``statistic(*samples)``, resampling examples (the last dim) with ``seed``.
+
+    Every resample is taken at once: the samples come to ``statistic`` with a dim of ``n_resamples`` inserted before
+    their last, and it must reduce the last dim only (``lambda v: v.mean(-1)``), giving one value per resample.
+    """
     n = samples[0].shape[-1]
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(n, (n_resamples, n), generator=generator)
-    values = torch.tensor([float(statistic(*(s[..., rows] for s in samples))) for rows in draws])
+    values = torch.as_tensor(statistic(*(s[..., draws] for s in samples))).float()
+    if values.shape != (n_resamples,):
+        raise ValueError(f"a bootstrap statistic must give one value per resample ({n_resamples}), not shape {tuple(values.shape)}: "
+                         "reduce the last dim only, e.g. v.mean(-1)")
     tail = (1 - level) / 2
     return float(values.quantile(tail)), float(values.quantile(1 - tail))
 

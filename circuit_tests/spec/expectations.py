@@ -288,7 +288,7 @@ def _scales(subject: Subject, params: Scales) -> Outcome:
     high = math.inf if params.max_change is None else params.max_change
     steps = []
     for i, step in enumerate(probabilities[1:] - probabilities[:-1]):
-        interval = bootstrap(lambda d: d.mean(), [step], seed=subject.spec.task.seed)
+        interval = bootstrap(lambda d: d.mean(-1), [step], seed=subject.spec.task.seed)
         steps.append((step.mean().item(), f"x{factors[i]:g} -> x{factors[i + 1]:g}: {_ci(step.mean().item(), interval)}"))
     bounds = [f"{word} {bound:+.3f}" for word, bound in (("at least", params.min_change), ("at most", params.max_change))
               if bound is not None]

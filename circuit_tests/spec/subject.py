@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from circuit_tests.analysis.areas import FRACTIONS, areas, sizes_for
+from circuit_tests.analysis.areas import FRACTIONS, area_tensors, areas, sizes_for
 from circuit_tests.analysis.attribution import Scores, attribute, data_hash, trace
 from circuit_tests.analysis.cards import Card
 from circuit_tests.analysis.measures import (
@@ -32,6 +32,7 @@ from circuit_tests.analysis.measures import (
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
+    kept_alone,
     mean_counterfactuals,
     multiplier_sweep,
     nodes_for,
@@ -291,8 +292,8 @@ class Subject:
             cpr, cmd = areas(curve.faithfulness)
             self.figures.areas[ranking] = AreaFigures(
                 ranking, self.spec.trace.ablation, list(FRACTIONS), sizes, curve.faithfulness,
-                cpr, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[0], samples, seed=seed)),
-                cmd, list(bootstrap(lambda *s: areas(faithfulness_from(*s))[1], samples, seed=seed)))
+                cpr, list(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[0], samples, seed=seed)),
+                cmd, list(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[1], samples, seed=seed)))
         return self.figures.areas[ranking]
 
     def null(self, figure: str, size: int, draws: int) -> NullFigures:
@@ -300,12 +301,13 @@ class Subject:
         same shape (:func:`~circuit_tests.analysis.selection.matched_random`, seeded by the spec's seed)."""
         key = f"{figure}@{size}"
         if key not in self.figures.nulls or len(self.figures.nulls[key].draws) != draws:
-            if figure == "faithfulness":
-                value, of = self.faithfulness(size).value, lambda circuit: self.faithfulness_of(circuit).value
-            else:
-                value, of = self.flip_rate(size).value, lambda circuit: fraction_true(self.flips(circuit))
             randoms = matched_random(self.circuit(size), self.sites.n_neurons, draws, self.spec.task.seed)
-            self.figures.nulls[key] = NullFigures(figure, size, value, [of(random) for random in bar(randoms, "null draws")])
+            if figure == "faithfulness":
+                value, nulls = self.faithfulness(size).value, self.faithfulness_of_each(randoms)
+            else:
+                value = self.flip_rate(size).value
+                nulls = [fraction_true(self.flips(random)) for random in bar(randoms, "null draws")]
+            self.figures.nulls[key] = NullFigures(figure, size, value, nulls)
         return self.figures.nulls[key]
 
     def agreement(self, n_nodes: int) -> AgreementFigures:
@@ -348,6 +350,15 @@ class Subject:
     def faithfulness_of(self, circuit: Circuit) -> Measured:
         """Faithfulness of any circuit (a pinned one, a random draw) alone, the rest ablated, with its bootstrap interval."""
         return self._measured(self.faithfulness_curve(circuit, [len(circuit)], complement=False), 0)
+
+    def faithfulness_of_each(self, circuits: Sequence[Circuit]) -> list[float]:
+        """Faithfulness of each circuit alone (random draws, say), measured together
+        (:func:`~circuit_tests.analysis.measures.kept_alone`); no intervals."""
+        ablation, seed = self.spec.trace.ablation, self.spec.task.seed
+        kept = self._measure("null draws", {"circuits": [_digest(circuit.nodes) for circuit in circuits], "ablation": ablation,
+                             "seed": seed}, {"kept"}, lambda: {"kept": kept_alone(
+                                 self.sites, self.test, circuits, ablation, seed, batch_size=self.batch_size, means=self.means)})
+        return faithfulness_from(kept["kept"], self.ends[0], self.ends[1]).tolist()
 
     def faithfulness(self, size: int) -> Measured:
         """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""
@@ -432,7 +443,7 @@ class Subject:
         if key not in memo:
             memo[key] = compute()
         hits = memo[key]
-        return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(), [hits], seed=self.spec.task.seed), hits.numel())
+        return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(-1), [hits], seed=self.spec.task.seed), hits.numel())
 
 
 def _digest(nodes: Sequence[Node]) -> str:
