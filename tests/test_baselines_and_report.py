@@ -9,8 +9,7 @@ import multiprocessing
 import os
 import re
 import signal
-import subprocess
-import sys
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,28 +47,37 @@ def test_writes_merge_and_are_reviewable(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
 
 
+# Writers are forked: separate processes with their own locks and file handles, started without importing torch anew.
+FORK = multiprocessing.get_context("fork")
+
+
 def test_concurrent_writers_from_several_processes_all_keep_their_entries(tmp_path):
     path = tmp_path / "s.baseline.json"
     models = [f"m{i}" for i in range(8)]
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
+    with FORK.Pool(4) as pool:
         pool.starmap(_write_one, [(str(path), model) for model in models])
     assert sorted(read_baseline(path)["models"]) == models
+
+
+def _stall_mid_write(path: str, writing) -> None:
+    def stall(fd: int) -> None:
+        writing.set()
+        time.sleep(60)
+
+    os.fsync = stall  # the new file is written and about to be flushed to disk
+    write_baseline(Path(path), "s", {"new": {"circuit": [[0, 0, i, 0.1] for i in range(100000)]}})
 
 
 def test_a_killed_writer_leaves_the_old_file_intact(tmp_path):
     path = tmp_path / "s.baseline.json"
     write_baseline(path, "s", {"old": entry(1.0)})
     before = path.read_text()
-    writer = subprocess.Popen([sys.executable, "-c", f"""
-import os, time
-from pathlib import Path
-from circuit_tests.spec import baselines
-os.fsync = lambda fd: (print("writing", flush=True), time.sleep(60))  # stall mid-write
-baselines.write_baseline(Path({str(path)!r}), "s", {{"new": {{"circuit": [[0, 0, i, 0.1] for i in range(100000)]}}}})
-"""], stdout=subprocess.PIPE, text=True, env={**os.environ, "CIRCUIT_TESTS_CACHE": str(tmp_path / "cache")})
-    assert writer.stdout.readline().strip() == "writing"
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
+    writing = FORK.Event()
+    writer = FORK.Process(target=_stall_mid_write, args=(str(path), writing))
+    writer.start()
+    assert writing.wait(30)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join()
     assert path.read_text() == before
     assert set(read_baseline(path)["models"]) == {"old"}
 

@@ -13,6 +13,7 @@ every check here, which is about what the suite refuses, not about what a circui
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -403,19 +404,26 @@ def test_outputs_go_into_missing_directories_and_one_failing_never_costs_another
     assert (small / "circuit_good.baseline.json").is_file() and (small / "r.json").is_file()  # ...and costs no other
 
 
-@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["in-process", "xdist"])
-def test_a_baseline_that_cannot_be_written_fails_the_run(small, pytester, workers):
-    pytester.makeconftest("""
-        import errno
-        import os
-        import circuit_tests.spec.baselines as baselines
+def _read_only(path, write):  # as on a read-only file system (permissions do not stop root)
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-        def read_only(path, write):  # as on a read-only file system (permissions do not stop root)
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-        baselines.replace_atomically = read_only
-    """)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--circuit-update", *workers)
+@pytest.mark.parametrize("workers", [None, ["-n", "2"]], ids=["in-process", "xdist"])
+def test_a_baseline_that_cannot_be_written_fails_the_run(small, pytester, monkeypatch, workers):
+    if workers is None:
+        monkeypatch.setattr("circuit_tests.spec.baselines.replace_atomically", _read_only)
+        result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--circuit-update")
+    else:  # xdist's workers hand their baselines to the controller, which writes them: patched there, by a conftest
+        pytester.makeconftest("""
+            import errno, os
+            import circuit_tests.spec.baselines as baselines
+
+            def read_only(path, write):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+            baselines.replace_atomically = read_only
+        """)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--circuit-update", *workers)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*NOT written: *circuit_good.baseline.json: Read-only file system. Nothing was written*"])
     assert result.ret == 1 and not (small / "circuit_good.baseline.json").exists()

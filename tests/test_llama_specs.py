@@ -4,7 +4,7 @@ Llama with the same layers and neurons (32 x 14336) around a narrow residual str
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -29,13 +29,15 @@ def test_without_a_gpu_they_skip_saying_why(pytester):
 
 
 @pytest.mark.slow
-def test_they_run_end_to_end_on_a_scaled_down_random_llama():
+def test_they_run_end_to_end_on_a_scaled_down_random_llama(monkeypatch, capsys):
     """Through ``ci/gpu_specs.py``'s CPU mode: the specs copied beside a random Llama-3.1-8B-shaped checkpoint
     (16 wide) saved with SmolLM2's tokenizer, which splits more names than Llama's: the two multi-hop specs
     drop 58% and 50% of their pairs with it, so the copy allows that (max_dropped 0.6) and every claim still runs."""
-    args = ["--device", "cpu", "--dtype", "float32", "--hidden-size", "16"]
-    run = subprocess.run([sys.executable, str(ROOT / "ci" / "gpu_specs.py"), *args], capture_output=True, text=True, check=True)
-    report = json.loads(run.stdout)
+    script = ROOT / "ci" / "gpu_specs.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--dtype", "float32", "--hidden-size", "16"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first
+    runpy.run_path(str(script), run_name="__main__")  # the script here, its pytest in a process of its own
+    report = json.loads(capsys.readouterr().out)
     assert not report["crashed"] and set(report["outcomes"]) <= {"passed", "failed"}  # every expectation measured, none crashed
     assert sum(report["outcomes"].values()) == 4 * 4 + 3 + 3
     assert len(report["specs"]) == 6 and all(spec["n_test"] > 0 for spec in report["specs"].values())
