@@ -4,8 +4,9 @@
     python ci/gpu_benchmark.py --device cpu --dtype float32 --hidden-size 16 --layers 2 --examples 16   # smoke test
 
 Real weights are not needed for timing: the model is ``circuit_tests.testing.scaled_llama_31_8b`` at
-the real width, Llama-3.1-8B's exact shape (32 layers x 14336 neurons, hidden 4096) with random weights, and the prompts are random token ids
-of SVA length (8 tokens, the patch prompt differing at one position). Reported per stage: seconds
+the real width, Llama-3.1-8B's exact shape (32 layers x 14336 neurons, hidden 4096) with random
+weights, and the prompts are random token ids of SVA length (8 tokens, the patch prompt differing
+at one position). Reported per stage: seconds
 and peak GPU memory. Stages: plain forward+backward over every example (the reference), RelP
 attribution over every example (goal: at most 1.4x the reference), a 10-point faithfulness curve
 of the top 1000 nodes, and top-30 flip rates; 'spec' is the three together (goal: under 60 s on one H100).

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--hidden-size", type=int, default=LLAMA_31_8B["hidden_size"])
     parser.add_argument("--tokenizer", metavar="DIR", help="a tokenizer folder (default: SmolLM2's, from the cache)")
+    parser.add_argument("--json", metavar="PATH", type=Path, help="keep pytest's whole JSON report (--circuit-json) there")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -76,7 +77,10 @@ def main() -> None:
                               f"--circuit-device={args.device}", "--circuit-json=report.json", "-p", "no:cacheprovider", "-q"],
                              cwd=work, capture_output=True, text=True)
         seconds = time.perf_counter() - start
-        rows = json.loads((work / "report.json").read_text())["rows"] if (work / "report.json").exists() else []
+        report = work / "report.json"
+        rows = json.loads(report.read_text())["rows"] if report.exists() else []
+        if args.json and report.exists():
+            shutil.copyfile(report, args.json)
     print(json.dumps({
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", "dtype": args.dtype,
         "hidden_size": args.hidden_size, "checkpoint seconds (build and save)": round(built, 1),

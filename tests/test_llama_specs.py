@@ -29,15 +29,20 @@ def test_without_a_gpu_they_skip_saying_why(pytester):
 
 
 @pytest.mark.slow
-def test_they_run_end_to_end_on_a_scaled_down_random_llama(monkeypatch, capsys):
+def test_they_run_end_to_end_on_a_scaled_down_random_llama(monkeypatch, capsys, tmp_path):
     """Through ``ci/gpu_specs.py``'s CPU mode: the specs copied beside a random Llama-3.1-8B-shaped checkpoint
     (16 wide) saved with SmolLM2's tokenizer, which splits more names than Llama's: the two multi-hop specs
     drop 58% and 50% of their pairs with it, so the copy allows that (max_dropped 0.6) and every claim still runs."""
     script = ROOT / "ci" / "gpu_specs.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--dtype", "float32", "--hidden-size", "16"])
+    monkeypatch.setattr(sys, "argv", [str(script), "--device", "cpu", "--dtype", "float32", "--hidden-size", "16",
+                                      "--json", str(tmp_path / "report.json")])
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts the repository first
     runpy.run_path(str(script), run_name="__main__")  # the script here, its pytest in a process of its own
     report = json.loads(capsys.readouterr().out)
     assert not report["crashed"] and set(report["outcomes"]) <= {"passed", "failed"}  # every expectation measured, none crashed
     assert sum(report["outcomes"].values()) == 4 * 4 + 3 + 3
     assert len(report["specs"]) == 6 and all(spec["n_test"] > 0 for spec in report["specs"].values())
+    rows = {row["spec"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
+    texas = {r["expectation"]: r["message"] for r in rows["llama-texas-california"]["results"]}
+    assert "measured: flip rate" in texas["pinned"] and "x0 -> x1" in texas["scales"]  # the paper's neurons, in range
+    assert "note: 8 of 16 examples dropped for " in texas["pinned"] and rows["llama-texas-california"]["figures"]["n_dropped"] == 8

@@ -31,7 +31,7 @@ def sizes_for(n_nodes: int) -> list[int]:
 
 def areas(faithfulness: Sequence[float] | torch.Tensor) -> tuple[float, float]:
     """(CPR, CMD) of a curve measured at :data:`FRACTIONS`: the trapezoid areas under ``f`` and under ``|1 - f|``."""
-    cpr, cmd = area_tensors(torch.as_tensor(faithfulness))
+    cpr, cmd = area_tensors(torch.as_tensor(faithfulness, dtype=torch.float64))
     return float(cpr), float(cmd)
 
 

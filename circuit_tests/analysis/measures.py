@@ -217,7 +217,8 @@ def faithfulness_curve(
     """
     bounds = torch.tensor([*sizes, *([len(circuit) + 1, 0] if ends is None else [])]).view(-1, 1, 1, 1)
     chosen = {length: ranks < bounds for length, ranks in _ranks(sites, circuit, data).items()}
-    kept, removed = _kept_and_removed(sites, data, chosen, len(sizes) if complement else 0, ablation, seed, batch_size, means)
+    kept, removed = _kept_and_removed(sites, data, chosen, len(sizes) if complement else 0, ablation, seed, batch_size, means,
+                                      "faithfulness curve")
     if ends is not None:
         kept = torch.cat([kept, ends.to(kept.dtype)])
     return Curve(tuple(sizes), kept, removed)
@@ -245,19 +246,19 @@ def kept_alone(
         group = circuits[start : start + COPIES]
         chosen = {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in group])
                   for length in lengths}
-        kept.append(_kept_and_removed(sites, data, chosen, 0, ablation, seed, batch_size, means)[0])
+        kept.append(_kept_and_removed(sites, data, chosen, 0, ablation, seed, batch_size, means, "null draws")[0])
     return torch.cat(kept)
 
 
 def _kept_and_removed(
     sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor], removed_copies: int, ablation: str, seed: int,
-    batch_size: int, means: Means | None,
+    batch_size: int, means: Means | None, what: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[copies, examples]`` preferences with each copy's ``chosen`` nodes (per token length) kept and the rest
-    ablated; and, for the first ``removed_copies``, with only those nodes ablated (empty when 0)."""
+    ablated; and, for the first ``removed_copies``, with only those nodes ablated (empty when 0). ``what`` names the
+    progress bar."""
     kept, removed = [], []
-    for batch, ablate in bar(ablated_chunks(sites, data, ablation, seed, batch_size, means), "faithfulness curve",
-                             len(data.chunks(batch_size))):
+    for batch, ablate in bar(ablated_chunks(sites, data, ablation, seed, batch_size, means), what, len(data.chunks(batch_size))):
         mask = chosen[batch.n_positions]
         kept.append(masked_preferences(sites, batch, mask, None, ablate))
         if removed_copies:
