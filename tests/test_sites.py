@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuit_tests.errors import UnsupportedArchitectureError
-from circuit_tests.model.interventions import intervene, replace, scale
+from circuit_tests.model.interventions import intervene, per_copy, per_copy_logits, replace, scale, shared_positions
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, copies_from, on_neurons
 from circuit_tests.testing import TINY_ARCHITECTURES
@@ -112,6 +112,40 @@ def test_copies_branched_at_a_layer_equal_copies_run_from_the_start(tiny_sites, 
             branched = logits(tiny_sites, tiny_ids)
     torch.testing.assert_close(branched, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(expected[:batch], expected[batch : 2 * batch])  # the copies do differ
+    assert hook_count(tiny_sites) == hooks
+
+
+def _masks(layers: int, positions: int, neurons: int, last_differing: int) -> torch.Tensor:
+    """Five copies: none chosen, a circuit at the last position, all chosen, a circuit reaching back to position
+    ``last_differing``, all chosen but one node at the last position."""
+    chosen = torch.zeros(5, layers, positions, neurons, dtype=torch.bool)
+    chosen[1, :, -1, :7] = True
+    chosen[2] = True
+    chosen[3, 1, last_differing:, 3] = True
+    chosen[4] = True
+    chosen[4, 0, -1, 0] = False
+    return chosen
+
+
+def test_shared_positions_are_those_every_copy_treats_alike():
+    shared, chosen_there = shared_positions(_masks(3, 9, 16, last_differing=4))
+    assert shared == 4 and chosen_there.tolist() == [False, False, True, False, True]
+    assert shared_positions(_masks(3, 9, 16, last_differing=0))[0] == 0  # a node at the first position: nothing shared
+    assert shared_positions(torch.ones(2, 3, 9, 16, dtype=torch.bool))[0] == 8  # the last position always runs per copy
+
+
+@pytest.mark.parametrize("last_differing", [0, 4, 8])
+def test_copies_sharing_their_first_positions_equal_copies_run_whole(tiny_sites, last_differing):
+    """Evaluation runs the positions that all copies treat alike once per way (a key-value cache); the logits must not change."""
+    hooks, generator = hook_count(tiny_sites), torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 200, (3, 9), generator=generator)
+    chosen = _masks(tiny_sites.n_layers, 9, tiny_sites.n_neurons, last_differing)
+    values = [[torch.randn(3, 9, tiny_sites.n_neurons, generator=generator) for _ in range(tiny_sites.n_layers)] for _ in range(2)]
+    for inside, outside in [(None, values[0]), (values[1], None), values]:
+        with per_copy(tiny_sites, chosen, inside, outside):
+            expected = logits(tiny_sites, ids.repeat(5, 1))[:, -1:]
+        torch.testing.assert_close(per_copy_logits(tiny_sites, ids, chosen, inside, outside), expected, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(expected[:3], expected[3:6])  # the copies do differ
     assert hook_count(tiny_sites) == hooks
 
 

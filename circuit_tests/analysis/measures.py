@@ -28,7 +28,7 @@ from circuit_tests.analysis.attribution import neuron_values
 from circuit_tests.analysis.metrics import preference
 from circuit_tests.analysis.stats import fraction_true
 from circuit_tests.model.data import PairedBatch, Tokenized
-from circuit_tests.model.interventions import intervene, per_copy, scale
+from circuit_tests.model.interventions import intervene, per_copy_logits, scale
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.model.sites import NeuronSites, next_token_logits
 from circuit_tests.progress import bar
@@ -134,11 +134,9 @@ def masked_last_logits(
     outside: list[torch.Tensor] | None,
 ) -> torch.Tensor:
     """``[copies, batch, vocab]`` next-token logits on the clean prompts, one copy per mask in ``chosen``
-    (:func:`~circuit_tests.model.interventions.per_copy`)."""
-    copies = chosen.shape[0]
-    with per_copy(sites, chosen, inside, outside):
-        logits = next_token_logits(sites.model, batch.clean_ids.to(sites.device).repeat(copies, 1))
-    return logits.float().view(copies, len(batch), -1)
+    (:func:`~circuit_tests.model.interventions.per_copy_logits`)."""
+    logits = per_copy_logits(sites, batch.clean_ids.to(sites.device), chosen, inside, outside)
+    return logits.float().view(chosen.shape[0], len(batch), -1)
 
 
 def masked_preferences(

@@ -8,7 +8,8 @@ their hooks when the ``with`` block exits, error or not:
   every forward pass inside the block;
 - :func:`per_copy` runs several variants of one batch in one pass: the batch is repeated, and in
   copy ``k`` the nodes chosen for ``k`` take one set of values and the rest another. Circuits of
-  several sizes, with and without ablation, are measured this way in a single forward pass.
+  several sizes, with and without ablation, are measured this way in a single forward pass;
+  :func:`per_copy_logits` runs the first positions that the copies treat alike once, not once a copy.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from circuit_tests.model.nodes import Circuit
-from circuit_tests.model.sites import NeuronSites, on_neurons
+from circuit_tests.model.sites import NeuronSites, next_token_logits, on_neurons
 
 Value = float | torch.Tensor | Sequence[torch.Tensor | None]  # a scalar, a tensor, or one tensor per layer
 
@@ -107,3 +109,53 @@ def per_copy(
 
     with on_neurons(sites, mix):
         yield
+
+
+def shared_positions(chosen: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """How many first positions every copy in ``chosen`` (``[copies, layers, positions, neurons]``) treats alike,
+    and per copy whether its neurons are chosen there.
+
+    A copy treats those positions alike when, at every layer, all of its neurons there are chosen or none
+    are, the same way at each of them. The last position is never counted: it gives the logits.
+    """
+    chosen_any, chosen_all = chosen.any(3).any(1), chosen.all(3).all(1)  # [copies, positions]
+    alike = ((chosen_any == chosen_all) & (chosen_any == chosen_any[:, :1])).all(0)[:-1]
+    return int(alike.int().cumprod(0).sum()), chosen_any[:, 0]
+
+
+def _at(values: Sequence[torch.Tensor] | None, positions: slice) -> list[torch.Tensor] | None:
+    return None if values is None else [layer[:, positions] for layer in values]
+
+
+@torch.no_grad()
+def per_copy_logits(
+    sites: NeuronSites,
+    ids: torch.Tensor,
+    chosen: torch.Tensor,
+    inside: Sequence[torch.Tensor] | None,
+    outside: Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    """``[copies * batch, 1, vocab]``: the next-token logits of :func:`per_copy`'s copies of ``ids`` (``[batch,
+    positions]``, copy-major).
+
+    A circuit of nodes at the last position (a trace aligned at the end) leaves every earlier position
+    of a copy wholly inside (all neurons take ``inside`` values) or wholly outside it. Attention is
+    causal, so those positions compute the same in every copy that treats them the same way: the first
+    positions all copies treat alike (:func:`shared_positions`) run once per way (at most two), and the
+    copies run the rest on a cache of their keys and values. The result equals one pass over all copies
+    up to floating-point summation order.
+    """
+    copies, batch = chosen.shape[0], ids.shape[0]
+    shared, kinds = shared_positions(chosen)
+    if shared == 0:
+        with per_copy(sites, chosen, inside, outside):
+            return next_token_logits(sites.model, ids.repeat(copies, 1))
+    ways = kinds.unique()  # the ways the shared positions are treated: none chosen, all chosen, or both
+    cache = DynamicCache(config=sites.model.config)
+    start = ways.view(-1, 1, 1, 1).expand(len(ways), chosen.shape[1], shared, chosen.shape[3])
+    with per_copy(sites, start, _at(inside, slice(shared)), _at(outside, slice(shared))):
+        next_token_logits(sites.model, ids[:, :shared].repeat(len(ways), 1), cache=cache)
+    way = (kinds.unsqueeze(1) == ways).int().argmax(1)  # per copy, its row block in the cache
+    cache.reorder_cache((way.view(-1, 1) * batch + torch.arange(batch, device=way.device)).flatten())
+    with per_copy(sites, chosen[:, :, shared:], _at(inside, slice(shared, None)), _at(outside, slice(shared, None))):
+        return next_token_logits(sites.model, ids[:, shared:].repeat(copies, 1), cache=cache)

@@ -12,6 +12,8 @@ interventions and captures compose by nesting.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from circuit_tests.errors import UnsupportedArchitectureError
 
@@ -255,8 +257,12 @@ def capture(sites: NeuronSites, grad: bool = False, layers: Iterable[int] | None
         yield acts
 
 
-def next_token_logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def next_token_logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      cache: Cache | None = None) -> torch.Tensor:
     """The model's logits at the last position only, ``[batch, 1, vocab]``.
+
+    With a ``cache``, ``ids`` continue the positions already in it (their keys and values), and
+    theirs are added to it.
 
     Metrics read nothing else, and skipping the vocabulary projection at the other positions
     is the largest saving for small models with big vocabularies (right-padded batches pass their
@@ -268,7 +274,14 @@ def next_token_logits(model: PreTrainedModel, ids: torch.Tensor, attention_mask:
     """
     head = model.get_output_embeddings()
     with registered([head.register_forward_pre_hook(_contiguous_input)] if head is not None else []):
-        return model(ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False).logits
+        kept = {_cache_keyword(type(model)): cache} if cache is not None else {}
+        return model(ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=cache is not None, **kept).logits
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    """The forward's name for a key-value cache: later transformers 5 releases renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _contiguous_input(_: nn.Module, args: tuple) -> tuple:
