@@ -142,15 +142,15 @@ def per_copy_logits(
     of a copy wholly inside (all neurons take ``inside`` values) or wholly outside it. Attention is
     causal, so those positions compute the same in every copy that treats them the same way: the first
     positions all copies treat alike (:func:`shared_positions`) run once per way (at most two), and the
-    copies run the rest on a cache of their keys and values. The result equals one pass over all copies
-    up to floating-point summation order.
+    copies run the rest on a cache of their keys and values (when there are more copies than ways). The
+    result equals one pass over all copies up to floating-point summation order.
     """
     copies, batch = chosen.shape[0], ids.shape[0]
     shared, kinds = shared_positions(chosen)
-    if shared == 0:
+    ways = kinds.unique()  # the ways the shared positions are treated: none chosen, all chosen, or both
+    if shared == 0 or len(ways) == copies:  # nothing to share
         with per_copy(sites, chosen, inside, outside):
             return next_token_logits(sites.model, ids.repeat(copies, 1))
-    ways = kinds.unique()  # the ways the shared positions are treated: none chosen, all chosen, or both
     cache = DynamicCache(config=sites.model.config)
     start = ways.view(-1, 1, 1, 1).expand(len(ways), chosen.shape[1], shared, chosen.shape[3])
     with per_copy(sites, start, _at(inside, slice(shared)), _at(outside, slice(shared))):
