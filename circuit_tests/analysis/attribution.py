@@ -112,10 +112,10 @@ class Scores:
         flat = table.flatten()
         order = _strongest(flat if signed else flat.abs(), limit)
         order = order[flat[order] != 0][:limit]
-        layer, position, neuron = torch.unravel_index(order, table.shape)
+        layer, position, neuron = (index.tolist() for index in torch.unravel_index(order, table.shape))
         offset = table.shape[1] if self.align == "end" else 0
-        return [((int(l), None if aggregate else int(p) - offset, int(n)), float(flat[i]))
-                for l, p, n, i in zip(layer, position, neuron, order)]
+        return [((l, None if aggregate else p - offset, n), score)
+                for l, p, n, score in zip(layer, position, neuron, flat[order].tolist())]
 
     def at(self, nodes: Sequence[Node]) -> torch.Tensor:
         """The signed scores of single (layer, position, neuron) nodes, positions named as :meth:`ranked` names them."""
