@@ -55,7 +55,9 @@ def test_the_curve_is_each_size_measured_alone_and_the_areas_are_its_trapezoids(
     for size, value in zip(area.sizes[:6], area.faithfulness[:6]):
         alone = subject.faithfulness_curve(subject.circuit(size) if ranking == "absolute" else _signed(subject, size), [size],
                                            complement=False).faithfulness[0]
-        assert value == pytest.approx(alone, abs=1e-6) or (math.isnan(value) and math.isnan(alone))
+        # A curve's copies share their first positions on a key-value cache; a size alone runs them whole. Float32 summation
+        # order differs (5e-6 measured, on ratios up to 2.3): 1e-5 allowed, where a wrong circuit moves a value by 0.1 or more.
+        assert value == pytest.approx(alone, abs=1e-5) or (math.isnan(value) and math.isnan(alone))
     f = area.faithfulness
     by_hand = sum((FRACTIONS[i + 1] - FRACTIONS[i]) * (f[i] + f[i + 1]) / 2 for i in range(9))
     gap = sum((FRACTIONS[i + 1] - FRACTIONS[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(9))
