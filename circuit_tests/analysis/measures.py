@@ -11,7 +11,8 @@ examples when every neuron outside ``X`` is ablated:
 - a multiplier sweep: the probability of a token as chosen neurons are scaled.
 
 Circuits of several sizes are evaluated together: each size is one copy of the batch, with its
-own mask, in a single forward pass (:func:`~circuit_tests.model.interventions.per_copy`). Every
+own mask, in a single forward pass whose copies share the first positions they all treat alike
+(:func:`~circuit_tests.model.interventions.per_copy_logits`). Every
 measure runs chunks of at most ``batch_size`` examples (times those copies) and makes ablation
 values chunk by chunk, so memory follows the batch size, not the number of held-out examples.
 """
