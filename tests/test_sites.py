@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuit_tests.errors import UnsupportedArchitectureError
-from circuit_tests.model.interventions import intervene, per_copy, per_copy_logits, replace, scale, shared_positions
+from circuit_tests.model.interventions import intervene, per_copy_logits, replace, scale, shared_positions
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, copies_from, on_neurons
 from circuit_tests.testing import TINY_ARCHITECTURES
@@ -134,15 +134,27 @@ def test_shared_positions_are_those_every_copy_treats_alike():
     assert shared_positions(torch.ones(2, 3, 9, 16, dtype=torch.bool))[0] == 8  # the last position always runs per copy
 
 
+def _mixed(chosen: torch.Tensor, inside: list[torch.Tensor] | None, outside: list[torch.Tensor] | None):
+    """per_copy's values written out plainly, every MLP run whole: chosen neurons take ``inside``, the others ``outside``."""
+    def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:
+        neurons = neurons.view(chosen.shape[0], -1, *neurons.shape[1:])
+        mask = chosen[:, layer].unsqueeze(1)
+        neurons = neurons if inside is None else torch.where(mask, inside[layer], neurons)
+        return (neurons if outside is None else torch.where(mask, neurons, outside[layer])).flatten(0, 1)
+    return mix
+
+
 @pytest.mark.parametrize("last_differing", [0, 4, 8])
 def test_copies_sharing_their_first_positions_equal_copies_run_whole(tiny_sites, last_differing):
-    """Evaluation runs the positions that all copies treat alike once per way (a key-value cache); the logits must not change."""
+    """Evaluation runs the positions that all copies treat alike once per way (a key-value cache), and no MLP where all of a
+    layer's neurons take given values; the logits must not change."""
     hooks, generator = hook_count(tiny_sites), torch.Generator().manual_seed(0)
     ids = torch.randint(4, 200, (3, 9), generator=generator)
     chosen = _masks(tiny_sites.n_layers, 9, tiny_sites.n_neurons, last_differing)
     values = [[torch.randn(3, 9, tiny_sites.n_neurons, generator=generator) for _ in range(tiny_sites.n_layers)] for _ in range(2)]
-    for inside, outside in [(None, values[0]), (values[1], None), values]:
-        with per_copy(tiny_sites, chosen, inside, outside):
+    means = [torch.randn(1, 9, tiny_sites.n_neurons, generator=generator).expand(3, -1, -1) for _ in range(tiny_sites.n_layers)]
+    for inside, outside in [(None, values[0]), (values[1], None), values, (None, means)]:
+        with on_neurons(tiny_sites, _mixed(chosen, inside, outside)):
             expected = logits(tiny_sites, ids.repeat(5, 1))[:, -1:]
         torch.testing.assert_close(per_copy_logits(tiny_sites, ids, chosen, inside, outside), expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(expected[:3], expected[3:6])  # the copies do differ

@@ -69,8 +69,10 @@ def ablated_chunks(
 
 
 def _zeros(sites: NeuronSites, chunk: PairedBatch) -> list[torch.Tensor]:
-    shape = (len(chunk), chunk.n_positions, sites.n_neurons)
-    return [torch.zeros(shape, dtype=sites.model.dtype, device=sites.layer_device(layer)) for layer in range(sites.n_layers)]
+    """Per layer, zeros of ``[chunk, positions, neurons]``, one example's worth expanded (as mean values are)."""
+    shape = (1, chunk.n_positions, sites.n_neurons)
+    return [torch.zeros(shape, dtype=sites.model.dtype, device=sites.layer_device(layer)).expand(len(chunk), -1, -1)
+            for layer in range(sites.n_layers)]
 
 
 def mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int = BATCH_SIZE) -> Means:

@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from circuit_tests.model.nodes import Circuit
-from circuit_tests.model.sites import NeuronSites, next_token_logits, on_neurons
+from circuit_tests.model.sites import NeuronSites, in_place_of_mlps, next_token_logits, on_neurons
 
 Value = float | torch.Tensor | Sequence[torch.Tensor | None]  # a scalar, a tensor, or one tensor per layer
 
@@ -95,10 +95,17 @@ def per_copy(
     ``chosen`` is ``[copies, layers, positions, neurons]`` (bool). In copy ``k``, chosen neurons
     take the ``inside`` values and the others the ``outside`` values (per layer, ``[batch,
     positions, neurons]``); ``None`` keeps the model's own values.
+
+    Where every neuron of a layer at a position takes given values in a copy (a circuit ablates all
+    the others), the MLP's output there is the down projection of those values: it is computed from
+    them, and the MLP runs only on the other positions.
     """
     copies = chosen.shape[0]
+    running: dict[int, torch.Tensor] = {}  # per layer, while its MLP runs on some positions only: which, [rows, positions]
 
     def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:  # on the layer's device, which may be any shard
+        if layer in running:
+            return _mix_some(layer, neurons, running[layer])
         neurons = neurons.view(copies, -1, *neurons.shape[1:])
         mask = chosen[:, layer].unsqueeze(1).to(neurons.device)
         if inside is not None:
@@ -107,8 +114,47 @@ def per_copy(
             neurons = torch.where(mask, neurons, outside[layer].to(neurons.device, neurons.dtype))
         return neurons.flatten(0, 1)
 
-    with on_neurons(sites, mix):
+    def _mix_some(layer: int, neurons: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """``neurons`` is ``[1, cells, neurons]``, the MLP run on the ``cells`` of ``[copies * batch, positions]`` only."""
+        rows, positions = cells.nonzero(as_tuple=True)
+        batch = cells.shape[0] // copies
+        mask, out = chosen[:, layer].to(neurons.device)[rows // batch, positions], neurons[0]
+        if inside is not None:
+            out = torch.where(mask, inside[layer].to(out.device, out.dtype)[rows % batch, positions], out)
+        if outside is not None:
+            out = torch.where(mask, out, outside[layer].to(out.device, out.dtype)[rows % batch, positions])
+        return out.unsqueeze(0)
+
+    def mlp(layer: int, own: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        mask = chosen[:, layer].to(hidden.device)
+        given = [(values, where.repeat_interleave(hidden.shape[0] // copies, 0)) for values, where in (
+            (outside, ~mask.any(-1)), (inside, mask.all(-1))) if values is not None]  # [rows, positions]: all given
+        if not any(bool(where.any()) for _, where in given):
+            return own(hidden)
+        out = hidden.new_empty(hidden.shape)
+        for values, where in given:
+            out[where] = _projected(sites, layer, values[layer], hidden).repeat(copies, 1, 1)[where]
+        rest = ~torch.stack([where for _, where in given]).any(0)
+        if rest.any():
+            running[layer] = rest
+            try:
+                out[rest] = own(hidden[rest].unsqueeze(0))[0].to(out.device)
+            finally:
+                del running[layer]
+        return out
+
+    with on_neurons(sites, mix), in_place_of_mlps(sites, mlp):
         yield
+
+
+def _projected(sites: NeuronSites, layer: int, values: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLP output of ``values`` (``[batch, positions, neurons]``) given as the input of ``layer``'s down projection,
+    without its hooks; values the same for every example (mean ablation) are projected once."""
+    down = sites.sites[layer].down_proj
+    weight = down.weight
+    once = values.stride(0) == 0
+    projected = down.forward((values[:1] if once else values).to(weight.device, weight.dtype).contiguous())
+    return projected.to(hidden.device, hidden.dtype).expand(values.shape[0], -1, -1)
 
 
 def shared_positions(chosen: torch.Tensor) -> tuple[int, torch.Tensor]:

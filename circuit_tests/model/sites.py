@@ -198,6 +198,32 @@ def on_neurons(sites: NeuronSites, fn: PreHook, layers: Iterable[int] | None = N
         yield
 
 
+MlpForward = Callable[[int, Callable[..., torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def in_place_of_mlps(sites: NeuronSites, fn: MlpForward) -> Iterator[None]:
+    """Inside the block, each layer's MLP computes ``fn(layer, own, hidden)``, where ``own`` is its own forward
+    (hooks included, when ``fn`` calls it) and ``hidden`` is ``[batch, positions, hidden]``: ``fn`` may run
+    ``own`` on some of the rows, or none. The MLPs' forwards are put back on exit, error or not.
+    """
+    before = [site.mlp.__dict__.get("forward") for site in sites.sites]  # accelerate's device hooks live there
+
+    def replacement(layer: int, own: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda hidden, *args, **kwargs: fn(layer, lambda rows: own(rows, *args, **kwargs), hidden)
+
+    try:
+        for site in sites.sites:
+            site.mlp.forward = replacement(site.layer, site.mlp.forward)
+        yield
+    finally:
+        for site, forward in zip(sites.sites, before):
+            if forward is None:
+                site.mlp.__dict__.pop("forward", None)
+            else:
+                site.mlp.forward = forward
+
+
 @contextmanager
 def copies_from(sites: NeuronSites, layer: int, copies: int) -> Iterator[None]:
     """Forward passes inside run their batch once below ``layer``, then as ``copies`` stacked copies.
