@@ -104,26 +104,24 @@ def per_copy(
     running: dict[int, torch.Tensor] = {}  # per layer, while its MLP runs on some positions only: which, [rows, positions]
 
     def mix(layer: int, neurons: torch.Tensor) -> torch.Tensor:  # on the layer's device, which may be any shard
-        if layer in running:
-            return _mix_some(layer, neurons, running[layer])
-        neurons = neurons.view(copies, -1, *neurons.shape[1:])
-        mask = chosen[:, layer].unsqueeze(1).to(neurons.device)
-        if inside is not None:
-            neurons = torch.where(mask, inside[layer].to(neurons.device, neurons.dtype), neurons)
-        if outside is not None:
-            neurons = torch.where(mask, neurons, outside[layer].to(neurons.device, neurons.dtype))
-        return neurons.flatten(0, 1)
+        mask = chosen[:, layer].to(neurons.device)
+        if layer in running:  # neurons is [1, cells, neurons]: the MLP runs on those cells of [copies * batch, positions]
+            rows, positions = running[layer].nonzero(as_tuple=True)
+            batch = running[layer].shape[0] // copies
+            cells = with_values(layer, mask[rows // batch, positions], neurons[0], lambda values: values[rows % batch, positions])
+            return cells.unsqueeze(0)
+        stacked = neurons.view(copies, -1, *neurons.shape[1:])
+        return with_values(layer, mask.unsqueeze(1), stacked, lambda values: values).flatten(0, 1)
 
-    def _mix_some(layer: int, neurons: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """``neurons`` is ``[1, cells, neurons]``, the MLP run on the ``cells`` of ``[copies * batch, positions]`` only."""
-        rows, positions = cells.nonzero(as_tuple=True)
-        batch = cells.shape[0] // copies
-        mask, out = chosen[:, layer].to(neurons.device)[rows // batch, positions], neurons[0]
+    def with_values(layer: int, mask: torch.Tensor, neurons: torch.Tensor, at: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> torch.Tensor:
+        """``neurons`` with the ``inside`` values where ``mask`` is set and the ``outside`` values elsewhere; ``at`` picks
+        those of the layer's ``[batch, positions, neurons]`` values that line up with ``neurons``."""
         if inside is not None:
-            out = torch.where(mask, inside[layer].to(out.device, out.dtype)[rows % batch, positions], out)
+            neurons = torch.where(mask, at(inside[layer].to(neurons.device, neurons.dtype)), neurons)
         if outside is not None:
-            out = torch.where(mask, out, outside[layer].to(out.device, out.dtype)[rows % batch, positions])
-        return out.unsqueeze(0)
+            neurons = torch.where(mask, neurons, at(outside[layer].to(neurons.device, neurons.dtype)))
+        return neurons
 
     def mlp(layer: int, own: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         mask = chosen[:, layer].to(hidden.device)
