@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from circuit_tests.errors import UnsupportedArchitectureError
 from circuit_tests.model.interventions import intervene, per_copy_logits, replace, scale, shared_positions
 from circuit_tests.model.nodes import Circuit
-from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, copies_from, on_neurons
+from circuit_tests.model.sites import ARCHITECTURES, NeuronSites, capture, copies_from, in_place_of_mlps, on_neurons
 from circuit_tests.testing import TINY_ARCHITECTURES
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -159,6 +159,19 @@ def test_copies_sharing_their_first_positions_equal_copies_run_whole(tiny_sites,
         torch.testing.assert_close(per_copy_logits(tiny_sites, ids, chosen, inside, outside), expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(expected[:3], expected[3:6])  # the copies do differ
     assert hook_count(tiny_sites) == hooks
+    assert not any("forward" in vars(site.mlp) for site in tiny_sites.sites)  # the MLPs' own forwards are back
+
+
+def test_mlps_get_their_own_forwards_back_after_an_error(tiny_sites, tiny_ids):
+    before = logits(tiny_sites, tiny_ids)
+
+    def boom(layer: int, own, hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), in_place_of_mlps(tiny_sites, boom):
+        logits(tiny_sites, tiny_ids)
+    assert not any("forward" in vars(site.mlp) for site in tiny_sites.sites)
+    torch.testing.assert_close(logits(tiny_sites, tiny_ids), before)
 
 
 def test_hooks_are_removed_on_exit_and_on_error(tiny_sites, tiny_ids):

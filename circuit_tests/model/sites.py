@@ -204,8 +204,9 @@ MlpForward = Callable[[int, Callable[..., torch.Tensor], torch.Tensor], torch.Te
 @contextmanager
 def in_place_of_mlps(sites: NeuronSites, fn: MlpForward) -> Iterator[None]:
     """Inside the block, each layer's MLP computes ``fn(layer, own, hidden)``, where ``own`` is its own forward
-    (hooks included, when ``fn`` calls it) and ``hidden`` is ``[batch, positions, hidden]``: ``fn`` may run
-    ``own`` on some of the rows, or none. The MLPs' forwards are put back on exit, error or not.
+    (the hooks of its submodules, such as the down projection's, run when ``fn`` calls it) and ``hidden`` is
+    ``[batch, positions, hidden]``: ``fn`` may run ``own`` on some of the rows, or none. The MLPs' forwards
+    are put back on exit, error or not.
     """
     before = [site.mlp.__dict__.get("forward") for site in sites.sites]  # accelerate's device hooks live there
 
