@@ -129,9 +129,10 @@ def per_copy(
             (outside, ~mask.any(-1)), (inside, mask.all(-1))) if values is not None]  # [rows, positions]: all given
         if not any(bool(where.any()) for _, where in given):
             return own(hidden)
-        out = hidden.new_empty(hidden.shape)
+        out, batch = hidden.new_empty(hidden.shape), hidden.shape[0] // copies
         for values, where in given:
-            out[where] = _projected(sites, layer, values[layer], hidden).repeat(copies, 1, 1)[where]
+            rows, positions = where.nonzero(as_tuple=True)
+            out[rows, positions] = _projected(sites, layer, values[layer], hidden)[rows % batch, positions]
         rest = ~torch.stack([where for _, where in given]).any(0)
         if rest.any():
             running[layer] = rest
