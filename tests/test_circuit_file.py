@@ -39,16 +39,20 @@ def test_an_exported_circuit_is_the_specs_top_nodes_and_measures_the_same_pinned
     assert [tuple(row[:3]) for row in exported["nodes"]] == list(subject.circuit(20).nodes)
     scores = [abs(row[3]) for row in exported["nodes"]]
     assert scores == sorted(scores, reverse=True) and all(position < 0 for _, position, _, _ in exported["nodes"])
-    whole, top = exported["measured"]["faithfulness"], subject.faithfulness(10).value
+    whole, top, flips = exported["measured"]["faithfulness"], subject.faithfulness(10).value, subject.flip_rate(20).value
     assert whole == pytest.approx(subject.faithfulness(20).value, abs=1e-6) and exported["measured"]["n_test"] == subject.test.n_examples
 
     # pinned back, its top 10 nodes measure what the spec's top 10 do: thresholds either side of that pass and fail
     project.path.joinpath("specs", "pinned.yaml").write_text(SPEC.replace("agree", "pinned").replace("  - behaves: {min_accuracy: 0.01}\n", (
         f"  - pinned: {{id: below, circuit: ../circuit.json, nodes: 10, min_faithfulness: {top - 0.001}}}\n"
         f"  - pinned: {{id: above, circuit: ../circuit.json, nodes: 10, min_faithfulness: {top + 0.001}}}\n"
-        f"  - pinned: {{id: whole, circuit: ../circuit.json, min_faithfulness: {whole - 0.001}}}\n")))
-    result = project.runpytest("specs/pinned.yaml", "-p", "no:cacheprovider")
+        f"  - pinned: {{id: whole, circuit: ../circuit.json, min_faithfulness: {whole - 0.001}, min_flip_rate: {flips - 0.001}}}\n")))
+    result = project.runpytest("specs/pinned.yaml", "-p", "no:cacheprovider", "--circuit-json", "r.json")
     result.assert_outcomes(passed=2, failed=1)
+    # every pinned figure reaches the report; a circuit measured alone and one in a curve differ by float32 summation order
+    pinned = json.loads((project.path / "r.json").read_text())["rows"][0]["figures"]["pinned"]
+    assert pinned == {"the top 10 nodes of ../circuit.json": {"faithfulness": pytest.approx(top, abs=1e-5)},
+                      "the top 20 nodes of ../circuit.json": {"flip_rate": flips, "faithfulness": pytest.approx(whole, abs=1e-5)}}
     result.stdout.fnmatch_lines([f"*expected: the top 10 nodes of ../circuit.json alone are >= {top + 0.001:g} faithful (mean ablation)",
                                  f"*measured: faithfulness {top:.3f}*on {subject.test.n_examples} held-out examples"])
     assert any(line.startswith("FAILED specs/pinned.yaml::pinned::above") for line in result.stdout.lines)

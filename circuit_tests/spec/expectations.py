@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from circuit_tests.analysis.cards import Card
-from circuit_tests.analysis.stats import Interval, bootstrap, fraction_true
+from circuit_tests.analysis.stats import Interval, bootstrap
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes, in_prompt, moved
@@ -205,12 +205,12 @@ def _pinned(subject: Subject, params: Pinned) -> Outcome:
             f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(circuit)} pinned neurons") + at
     expected, measured, passed = [], [], True
     if params.min_flip_rate is not None:
-        value = fraction_true(subject.flips(circuit))
+        value = subject.pinned(what, circuit, "flip_rate").value
         passed = value >= params.min_flip_rate
         expected.append(f"patching {what} from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers")
         measured.append(f"flip rate {_shown(value, params.min_flip_rate)}")
     if params.min_faithfulness is not None:
-        found = subject.faithfulness_of(circuit)
+        found = subject.pinned(what, circuit, "faithfulness")
         expected.append(f"{what} alone are >= {_bound(params.min_faithfulness)} faithful ({subject.spec.trace.ablation} ablation)")
         if not math.isfinite(found.value):
             return Outcome(False, "; ".join(expected), _undefined(subject, "faithfulness"))

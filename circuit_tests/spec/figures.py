@@ -115,6 +115,7 @@ class Figures:
     flip_rate: dict[int, float] = field(default_factory=dict)  # by circuit size
     steering: dict[int, float] = field(default_factory=dict)  # by neurons patched
     sweep: dict[str, dict[str, float]] = field(default_factory=dict)  # "N neurons" -> factor -> mean P(token)
+    pinned: dict[str, dict[str, float]] = field(default_factory=dict)  # what is pinned -> "flip_rate"/"faithfulness" -> value
     top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
     circuit: list[list] = field(default_factory=list)  # the same rows for stable's circuit, else the nodes for 0.8 (or 100)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("trace", "faithfulness curve", ...), cached or not
@@ -150,6 +151,8 @@ class Figures:
             data["steering"] = {str(size): rate for size, rate in self.steering.items()}
         if self.sweep:
             data["sweep"] = self.sweep
+        if self.pinned:
+            data["pinned"] = self.pinned
         if self.top:
             data["top"] = self.top
         if self.circuit:
@@ -198,7 +201,7 @@ class Figures:
                    for key, null in data.get("nulls", {}).items()}, nodes_for_08=data.get("nodes_for_0.8"),
             flip_rate={int(size): rate for size, rate in data.get("flip_rate", {}).items()},
             steering={int(size): rate for size, rate in data.get("steering", {}).items()},
-            sweep=data.get("sweep", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),
+            sweep=data.get("sweep", {}), pinned=data.get("pinned", {}), top=data.get("top", []), circuit=data.get("circuit", []), tokens=data.get("tokens", {}),
             cards=data.get("cards", {}), moved=data.get("moved", {}), graph=data.get("graph"), timings=data.get("timings", {}), overlap=data.get("overlap"),
             baseline=data.get("baseline"), stored_circuit_faithfulness=data.get("stored_circuit_faithfulness"),
             stored_baseline=BaselineFigures.from_json(stored) if stored else None,

@@ -364,6 +364,8 @@ def _section(row: Row) -> str:
                 f"{null.circuit:.3f} against a mean of {null.circuit - null.margin:.3f}: margin {null.margin:+.3f}, p = {null.p:.3f}")
                for null in figures.nulls.values()),
              ("flip rate", _rates(figures.flip_rate)), ("steering success", _rates(figures.steering)),
+             *((f"pinned: {what}", ", ".join(f"{figure.replace('_', ' ')} {value:.3f}" for figure, value in measured.items()))
+               for what, measured in figures.pinned.items()),
              ("overlap with baseline", _number(figures.overlap))]
     fact_rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     results = "".join(

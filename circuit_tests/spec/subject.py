@@ -439,10 +439,18 @@ class Subject:
         self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
         return tensors
 
+    def pinned(self, name: str, circuit: Circuit, figure: str) -> Measured:
+        """``figure`` ("flip_rate" or "faithfulness") of a pinned circuit, recorded in the figures under ``name``."""
+        measured = self.faithfulness_of(circuit) if figure == "faithfulness" else self._hit_rate(self.flips(circuit))
+        self.figures.pinned.setdefault(name, {})[figure] = measured.value
+        return measured
+
     def _rate(self, memo: dict, key: object, compute) -> Measured:
         if key not in memo:
             memo[key] = compute()
-        hits = memo[key]
+        return self._hit_rate(memo[key])
+
+    def _hit_rate(self, hits: torch.Tensor) -> Measured:
         return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(-1), [hits], seed=self.spec.task.seed), hits.numel())
 
 
