@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from circuit_tests.analysis.attribution import AttributionOptions, attribute
-from circuit_tests.analysis.measures import accuracy, faithfulness_curve, faithfulness_from, flip_rates, nodes_for
+from circuit_tests.analysis.measures import accuracy, faithfulness_curve, faithfulness_from, flip_rates, flips_of_each, nodes_for
 from circuit_tests.analysis.selection import top_k
 from circuit_tests.analysis.stats import bootstrap
 from circuit_tests.model.data import read_jsonl, split, tokenize_pairs
@@ -65,3 +66,12 @@ def test_patching_30_neurons_flips_agreement(simple):
     sites, test_data, circuit, _ = simple
     flips = flip_rates(sites, test_data, circuit, [30])[0]
     assert bootstrap(lambda f: f.mean(-1), [flips])[0] >= FLOOR_FLIP_30
+
+
+def test_circuits_patched_together_flip_what_each_flips_alone(simple):
+    """``flips_of_each`` (a null's random draws run as copies of one pass) against each circuit patched alone."""
+    sites, test_data, circuit, _ = simple
+    circuits = [circuit.top(size) for size in (20, 2, 10, 4)]  # flip 38, 1, 15 and 2 of the 40 examples
+    alone = torch.cat([flip_rates(sites, test_data, one, [len(one)]) for one in circuits])
+    assert len({tuple(row.tolist()) for row in alone}) == len(circuits)  # each flips other examples: the order shows
+    assert torch.equal(flips_of_each(sites, test_data, circuits), alone)

@@ -77,3 +77,4 @@ def test_the_null_is_measured_like_the_claim_on_a_tiny_model(project, loaded, ki
     assert outcome.passed == (null.circuit >= 0.01 and null.p <= 0.9) and "random circuits" in outcome.message
     page = _section(Row("agreement", "ckpt", "agreement.yaml", "", figures=subject.figures))
     assert f"{figure} of the top 40 against 4 random circuits of its shape" in page and f"p = {null.p:.3f}" in page
+

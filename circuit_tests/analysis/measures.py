@@ -122,12 +122,6 @@ def _counterfactual_chunks(
 # --------------------------------------------------------------------------- runs with a circuit's nodes replaced
 
 
-def _ranks(sites: NeuronSites, circuit: Circuit, data: Tokenized) -> dict[int, torch.Tensor]:
-    """Per token length in ``data``, the ``[1, layers, positions, neurons]`` ranks of the circuit's nodes."""
-    lengths = {batch.n_positions for batch in data.batches}
-    return {length: circuit.ranks(sites.n_layers, length, sites.n_neurons).unsqueeze(0) for length in lengths}
-
-
 @torch.no_grad()
 def masked_last_logits(
     sites: NeuronSites,
@@ -160,14 +154,26 @@ def _preferences_per_copy(logits: torch.Tensor, batch: PairedBatch) -> torch.Ten
 
 
 def _patched(
-    sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], batch_size: int, what: str
+    sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor], batch_size: int, what: str
 ) -> Iterator[tuple[PairedBatch, torch.Tensor]]:
-    """Each chunk with its ``[len(sizes), chunk, vocab]`` logits when the top ``sizes`` nodes take counterfactual values."""
-    ranks = _ranks(sites, circuit, data)
-    bounds = torch.tensor(list(sizes)).view(-1, 1, 1, 1)
+    """Each chunk with its ``[copies, chunk, vocab]`` logits when each copy's ``chosen`` nodes (``[copies, layers,
+    positions, neurons]`` per token length) take counterfactual values."""
     chunks = ablated_chunks(sites, data, PATCH, batch_size=batch_size)
     for batch, counterfactual in bar(chunks, what, len(data.chunks(batch_size))):
-        yield batch, masked_last_logits(sites, batch, ranks[batch.n_positions] < bounds, counterfactual, None)
+        yield batch, masked_last_logits(sites, batch, chosen[batch.n_positions], counterfactual, None)
+
+
+def _top(sites: NeuronSites, circuit: Circuit, sizes: Sequence[int], data: Tokenized) -> dict[int, torch.Tensor]:
+    """Per token length in ``data``, which nodes the top ``sizes`` of ``circuit`` are: ``[len(sizes), layers, positions, neurons]``."""
+    lengths, bounds = {batch.n_positions for batch in data.batches}, torch.tensor(list(sizes)).view(-1, 1, 1, 1)
+    return {length: circuit.ranks(sites.n_layers, length, sites.n_neurons) < bounds for length in lengths}
+
+
+def _alone(sites: NeuronSites, circuits: Sequence[Circuit], data: Tokenized) -> dict[int, torch.Tensor]:
+    """Per token length in ``data``, which nodes each of ``circuits`` is: ``[len(circuits), layers, positions, neurons]``."""
+    lengths = {batch.n_positions for batch in data.batches}
+    return {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in circuits])
+            for length in lengths}
 
 
 # --------------------------------------------------------------------------- measures
@@ -216,8 +222,7 @@ def faithfulness_curve(
     caller measuring many circuits on one split does; such a caller passes the split's ``means`` too, for
     mean ablation (:func:`ablated_chunks`).
     """
-    bounds = torch.tensor([*sizes, *([len(circuit) + 1, 0] if ends is None else [])]).view(-1, 1, 1, 1)
-    chosen = {length: ranks < bounds for length, ranks in _ranks(sites, circuit, data).items()}
+    chosen = _top(sites, circuit, [*sizes, *([len(circuit) + 1, 0] if ends is None else [])], data)
     kept, removed = _kept_and_removed(sites, data, chosen, len(sizes) if complement else 0, ablation, seed, batch_size, means,
                                       "faithfulness curve")
     if ends is not None:
@@ -241,14 +246,8 @@ def kept_alone(
     """``[len(circuits), examples]``: each example's preference with each circuit alone kept, the rest ablated (what
     :func:`faithfulness_from` takes, with :func:`curve_ends`). Circuits of unrelated nodes (random draws, say) run as
     copies of one pass, ``COPIES`` at a time."""
-    kept = []
-    lengths = {batch.n_positions for batch in data.batches}
-    for start in range(0, len(circuits), COPIES):
-        group = circuits[start : start + COPIES]
-        chosen = {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in group])
-                  for length in lengths}
-        kept.append(_kept_and_removed(sites, data, chosen, 0, ablation, seed, batch_size, means, "null draws")[0])
-    return torch.cat(kept)
+    return torch.cat([_kept_and_removed(sites, data, _alone(sites, circuits[start : start + COPIES], data), 0, ablation, seed,
+                                        batch_size, means, "null draws")[0] for start in range(0, len(circuits), COPIES)])
 
 
 def _kept_and_removed(
@@ -309,9 +308,18 @@ def flip_rates(
 ) -> torch.Tensor:
     """``[len(sizes), examples]``: whether each example's preferred answer flips when the top nodes take
     counterfactual values."""
-    flips = []
-    for batch, logits in _patched(sites, data, circuit, sizes, batch_size, "flip rates"):
-        flips.append(_preferences_per_copy(logits, batch) < 0)
+    return _flips(sites, data, _top(sites, circuit, sizes, data), batch_size, "flip rates")
+
+
+def flips_of_each(sites: NeuronSites, data: Tokenized, circuits: Sequence[Circuit], *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """``[len(circuits), examples]``: whether each example's preferred answer flips when each circuit alone takes
+    counterfactual values. Circuits of unrelated nodes (random draws, say) run as copies of one pass, ``COPIES`` at a time."""
+    return torch.cat([_flips(sites, data, _alone(sites, circuits[start : start + COPIES], data), batch_size, "null draws")
+                      for start in range(0, len(circuits), COPIES)])
+
+
+def _flips(sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor], batch_size: int, what: str) -> torch.Tensor:
+    flips = [_preferences_per_copy(logits, batch) < 0 for batch, logits in _patched(sites, data, chosen, batch_size, what)]
     return torch.cat(flips, 1).float().cpu()
 
 
@@ -320,7 +328,7 @@ def patch_success(
 ) -> torch.Tensor:
     """``[len(sizes), examples]``: 1 where the top answer becomes ``patch_answer`` with the top nodes patched."""
     hits = []
-    for batch, logits in _patched(sites, data, circuit, sizes, batch_size, "steering"):
+    for batch, logits in _patched(sites, data, _top(sites, circuit, sizes, data), batch_size, "steering"):
         top = logits.argmax(-1)
         hits.append(top == batch.patch_answer.to(top.device))
     return torch.cat(hits, 1).float().cpu()

@@ -32,6 +32,7 @@ from circuit_tests.analysis.measures import (
     faithfulness_curve,
     faithfulness_from,
     flip_rates,
+    flips_of_each,
     kept_alone,
     mean_counterfactuals,
     multiplier_sweep,
@@ -46,7 +47,6 @@ from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_ch
 from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
-from circuit_tests.progress import bar
 from circuit_tests.spec.figures import AgreementFigures, AreaFigures, CurveFigures, Figures, NullFigures
 from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
@@ -305,8 +305,7 @@ class Subject:
             if figure == "faithfulness":
                 value, nulls = self.faithfulness(size).value, self.faithfulness_of_each(randoms)
             else:
-                value = self.flip_rate(size).value
-                nulls = [fraction_true(self.flips(random)) for random in bar(randoms, "null draws")]
+                value, nulls = self.flip_rate(size).value, [fraction_true(flips) for flips in self.flips_of_each(randoms)]
             self.figures.nulls[key] = NullFigures(figure, size, value, nulls)
         return self.figures.nulls[key]
 
@@ -359,6 +358,12 @@ class Subject:
                              "seed": seed}, {"kept"}, lambda: {"kept": kept_alone(
                                  self.sites, self.test, circuits, ablation, seed, batch_size=self.batch_size, means=self.means)})
         return faithfulness_from(kept["kept"], self.ends[0], self.ends[1]).tolist()
+
+    def flips_of_each(self, circuits: Sequence[Circuit]) -> torch.Tensor:
+        """``[len(circuits), held-out examples]``: 1 where patching each circuit alone (random draws, say) flips the
+        preferred answer, measured together (:func:`~circuit_tests.analysis.measures.flips_of_each`)."""
+        return self._measure("null flips", {"circuits": [_digest(circuit.nodes) for circuit in circuits]}, {"flips"},
+                             lambda: {"flips": flips_of_each(self.sites, self.test, circuits, batch_size=self.batch_size)})["flips"]
 
     def faithfulness(self, size: int) -> Measured:
         """Faithfulness of the top ``size`` nodes, with its bootstrap interval."""
