@@ -30,7 +30,8 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuit_tests.model.loading import load_model  # noqa: E402
+from circuit_tests.model.loading import checkpoint_dir  # noqa: E402
+from circuit_tests.model.references import parse_model_ref  # noqa: E402
 from circuit_tests.testing import LLAMA_31_8B, scaled_llama_31_8b  # noqa: E402
 
 FOLDERS = ("specs/llama-3.1-8b", "fixtures/multihop", "fixtures/sva")
@@ -39,7 +40,8 @@ MULTI_HOP = ("state_capitals.yaml", "texas_california.yaml")
 
 def checkpoint(args: argparse.Namespace, path: Path) -> None:
     """A random Llama-3.1-8B-shaped checkpoint at ``path``, with its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_model("smollm2-135m-instruct").tokenizer
+    folder = args.tokenizer or checkpoint_dir(parse_model_ref("smollm2-135m-instruct"))  # SmolLM2's, converted once, not loaded
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     scaled_llama_31_8b(len(tokenizer), args.hidden_size, dtype=getattr(torch, args.dtype), device=args.device).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
