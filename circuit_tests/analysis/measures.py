@@ -164,13 +164,15 @@ def _patched(
 
 
 def _top(sites: NeuronSites, circuit: Circuit, sizes: Sequence[int], data: Tokenized) -> dict[int, torch.Tensor]:
-    """Per token length in ``data``, which nodes the top ``sizes`` of ``circuit`` are: ``[len(sizes), layers, positions, neurons]``."""
+    """Per token length in ``data``, which nodes the top ``sizes`` of ``circuit`` are: ``[len(sizes), layers, positions,
+    neurons]``."""
     lengths, bounds = {batch.n_positions for batch in data.batches}, torch.tensor(list(sizes)).view(-1, 1, 1, 1)
     return {length: circuit.ranks(sites.n_layers, length, sites.n_neurons) < bounds for length in lengths}
 
 
 def _alone(sites: NeuronSites, circuits: Sequence[Circuit], data: Tokenized) -> dict[int, torch.Tensor]:
-    """Per token length in ``data``, which nodes each of ``circuits`` is: ``[len(circuits), layers, positions, neurons]``."""
+    """Per token length in ``data``, which nodes each of ``circuits`` is: ``[len(circuits), layers, positions,
+    neurons]``."""
     lengths = {batch.n_positions for batch in data.batches}
     return {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in circuits])
             for length in lengths}

@@ -398,6 +398,12 @@ class Subject:
         return self._measure("flips", {"circuit": _digest(circuit.nodes)}, {"flips"}, lambda: {
             "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
 
+    def pinned(self, name: str, circuit: Circuit, figure: str) -> Measured:
+        """``figure`` ("flip_rate" or "faithfulness") of a pinned circuit, recorded in the figures under ``name``."""
+        measured = self.faithfulness_of(circuit) if figure == "faithfulness" else self._hit_rate(self.flips(circuit))
+        self.figures.pinned.setdefault(name, {})[figure] = measured.value
+        return measured
+
     def steering(self, circuit: Circuit) -> Measured:
         """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
         measured = self._rate(self._steering, circuit.nodes, lambda: self._measure(
@@ -443,12 +449,6 @@ class Subject:
         tensors = self.traces.measured(self.loaded, key, names, compute, self.test.n_examples)
         self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
         return tensors
-
-    def pinned(self, name: str, circuit: Circuit, figure: str) -> Measured:
-        """``figure`` ("flip_rate" or "faithfulness") of a pinned circuit, recorded in the figures under ``name``."""
-        measured = self.faithfulness_of(circuit) if figure == "faithfulness" else self._hit_rate(self.flips(circuit))
-        self.figures.pinned.setdefault(name, {})[figure] = measured.value
-        return measured
 
     def _rate(self, memo: dict, key: object, compute) -> Measured:
         if key not in memo:
