@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from circuit_tests.analysis import measures
 from circuit_tests.analysis.attribution import AttributionOptions, attribute
 from circuit_tests.analysis.measures import accuracy, faithfulness_curve, faithfulness_from, flip_rates, flips_of_each, nodes_for
 from circuit_tests.analysis.selection import top_k
@@ -68,8 +69,10 @@ def test_patching_30_neurons_flips_agreement(simple):
     assert bootstrap(lambda f: f.mean(-1), [flips])[0] >= FLOOR_FLIP_30
 
 
-def test_circuits_patched_together_flip_what_each_flips_alone(simple):
-    """``flips_of_each`` (a null's random draws run as copies of one pass) against each circuit patched alone."""
+def test_circuits_patched_together_flip_what_each_flips_alone(simple, monkeypatch):
+    """``flips_of_each`` (a null's random draws run as copies of one pass, here 3 at a time) against each circuit patched
+    alone."""
+    monkeypatch.setattr(measures, "COPIES", 3)
     sites, test_data, circuit, _ = simple
     circuits = [circuit.top(size) for size in (20, 2, 10, 4)]  # flip 38, 1, 15 and 2 of the 40 examples
     alone = torch.cat([flip_rates(sites, test_data, one, [len(one)]) for one in circuits])

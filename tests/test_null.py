@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 from test_subject import loaded, project  # noqa: F401 -- the tiny model and its agreement data
 
+from circuit_tests.analysis import measures
 from circuit_tests.analysis.selection import matched_random
 from circuit_tests.errors import SpecError
 from circuit_tests.model.nodes import Circuit
@@ -59,7 +60,8 @@ def test_a_null_that_no_circuit_could_pass_is_refused(project):  # noqa: F811
 
 
 @pytest.mark.parametrize("kind", ["sparse", "flips"])
-def test_the_null_is_measured_like_the_claim_on_a_tiny_model(project, loaded, kind):  # noqa: F811
+def test_the_null_is_measured_like_the_claim_on_a_tiny_model(project, loaded, kind, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(measures, "COPIES", 3)  # the 4 draws run as two groups of copies
     claim = {"sparse": {"max_nodes": 40, "min_faithfulness": 0.01}, "flips": {"nodes": 40, "min_flip_rate": 0.01}}[kind]
     raw = {"name": "agreement", "models": [str(project / "ckpt")], "task": {"dataset": "data.jsonl", "test_fraction": 0.5},
            "trace": {"ablation": "mean"}, "expect": [{kind: claim | {"vs_random": {"draws": 4, "max_p": 0.9}}}]}

@@ -170,12 +170,17 @@ def _top(sites: NeuronSites, circuit: Circuit, sizes: Sequence[int], data: Token
     return {length: circuit.ranks(sites.n_layers, length, sites.n_neurons) < bounds for length in lengths}
 
 
-def _alone(sites: NeuronSites, circuits: Sequence[Circuit], data: Tokenized) -> dict[int, torch.Tensor]:
-    """Per token length in ``data``, which nodes each of ``circuits`` is: ``[len(circuits), layers, positions,
-    neurons]``."""
+COPIES = 20  # circuits of unrelated nodes (random draws) measured together, as copies of one pass
+
+
+def _alone(sites: NeuronSites, circuits: Sequence[Circuit], data: Tokenized) -> Iterator[dict[int, torch.Tensor]]:
+    """``circuits`` of unrelated nodes (random draws, say) in groups of ``COPIES``, each group run as copies of one pass:
+    per token length in ``data``, which nodes each circuit of the group is, ``[group, layers, positions, neurons]``."""
     lengths = {batch.n_positions for batch in data.batches}
-    return {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in circuits])
-            for length in lengths}
+    for start in range(0, len(circuits), COPIES):
+        group = circuits[start : start + COPIES]
+        yield {length: torch.stack([circuit.ranks(sites.n_layers, length, sites.n_neurons) < len(circuit) for circuit in group])
+               for length in lengths}
 
 
 # --------------------------------------------------------------------------- measures
@@ -232,9 +237,6 @@ def faithfulness_curve(
     return Curve(tuple(sizes), kept, removed)
 
 
-COPIES = 20  # circuits of unrelated nodes (random draws) measured together, as copies of one pass
-
-
 def kept_alone(
     sites: NeuronSites,
     data: Tokenized,
@@ -248,8 +250,8 @@ def kept_alone(
     """``[len(circuits), examples]``: each example's preference with each circuit alone kept, the rest ablated (what
     :func:`faithfulness_from` takes, with :func:`curve_ends`). Circuits of unrelated nodes (random draws, say) run as
     copies of one pass, ``COPIES`` at a time."""
-    return torch.cat([_kept_and_removed(sites, data, _alone(sites, circuits[start : start + COPIES], data), 0, ablation, seed,
-                                        batch_size, means, "null draws")[0] for start in range(0, len(circuits), COPIES)])
+    return torch.cat([_kept_and_removed(sites, data, chosen, 0, ablation, seed, batch_size, means, "null draws")[0]
+                      for chosen in _alone(sites, circuits, data)])
 
 
 def _kept_and_removed(
@@ -316,8 +318,7 @@ def flip_rates(
 def flips_of_each(sites: NeuronSites, data: Tokenized, circuits: Sequence[Circuit], *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
     """``[len(circuits), examples]``: whether each example's preferred answer flips when each circuit alone takes
     counterfactual values. Circuits of unrelated nodes (random draws, say) run as copies of one pass, ``COPIES`` at a time."""
-    return torch.cat([_flips(sites, data, _alone(sites, circuits[start : start + COPIES], data), batch_size, "null draws")
-                      for start in range(0, len(circuits), COPIES)])
+    return torch.cat([_flips(sites, data, chosen, batch_size, "null draws") for chosen in _alone(sites, circuits, data)])
 
 
 def _flips(sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor], batch_size: int, what: str) -> torch.Tensor:
