@@ -35,6 +35,7 @@ from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.model.series import expand_series, first_failure, in_training_order
 from circuit_tests.model.sites import NeuronSites
+from circuit_tests.plugin import is_spec_path
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
@@ -47,7 +48,6 @@ from circuit_tests.spec.schema import (
     Expectation,
     Spec,
     Task,
-    is_spec_path,
     json_schema,
     load_spec,
     parse_yaml,

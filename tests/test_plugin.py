@@ -258,13 +258,35 @@ def test_python_tests_use_the_same_machinery_through_fixtures(pytester):
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+def test_a_run_without_specs_or_options_never_imports_torch(pytester):
+    """The plugin loads in every pytest run of the environment; torch and transformers wait for a spec."""
+    pytester.makepyfile(test_plain="""
+        import sys
+
+        def test_light():
+            assert not {"torch", "transformers"} & set(sys.modules)
+    """)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_session_starts_at_configure_when_an_option_or_xdist_asks_for_it(pytester):
+    from circuit_tests.plugin import SESSION
+
+    assert SESSION not in pytester.parseconfigure().stash  # no spec collected yet: nothing started
+    assert SESSION in pytester.parseconfigure("--circuit-strict").stash  # options are checked before anything runs
+    assert SESSION in pytester.parseconfigure("-n", "2").stash  # the xdist controller gathers the workers' results
+    pytester.makefile(".yaml", circuit_agree=spec("agree", "- behaves: {min_accuracy: 0.9}"))
+    result = pytester.runpytest_inprocess("--collect-only", "-q")
+    result.stdout.fnmatch_lines(["circuit_agree.yaml::agree::behaves[[]smollm2-135m-instruct[]]"])  # the spec started it
+
+
 @pytest.mark.parametrize("device, worker, n_gpus, expected", [
     ("cuda", "gw0", 4, "cuda:0"), ("cuda", "gw5", 4, "cuda:1"),  # one GPU per xdist worker, round robin
     ("cuda", None, 4, "cuda"), ("cuda", "gw3", 1, "cuda"),      # no xdist, or a single GPU: as given
     ("cuda:2", "gw1", 4, "cuda:2"), ("cpu", "gw1", 4, "cpu"), ("auto", "gw1", 4, "auto"),  # explicit choices kept
 ])
 def test_xdist_workers_take_one_gpu_each(device, worker, n_gpus, expected):
-    from circuit_tests.plugin import worker_device
+    from circuit_tests.plugin.hooks import worker_device
 
     assert worker_device(device, worker, n_gpus) == expected
 

@@ -1,20 +1,33 @@
-"""The plugin's session object: test reports in (on the pytest-xdist controller too), outputs out, once.
+"""The plugin's session: started from the command line's options, fed test reports (on the pytest-xdist controller
+too), its outputs written once.
 
-Registered beside the :class:`~circuit_tests.spec.session.CircuitSession` it drives, as
-pytest-benchmark registers its ``BenchmarkSession``. Under pytest-xdist, workers send the
-baselines they recorded to the controller, which alone writes them and the reports, and fails
-the run if any could not be written.
+:func:`start` checks the options (a bad one is a usage error before anything runs), sets the device policy
+(one GPU per pytest-xdist worker, deterministic kernels) and makes the process's
+:class:`~circuit_tests.spec.session.CircuitSession`, with the :class:`SessionHooks` that drive it registered
+beside it, as pytest-benchmark registers its ``BenchmarkSession``. Under pytest-xdist, workers send the
+baselines they recorded to the controller, which alone writes them and the reports, and fails the run if any
+could not be written.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
+from circuit_tests.errors import BadOptionError, CircuitTestsError
+from circuit_tests.model.loading import LoadOptions, check_device, check_dtype, deterministic_cuda
+from circuit_tests.model.references import check_trusted
+from circuit_tests.model.series import expand_series
+from circuit_tests.plugin import SESSION
+from circuit_tests.plugin.items import ExpectationItem
 from circuit_tests.spec.baselines import baseline_path
-from circuit_tests.spec.report import PROPERTY, decode, github_annotations
-from circuit_tests.spec.session import CircuitSession
+from circuit_tests.spec.distributed import LOCAL, cluster
+from circuit_tests.spec.report import PROPERTY, decode, github_annotations, github_step_summary
+from circuit_tests.spec.session import CircuitSession, RunOptions
+from circuit_tests.spec.traces import default_trace_cache
 from circuit_tests.text import printable
 
 WORKER_OUTPUT = "circuit_tests_baselines"
@@ -66,6 +79,76 @@ class SessionHooks:
                 terminalreporter.write_line(printable(
                     f"stale baseline entries in {baseline_path(Path(row.path))}: {', '.join(row.stale)} (models {Path(row.path).name} no "
                     "longer lists and this run did not test; delete them from the file, or list the models again)", one_line=True))
+
+
+def start(config: pytest.Config) -> CircuitSession:
+    """The process's circuit session, its hooks registered; a bad option is a usage error."""
+    try:
+        options = run_options(config)
+    except CircuitTestsError as error:
+        raise pytest.UsageError(printable(str(error))) from None
+    if options.load.device != "cpu" and options.ray is None:
+        deterministic_cuda()
+    session = CircuitSession(options)
+    config.pluginmanager.register(SessionHooks(config, session), "circuit-tests-session")
+    return session
+
+
+def run_options(config: pytest.Config) -> RunOptions:
+    """The command line's choices, checked before anything runs."""
+    device = config.getoption("circuit_device") or "cpu"
+    ray = config.getoption("circuit_ray")
+    ray = LOCAL if ray is True else ray  # --circuit-ray with no address
+    check_device(device, available=ray is None)  # on a cluster, the GPUs are the workers'
+    check_dtype(config.getoption("circuit_dtype"))
+    trusted = tuple(config.getoption("circuit_trust_remote_code"))
+    check_trusted(trusted, config.rootpath)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    series = config.getoption("circuit_series")
+    if config.getoption("circuit_graph") < 0:
+        raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
+                             "to draw (0 draws none).")
+    if ray and worker is not None:
+        raise BadOptionError("--circuit-ray spreads the work over a Ray cluster; pytest-xdist (-n) cannot run beside it.")
+    if ray is None and config.getoption("circuit_ray_gpus") is not None:
+        raise BadOptionError("--circuit-ray-gpus sets the GPUs of each Ray actor; give --circuit-ray too.")
+    if series and config.getoption("circuit_model"):
+        raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
+    return RunOptions(
+        project=config.rootpath,
+        load=LoadOptions(worker_device(device, worker, torch.cuda.device_count()), config.getoption("circuit_dtype")),
+        update=config.getoption("circuit_update"),
+        strict=config.getoption("circuit_strict"),
+        trace_cache=None if config.getoption("circuit_no_cache") else default_trace_cache(),
+        trusted=trusted,
+        html=_path(config, "circuit_report"),
+        json=_path(config, "circuit_json"),
+        summary=_path(config, "circuit_summary") or github_step_summary(),
+        series=expand_series(series, config.invocation_params.dir),
+        graph=config.getoption("circuit_graph"),
+        areas=config.getoption("circuit_areas"),
+        ray=None if ray is None else cluster(ray, device, config.getoption("circuit_ray_gpus")),
+    )
+
+
+def _path(config: pytest.Config, option: str) -> Path | None:
+    value = config.getoption(option)
+    return None if value is None else Path(value).absolute()
+
+
+def worker_device(device: str, worker: str | None, n_gpus: int) -> str:
+    """``cuda`` under pytest-xdist means one GPU per worker: worker ``gwN`` takes ``cuda:(N mod n_gpus)``."""
+    if device != "cuda" or worker is None or n_gpus < 2:
+        return device
+    return f"cuda:{int(worker.removeprefix('gw')) % n_gpus}"
+
+
+def send(session: pytest.Session) -> None:
+    """``--circuit-ray``: every item that will run, sent to the cluster at once."""
+    try:
+        session.config.stash[SESSION].send([item.work for item in session.items if isinstance(item, ExpectationItem)])
+    except CircuitTestsError as error:
+        raise pytest.UsageError(printable(str(error))) from None
 
 
 def _failure_text(report: pytest.TestReport) -> str:

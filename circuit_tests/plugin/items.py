@@ -21,14 +21,12 @@ import pytest
 
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.model.series import Checkpoint, in_training_order
+from circuit_tests.plugin import SESSION
 from circuit_tests.progress import on_terminal
 from circuit_tests.spec.distributed import Work
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
-from circuit_tests.spec.session import CircuitSession
 from circuit_tests.text import printable
-
-SESSION = pytest.StashKey[CircuitSession]()
 
 
 class SpecFile(pytest.File):

@@ -516,13 +516,6 @@ REMOTE_CODE = (
 )
 
 
-def is_spec_path(path: Path) -> bool:
-    """Spec files, as pytest collects them: YAML under a ``specs`` directory, or named ``circuit_*.yaml`` / ``*.circuit.yaml``."""
-    if path.suffix not in (".yaml", ".yml"):
-        return False
-    return "specs" in path.parent.parts or path.name.startswith("circuit_") or path.stem.endswith(".circuit")
-
-
 def load_spec(path: Path, root: Path | None = None) -> Spec:
     """Read and validate a spec file; the spec and its data must lie under ``root`` (the project) when given."""
     try:
