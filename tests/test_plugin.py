@@ -269,6 +269,18 @@ def test_a_run_without_specs_or_options_never_imports_torch(pytester):
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+def test_under_github_actions_a_run_without_specs_adds_nothing_to_the_job_summary(pytester, monkeypatch):
+    summary = pytester.path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert not summary.exists()
+    pytester.makefile(".yaml", circuit_agree=spec("agree", "- behaves: {min_accuracy: 0.9}", models="[./missing]"))
+    pytester.runpytest_inprocess("-p", "no:cacheprovider", "circuit_agree.yaml")
+    assert "| agree |" in summary.read_text()  # a run with a spec still writes it
+
+
 def test_the_session_starts_at_configure_when_an_option_or_xdist_asks_for_it(pytester):
     from circuit_tests.plugin import SESSION
 
