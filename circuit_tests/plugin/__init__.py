@@ -107,15 +107,17 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """In a series run, spec items run checkpoint by checkpoint, so that one checkpoint is loaded at a time."""
-    if SESSION in config.stash and config.stash[SESSION].options.series:
+    circuits = config.stash.get(SESSION, None)  # none started: no spec was collected
+    if circuits is not None and circuits.options.series:
         from circuit_tests.plugin.items import in_series
 
-        in_series(items, config.stash[SESSION].options.series)
+        in_series(items, circuits.options.series)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Under ``--circuit-ray``, every item that will run is sent to the cluster now, once deselection is done."""
-    if SESSION in session.config.stash and session.config.stash[SESSION].options.ray and not session.config.option.collectonly:
+    circuits = session.config.stash.get(SESSION, None)
+    if circuits is not None and circuits.options.ray and not session.config.option.collectonly:
         from circuit_tests.plugin.hooks import send
 
         send(session)
