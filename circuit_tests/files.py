@@ -11,6 +11,10 @@ Every such file is read through :func:`read_text`, which only reads
 The file is opened without following a link in its last component and checked with ``fstat`` on
 the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
 
+JSON from such a file (baselines, circuit files) is parsed by :func:`parse_json`, which refuses a key
+given twice in one object (a plain reader keeps the last silently) and checks the nesting depth
+(at most :data:`JSON_DEPTH`) before the recursive parser runs.
+
 What the suite writes (baselines, cached traces) goes through :func:`replace_atomically`: readers
 see the old file or the new one, never a partial write.
 """
@@ -32,6 +36,7 @@ SPEC_LIMIT = 1 * MiB
 DATASET_LIMIT = 32 * MiB
 BASELINE_LIMIT = 16 * MiB
 CONFIG_LIMIT = 4 * MiB  # a checkpoint's config.json and tokenizer_config.json
+JSON_DEPTH = 32  # nesting of a JSON file a pull request controls: a baseline needs 5 levels, a circuit file 3
 
 
 class UnreadableInput(CircuitTestsError):
@@ -67,6 +72,56 @@ def read_text(path: Path, roots: Sequence[Path] | None, limit: int) -> str:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise UnreadableInput(f"{path} is not UTF-8 text (byte {error.start}, line {line}); save it as UTF-8") from None
+
+
+def parse_json(text: str, path: Path, parse_constant: Callable[[str], object] | None = None) -> object:
+    """The JSON value of ``text``, read from ``path``: nested at most :data:`JSON_DEPTH` deep, no key twice in one object.
+
+    ``parse_constant`` is called for ``NaN``, ``Infinity`` and ``-Infinity`` (default: they are floats).
+    """
+    if _deeper_than(text, JSON_DEPTH):
+        raise UnreadableInput(f"{path} is nested more than {JSON_DEPTH} levels deep, deeper than any file circuit-tests writes")
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys, parse_constant=parse_constant)
+    except json.JSONDecodeError as error:
+        raise UnreadableInput(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except DuplicateKey as key:
+        raise UnreadableInput(f"{path} gives the key {key} twice in one object (a JSON reader would silently keep the "
+                              "second); keep one") from None
+
+
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_SQUARE = str.maketrans("{}", "[]")
+
+
+def _deeper_than(text: str, depth: int) -> bool:
+    """Whether the brackets of ``text`` outside its strings nest more than ``depth`` deep, without recursing: each
+    pass removes the innermost pairs, so a pair left after ``depth`` passes lies deeper, as does a run of more than
+    ``depth`` opening brackets at any pass (which answers a deeply nested file at once)."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text)).translate(_SQUARE)
+    for _ in range(depth):
+        if "[" * (depth + 1) in brackets:
+            return True
+        brackets = brackets.replace("[]", "")
+    return "[]" in brackets
+
+
+class DuplicateKey(Exception):
+    """A key given twice in one JSON object (raised by :func:`unique_keys`); its text is the key, quoted."""
+
+    def __str__(self) -> str:
+        return repr(self.args[0])
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads``' ``object_pairs_hook`` that refuses a key given twice, where a plain reader keeps the last."""
+    mapping: dict = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise DuplicateKey(key)
+        mapping[key] = value
+    return mapping
 
 
 def _read_regular(path: Path, limit: int) -> bytes:

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from circuit_tests.errors import SpecError
-from circuit_tests.files import DATASET_LIMIT, UnreadableInput, read_text
+from circuit_tests.files import DATASET_LIMIT, DuplicateKey, UnreadableInput, read_text, unique_keys
 
 MAX_EXAMPLES = 100_000
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
@@ -85,8 +85,8 @@ def read_jsonl(path: Path, roots: Sequence[Path] | None = None) -> list[PairedEx
                             "a circuit is traced on at most task.max_train examples, and a test split of a few hundred "
                             "pairs gives tight intervals.")
         try:
-            record = json.loads(line, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as key:
+            record = json.loads(line, object_pairs_hook=unique_keys)
+        except DuplicateKey as key:
             raise SpecError(f"{path}:{number}: field {key} is given twice (the second would silently replace the first). "
                             "Keep one.") from None
         except (json.JSONDecodeError, RecursionError) as error:
@@ -96,20 +96,6 @@ def read_jsonl(path: Path, roots: Sequence[Path] | None = None) -> list[PairedEx
     if not examples:
         raise SpecError(f"Dataset {path} has no examples. Add JSON lines with fields {', '.join(FIELDS)}.")
     return examples
-
-
-class _DuplicateKey(Exception):
-    def __str__(self) -> str:
-        return repr(self.args[0])
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    record: dict = {}
-    for key, value in pairs:
-        if key in record:
-            raise _DuplicateKey(key)
-        record[key] = value
-    return record
 
 
 @dataclass(frozen=True)
