@@ -10,6 +10,7 @@ from test_subject import agreement_pairs
 from circuit_tests.cli import main
 from circuit_tests.errors import SpecError
 from circuit_tests.model.loading import load_model
+from circuit_tests.spec.circuit_file import read_circuit
 from circuit_tests.spec.schema import load_spec, spec_from_mapping
 from circuit_tests.spec.subject import Subject
 from circuit_tests.testing import save_tiny_checkpoint
@@ -82,3 +83,29 @@ def test_a_pinned_circuit_claim_is_refused_when_the_spec_is_read(tmp_path, pinne
                                                "patch_answer": " are"}]}, "expect": [{"pinned": pinned}]}
     with pytest.raises(SpecError, match=message):
         spec_from_mapping(raw, project / "x.yaml", project)
+
+
+CIRCUIT = '{"format": "circuit-tests/circuit", "version": VERSION, "shape": {"layers": 3, "neurons": 96}, "nodes": NODES}'
+
+
+@pytest.mark.parametrize("version, nodes, message", [
+    ("1", '[[0, -1, 1, 0.5]], "nodes": [[2, -1, 7, 0.5]]', "c.json gives the key 'nodes' twice in one object (a JSON reader "
+                                                           "would silently keep the second); keep one"),
+    ("1", "[" * 200_000 + "]" * 200_000, "c.json is nested more than 32 levels deep"),
+    ("2", "[[0, -1, 1, 0.5]]", "(version: version 2 is not one this circuit-tests reads (it reads 1); if a later "
+                               "circuit-tests wrote the file, upgrade)"),
+    ("1.0", "[[0, -1, 1, 0.5]]", "(version: Input should be a valid integer)"),
+    ("true", "[[0, -1, 1, 0.5]]", "(version: Input should be a valid integer)"),
+    ("1", "[[0, -1, 1, 0.5], [1, -1, 3, 0.25], [0, -1, 1, 0.125]]", "(nodes: rows 0 and 2 both list the node L0/P-1/N1; keep one)"),
+    ("1", "[[0, -1, 1, 0.5], [99, -1, 5, 0.25]]", "(nodes: row 1, node L99/P-1/N5, is outside the shape stored with it "
+                                                  "(3 layers x 96 neurons))"),
+    ("1", "[[0, -1, 1, 0.5], [2, -1, 99999, 0.25]]", "(nodes: row 1, node L2/P-1/N99999, is outside the shape"),
+])
+def test_a_damaged_or_hostile_circuit_file_is_one_paragraph_naming_the_field(tmp_path, version, nodes, message):
+    path = tmp_path / "c.json"
+    path.write_text(CIRCUIT.replace("VERSION", version).replace("NODES", nodes))
+    with pytest.raises(SpecError) as raised:
+        read_circuit(path, [tmp_path])
+    assert message in str(raised.value) and str(raised.value).startswith(str(path)) and "export" in str(raised.value)
+    path.write_text(CIRCUIT.replace("VERSION", "1").replace("NODES", "[[0, -1, 1, 0.5], [2, -1, 95, 0.25]]"))
+    assert [row[:3] for row in read_circuit(path, [tmp_path]).nodes] == [(0, -1, 1), (2, -1, 95)]  # the same file, mended

@@ -74,7 +74,7 @@ def baseline_text(**changes) -> str:
 STABLE = "- stable: {nodes: 5, min_overlap: 0.5}\n" + CONTROL
 # Damaged or hostile baselines, each beside a spec whose `stable` must fail with the reason (and be left untouched).
 BASELINES: dict[str, tuple[str, str]] = {
-    "baseline_not_json": ("{ damaged", "cannot be read (Expecting property name"),
+    "baseline_not_json": ("{ damaged", "is not valid JSON (Expecting property name enclosed in double quotes at line 1, column 3)"),
     "baseline_a_list": ("[1, 2]", "cannot be read (field 'the top level': Input should be a valid dictionary"),
     "baseline_models_not_a_mapping": ('{"models": [1]}', "field 'models': Input should be a valid dictionary"),
     "baseline_negative_index": (baseline_text(circuit=[[-1, 0, 3, 0.5]]), "Input should be greater than or equal to 0"),
@@ -86,9 +86,18 @@ BASELINES: dict[str, tuple[str, str]] = {
     "baseline_faithfulness_a_string": (baseline_text(metrics={"faithfulness": {"5": "0.9"}}), "Input should be a valid number"),
     "baseline_nodes_for_08_below_one": (baseline_text(metrics={"faithfulness": {}, "nodes_for_0.8": 0}),
                                         "Input should be greater than or equal to 1"),
-    "baseline_nested_deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "baseline_nested_deep": ("[" * 100_000 + "]" * 100_000, "is nested more than 32 levels deep"),
+    "baseline_models_key_twice": (baseline_text()[:-1] + ', "models": {}}', "gives the key 'models' twice in one object"),
+    "baseline_entry_twice": (baseline_text().replace('{"models": {', '{"models": {"./ckpt": %s, ' % json.dumps(BASELINE_ENTRY)),
+                             "gives the key './ckpt' twice in one object (a JSON reader would silently keep the second)"),
+    "baseline_later_version": (baseline_text().replace('"version": 1', '"version": 2'), "field 'version': version 2 is not one"),
+    "baseline_node_twice": (baseline_text(circuit=[[0, 0, 1, 0.5], [2, 2, 7, 0.25], [0, 0, 1, 0.125]]),
+                            "field 'models../ckpt.circuit': rows 0 and 2 both list the node L0/P0/N1; keep one"),
+    "baseline_node_outside_its_shape": (baseline_text(circuit=[[99, 0, 1, 0.5]]),
+                                        "row 0, node L99/P0/N1, is outside the shape stored with it (3 layers x 96 neurons)"),
     "baseline_position_past_prompt": (baseline_text(circuit=[[0, 7, 1, 0.5]]), "the baseline was recorded on other data"),
-    "baseline_other_shape": (baseline_text(circuit=[[99, 0, 1, 0.5]]), "a model of another shape"),
+    "baseline_other_shape": (baseline_text(shape={"layers": 30, "neurons": 1536}, circuit=[[29, 0, 1535, 0.5]]),
+                             "a model of another shape"),
 }
 
 
@@ -102,13 +111,17 @@ def circuit_file_text(**changes) -> str:
 CIRCUIT_FILES: dict[str, tuple[str, str]] = {
     "not_json": ("{ damaged", "cf_not_json.json is not valid JSON"),
     "other_format": (circuit_file_text(format="mib"), "is not a circuit file of format 'circuit-tests/circuit' version 1 (format:"),
-    "later_version": (circuit_file_text(version=2), "version: Input should be 1"),
+    "later_version": (circuit_file_text(version=2), "(version: version 2 is not one this circuit-tests reads (it reads 1)"),
+    "version_a_float": (circuit_file_text(version=1.0), "(version: Input should be a valid integer)"),
+    "nodes_key_twice": (circuit_file_text()[:-1] + ', "nodes": [[0, -1, 1, 0.5]]}', "gives the key 'nodes' twice in one object"),
+    "nested_deep": (circuit_file_text()[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}", "is nested more than 32 levels deep"),
     "score_a_string": (circuit_file_text(nodes=[[0, -1, 1, "0.5"]]), "nodes.0.3: Input should be a valid number"),
     "bare_nan": (circuit_file_text().replace("0.5", "NaN"), "Input should be a finite number"),
-    "node_twice": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, -1, 1, 0.25]]), "field 'nodes' lists the node [0, -1, 1] twice"),
+    "node_twice": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, -1, 1, 0.25]]), "(nodes: rows 0 and 1 both list the node L0/P-1/N1"),
     "other_shape": (circuit_file_text(shape={"layers": 30, "neurons": 1536}),
                     "was exported from a model of 30 layers x 1536 neurons, and ./ckpt has 3 x 96"),
-    "node_outside_model": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]), "(layer 9, neuron 1) is outside"),
+    "node_outside_its_shape": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]),
+                               "(nodes: row 1, node L9/P-1/N1, is outside the shape stored with it (3 layers x 96 neurons))"),
     "every_node": (circuit_file_text(nodes=[[layer, None, neuron, 1.0] for layer in range(3) for neuron in range(96)]),
                    "field 'pinned': the pinned nodes are every node of the model (3 layers x 3 positions x 96 neurons)"),
     "position_past_prompt": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, 7, 1, 0.5]]), "has nodes at position 7, in none of the held-out prompts"),

@@ -178,8 +178,9 @@ def test_baselines_are_written_compared_and_never_corrupted(sva):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*circuit specs*", "sva*smollm2-135m-instruct*1.00*passed (1/1)"])
 
-    baseline.write_text(json.dumps({"models": {"smollm2-135m-instruct": entry | {"shape": {"layers": 18, "neurons": 2048}}}}))
-    result = sva.runpytest("-k", "stable")  # e.g. Gemma's baseline where SmolLM2's is expected: reported, not a crash
+    baseline.write_text(json.dumps({"models": {"smollm2-135m-instruct": entry | {"shape": {"layers": 32, "neurons": 2048}}},
+                                    "version": 1}))
+    result = sva.runpytest("-k", "stable")  # a larger model's baseline where SmolLM2's is expected: reported, not a crash
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*baseline is for a model of another shape, so its circuit cannot be compared*"])
 
