@@ -40,7 +40,7 @@ from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
-from circuit_tests.spec.reading import corpus, describe, graph
+from circuit_tests.spec.reading import corpus, describe, graph, names_a_neuron
 from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
@@ -319,11 +319,14 @@ def _explain(args: argparse.Namespace) -> int:
         if args.spec else None
     loaded = subject.loaded if subject else session.model(args.model)
     sites = subject.sites if subject else NeuronSites(loaded.model)
+    outside = [format_node(node) for node in nodes if not names_a_neuron(sites, node)]
+    if outside:  # before the corpus pass, which reads every neuron over the whole corpus
+        raise CircuitTestsError(f"not a neuron of {printable(args.model, one_line=True)} ({sites.n_layers} layers x "
+                                f"{sites.n_neurons} neurons): {', '.join(outside)}. Give L<layer>/N<neuron> or "
+                                f"L<layer>/P<position>/N<neuron> with a layer from 0 to {sites.n_layers - 1} and a neuron "
+                                f"from 0 to {sites.n_neurons - 1}.")
     read = None if args.no_contexts else corpus(loaded, sites, TraceCache(session.options.trace_cache), corpus_path)
     cards = subject.describe(nodes, read=read) if subject else describe(loaded, sites, nodes, read=read)
-    if len(cards) < len(nodes):
-        raise CircuitTestsError(f"{len(nodes) - len(cards)} of the nodes name no neuron of {args.model} "
-                                f"({sites.n_layers} layers x {sites.n_neurons} neurons): give L<layer>/N<neuron> inside those bounds.")
     for card in cards:
         _say("\n".join(card.lines()) + "\n")
     if out is not None:
