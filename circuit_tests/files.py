@@ -10,6 +10,8 @@ Every such file is read through :func:`read_text`, which only reads
 
 The file is opened without following a link in its last component and checked with ``fstat`` on
 the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
+:func:`sha256_of` reads a checkpoint's files for its fingerprint by the same rules, of any size, a
+chunk at a time.
 
 What the suite writes (baselines, cached traces) goes through :func:`replace_atomically`: readers
 see the old file or the new one, never a partial write.
