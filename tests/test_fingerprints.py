@@ -22,7 +22,8 @@ from circuit_tests.model import loading as models
 from circuit_tests.model.fingerprints import fingerprint
 from circuit_tests.model.loading import load_model
 from circuit_tests.model.registry import RegisteredModel
-from circuit_tests.spec.traces import TraceCache
+from circuit_tests.spec import traces
+from circuit_tests.spec.traces import TraceCache, source_digest
 from circuit_tests.testing import save_tiny_checkpoint, tiny_tokenizer
 
 pytest_plugins = ["pytester"]
@@ -106,6 +107,20 @@ def test_an_unchanged_checkpoint_hits_the_cache_with_no_forward_pass(ckpt, tmp_p
     assert torch.equal(_next_token_logits(ckpt, cache, runs), before) and len(runs) == 1
     copied = Path(shutil.copytree(ckpt, tmp_path / "elsewhere"))  # new times, another name: the same content
     assert torch.equal(_next_token_logits(copied, cache, runs), before) and len(runs) == 1
+
+
+def test_a_change_to_circuit_tests_own_code_misses_the_cache(ckpt, tmp_path, monkeypatch):
+    """Its version stays 0.1.0 while its code changes: the key holds the content of its source."""
+    package = Path(shutil.copytree(Path(traces.__file__).parent.parent, tmp_path / "circuit_tests"))
+    first = source_digest(package)
+    measures = package / "analysis" / "measures.py"
+    _keeping_size_and_time(measures, lambda path: path.write_text(path.read_text().replace("def ", "def_", 1)))
+    assert source_digest(package) != first
+    cache, runs = TraceCache(tmp_path / "traces"), []
+    _next_token_logits(ckpt, cache, runs)
+    monkeypatch.setattr(traces, "_library_source", lambda: "other code")
+    _next_token_logits(ckpt, cache, runs)
+    assert len(runs) == 2
 
 
 def test_the_fingerprint_is_the_files_content_and_names(ckpt, tmp_path):
