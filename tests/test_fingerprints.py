@@ -21,7 +21,7 @@ from circuit_tests.errors import BadCheckpointError
 from circuit_tests.model import loading as models
 from circuit_tests.model.fingerprints import fingerprint
 from circuit_tests.model.loading import load_model
-from circuit_tests.model.registry import RegisteredModel
+from circuit_tests.model.registry import RegisteredModel, assembled
 from circuit_tests.spec import traces
 from circuit_tests.spec.traces import TraceCache, source_digest
 from circuit_tests.testing import save_tiny_checkpoint, tiny_tokenizer
@@ -197,6 +197,11 @@ def test_a_registered_model_is_converted_again_when_its_package_ships_other_weig
     assert models.registered_checkpoint("tiny") != first
     parts[1].write_bytes(b"GGUF half")
     assert models.registered_checkpoint("tiny") == first
+    assert assembled(parts, tmp_path).read_bytes() == b"GGUF halfGGUF half"
+    parts[1].unlink()
+    with pytest.raises(BadCheckpointError, match=r"the installed package that ships it is damaged \(.*part01 does not exist\); "
+                                                 "reinstall its package: `circuit-tests fetch tiny`"):
+        models.registered_checkpoint("tiny")
 
 
 # --------------------------------------------------------------------------- end to end, in a pytest run
