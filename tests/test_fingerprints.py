@@ -3,6 +3,8 @@
 Each edit here keeps the file's size and puts its modification time back (``os.utime``), which is
 what a cache keyed by name, size and time could not see: two embedding rows swapped in
 ``model.safetensors``, ``rms_norm_eps`` in ``config.json``, two token ids in ``tokenizer.json``.
+The GGUF conversions in the cache are named by the GGUF's content the same way, and the key holds
+the content of circuit-tests' own source.
 """
 
 from __future__ import annotations
