@@ -29,7 +29,7 @@ from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.files import inside, reviewable_json
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
-from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda
+from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda, registered_checkpoint
 from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
@@ -476,7 +476,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     for model in REGISTRY.values():
         installed = "installed" if model.is_installed() else "not installed"
-        converted = "converted" if (cache_dir() / "models" / model.name / "config.json").exists() else "not converted"
+        ready = model.is_installed() and (registered_checkpoint(model.name) / "config.json").exists()
+        converted = "converted" if ready else "not converted"
         print(f"{model.name:24} {installed:14} {converted:14} {model.description}")
     print(f"cache: {cache_dir()}")
     return 0

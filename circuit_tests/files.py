@@ -10,6 +10,8 @@ Every such file is read through :func:`read_text`, which only reads
 
 The file is opened without following a link in its last component and checked with ``fstat`` on
 the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
+:func:`sha256_of` reads a checkpoint's files for its fingerprint by the same rules, of any size, a
+chunk at a time.
 
 JSON from such a file (baselines, circuit files) is parsed by :func:`parse_json`, which refuses a key
 given twice in one object (a plain reader keeps the last silently) and checks the nesting depth
@@ -21,12 +23,14 @@ see the old file or the new one, never a partial write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from circuit_tests.errors import CircuitTestsError
@@ -59,14 +63,12 @@ def inside(path: Path, roots: Sequence[Path]) -> bool:
 
 def read_text(path: Path, roots: Sequence[Path] | None, limit: int) -> str:
     """The UTF-8 text of a regular file inside ``roots`` (``None``: anywhere) of at most ``limit`` bytes."""
-    real = resolved(path)
-    if real is None:
-        raise UnreadableInput(f"{path} is a link that loops")
-    if roots is not None and not inside(real, roots):
-        shown = " or ".join(str(root) for root in roots)
-        link = f" (a link to {real})" if path.is_symlink() or real != path.absolute() else ""
-        raise UnreadableInput(f"{path}{link} is outside {shown}; only files inside the project are read")
-    data = _read_regular(real, limit)
+    with _opened(path, roots) as (handle, size):
+        if size > limit:
+            raise UnreadableInput(f"{path} is {_size(size)}, more than the {_size(limit)} allowed")
+        data = b"".join(_chunks(handle, limit + 1))
+    if len(data) > limit:
+        raise UnreadableInput(f"{path} is more than the {_size(limit)} allowed")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -124,32 +126,51 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return mapping
 
 
-def _read_regular(path: Path, limit: int) -> bytes:
+def sha256_of(path: Path, roots: Sequence[Path] | None) -> str:
+    """The sha256 (hex) of a regular file inside ``roots`` (``None``: anywhere), read 16 MiB at a time up to the
+    size ``fstat`` gave when it was opened: a file of any size, never whole in memory."""
+    digest = hashlib.sha256()
+    with _opened(path, roots) as (handle, size):
+        for chunk in _chunks(handle, size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _opened(path: Path, roots: Sequence[Path] | None) -> Iterator[tuple[int, int]]:
+    """The descriptor and size of a regular file inside ``roots``, its links resolved first and none followed after."""
+    real = resolved(path)
+    if real is None:
+        raise UnreadableInput(f"{path} is a link that loops")
+    if roots is not None and not inside(real, roots):
+        shown = " or ".join(str(root) for root in roots)
+        link = f" (a link to {real})" if path.is_symlink() or real != path.absolute() else ""
+        raise UnreadableInput(f"{path}{link} is outside {shown}; only files inside the project are read")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        handle = os.open(path, flags)
+        handle = os.open(real, flags)
     except FileNotFoundError:
-        raise UnreadableInput(f"{path} does not exist") from None
+        raise UnreadableInput(f"{real} does not exist") from None
     except OSError as error:
-        raise UnreadableInput(f"{path} cannot be read ({error.strerror})") from None
+        raise UnreadableInput(f"{real} cannot be read ({error.strerror})") from None
     try:
         info = os.fstat(handle)
         if not stat.S_ISREG(info.st_mode):
-            raise UnreadableInput(f"{path} is {file_kind(info.st_mode)}, not a regular file")
-        if info.st_size > limit:
-            raise UnreadableInput(f"{path} is {_size(info.st_size)}, more than the {_size(limit)} allowed")
-        chunks, total = [], 0
-        while total <= limit:
-            chunk = os.read(handle, min(MiB, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
-            raise UnreadableInput(f"{path} is more than the {_size(limit)} allowed")
-        return b"".join(chunks)
+            raise UnreadableInput(f"{real} is {file_kind(info.st_mode)}, not a regular file")
+        yield handle, info.st_size
     finally:
         os.close(handle)
+
+
+def _chunks(handle: int, limit: int) -> Iterator[bytes]:
+    """What ``handle`` holds, up to ``limit`` bytes, 16 MiB at a time."""
+    total = 0
+    while total < limit:
+        chunk = os.read(handle, min(16 * MiB, limit - total))
+        if not chunk:
+            return
+        total += len(chunk)
+        yield chunk
 
 
 def file_kind(mode: int) -> str:

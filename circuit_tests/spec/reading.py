@@ -3,7 +3,7 @@
 :mod:`circuit_tests.analysis.cards` reads a neuron off the checkpoint alone; this module adds what a
 spec knows about a node (the tokens at its position in the held-out prompts, its attribution score
 and rank now, its rank in a stored baseline circuit) and caches the corpus pass like a trace: per
-model revision, dtype, device type, corpus text and library version (:class:`~circuit_tests.spec.traces.TraceCache`).
+checkpoint content, dtype, device type, corpus text and library versions (:class:`~circuit_tests.spec.traces.TraceCache`).
 What ``stable`` names as entered and left, the report's top nodes, ``circuit-tests explain`` and
 ``circuit-tests graph`` all come from :func:`describe`.
 """
