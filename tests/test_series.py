@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from test_walkthrough import without_neurons
 
 from circuit_tests.cli import main
 from circuit_tests.errors import BadOptionError
-from circuit_tests.model.series import Checkpoint, axis, expand_series, first_failure, natural_key, step_of
+from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, step_of
 from circuit_tests.spec.schema import load_spec
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint
@@ -45,6 +46,34 @@ def test_a_glob_is_in_natural_order_and_a_list_in_the_order_given(tmp_path):
 def test_a_series_that_names_nothing_is_refused_saying_what(tmp_path, values):
     with pytest.raises(BadOptionError, match="checkpoint series"):
         expand_series(values, tmp_path)
+
+
+def test_a_list_file_is_read_as_a_dataset_is_and_a_fifo_or_device_refused(tmp_path, capsys):
+    """``@FILE`` names a regular, bounded text file: a FIFO would hang and /dev/zero exhaust memory."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.txt").write_text("step-1\n" * (LIST_LIMIT // 7 + 1))
+    for name, kind in (("fifo", "is a FIFO"), ("/dev/zero", "is a character device"), ("big.txt", "more than the 1.0 MiB allowed")):
+        with pytest.raises(BadOptionError, match=f"checkpoint series @{name}: .*{kind}.*one checkpoint per line"):
+            expand_series([f"@{name}"], tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert main(["series", "agree.yaml", "--checkpoints", "@fifo"]) == 2
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
+
+
+def test_under_pytest_a_list_file_is_one_argument_and_pytests_own_expansion_is_refused(pytester):
+    """pytest turns a separate ``@FILE`` into command-line arguments: a list holding ``-k`` would deselect claims."""
+    pytester.path.joinpath("circuit_a.yaml").write_text("name: a\nmodels: [m]\ntask:\n  examples:\n    - {clean_prefix: a, "
+                                                        "patch_prefix: b, clean_answer: c, patch_answer: d}\n"
+                                                        "expect:\n  - behaves: {min_accuracy: 1.0}\n  - flips: {nodes: 1, min_flip_rate: 0.5}\n")
+    pytester.path.joinpath("run.txt").write_text("ckpt-1\n-k\nnot flips\n")
+    result = pytester.runpytest("--collect-only", "-q", "--circuit-series", "@run.txt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--circuit-series @run.txt: pytest reads a separate @FILE argument itself*"
+                                 "Write --circuit-series=@run.txt, one argument*"])
+    result = pytester.runpytest("--collect-only", "-q", "--circuit-series=@run.txt")
+    assert [line for line in result.outlines if "::" in line] == [f"circuit_a.yaml::a::{claim}[{name}]" for name in ("ckpt-1", "-k", "not flips")
+                                                                   for claim in ("behaves", "flips")]
 
 
 def test_steps_come_from_the_name_and_else_the_place():

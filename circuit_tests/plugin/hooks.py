@@ -20,7 +20,7 @@ import torch
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.model.loading import LoadOptions, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.references import check_trusted
-from circuit_tests.model.series import expand_series
+from circuit_tests.model.series import expand_series, refuse_pytest_expansion
 from circuit_tests.plugin import SESSION
 from circuit_tests.plugin.items import ExpectationItem
 from circuit_tests.spec.baselines import baseline_path
@@ -105,6 +105,7 @@ def run_options(config: pytest.Config) -> RunOptions:
     check_trusted(trusted, config.rootpath)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     series = config.getoption("circuit_series")
+    refuse_pytest_expansion(config.invocation_params.args, "--circuit-series")
     if config.getoption("circuit_graph") < 0:
         raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
                              "to draw (0 draws none).")
