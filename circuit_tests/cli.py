@@ -41,7 +41,7 @@ from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
 from circuit_tests.spec.reading import corpus, describe, graph
-from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
+from circuit_tests.spec.report import NOT_RUN, github_annotations, github_step_summary, graph_page, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
@@ -177,7 +177,8 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written.
+    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written, 130
+    when interrupted (what ran is reported, and each check that did not is listed as not run).
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
     if series and args.matrix and args.ray:
@@ -201,9 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     runs.sort(key=lambda run: place(run[1]))  # without a series, the order given
     if args.ray:
         session.send([Work(spec, model, expectation, bool(given)) for spec, model, expectation in runs])
-    for spec, model, expectation in runs:
-        _check_one(session, spec, model, expectation, bool(given))
-    if series and args.matrix:
+    interrupted = not _check_all(session, runs, bool(given))
+    if series and args.matrix and not interrupted:
         for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
             session.cross_faithfulness(spec, given)
     session.finish()
@@ -212,8 +212,23 @@ def _run(args: argparse.Namespace) -> int:
     for problem in session.problems:
         _say(f"NOT written: {problem}", sys.stderr)
     _say("\n".join([*session.report.terminal_lines(), *github_annotations(session.report, session.options.project)]))
+    if interrupted:
+        _say(f"circuit-tests {args.command}: interrupted; {len(session.report.not_run())} checks not run", sys.stderr)
+        return INTERRUPTED
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
+
+
+def _check_all(session: CircuitSession, runs: list[tuple[Spec, str, Expectation]], from_command_line: bool) -> bool:
+    """Check each run in order; on Ctrl-C, the runs not checked go into the report as not run. Whether all ran."""
+    for done, (spec, model, expectation) in enumerate(runs):
+        try:
+            _check_one(session, spec, model, expectation, from_command_line)
+        except KeyboardInterrupt:
+            for left in runs[done:]:
+                session.report.add(session.planned(*left), NOT_RUN, "the run was interrupted before this check ran")
+            return False
+    return True
 
 
 def _check_one(session: CircuitSession, spec: Spec, model: str, expectation: Expectation, from_command_line: bool) -> Verdict:
@@ -273,6 +288,7 @@ def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
 
 
 WORDS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def _show(session: CircuitSession, result: dict, verdict: Verdict) -> None:
@@ -636,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
     except CircuitTestsError as error:
         _say(f"circuit-tests {args.command}: {error}", sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _say(f"circuit-tests {args.command}: interrupted", sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -214,3 +214,58 @@ def test_under_xdist_a_checkpoints_items_share_a_worker_and_the_trend_is_the_sam
     assert result.parseoutcomes() == serial.parseoutcomes()
     (alone,), (spread,) = (json.loads((project.path / name).read_text())["series"] for name in ("serial.json", "xdist.json"))
     assert spread == alone
+
+
+# --------------------------------------------------------------------------- an interrupted run
+
+
+HELD = "every expectation held"
+
+
+@pytest.fixture
+def two_checkpoints(pytester, monkeypatch) -> pytest.Pytester:
+    """Two tiny checkpoints and a spec that holds on both."""
+    monkeypatch.chdir(pytester.path)
+    for seed, name in enumerate(("ckpt-1", "ckpt-2")):
+        save_tiny_checkpoint(pytester.path / name, seed=seed)
+    (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    pytester.mkdir("specs")
+    (pytester.path / "specs" / "agree.yaml").write_text('name: agree\nmodels: ["../ckpt-1"]\ntask: {dataset: ../data.jsonl, '
+                                                         'test_fraction: 0.5}\nexpect:\n  - behaves: {min_accuracy: 0.01}\n')
+    return pytester
+
+
+def test_a_series_interrupted_under_pytest_says_what_was_not_run_and_never_held(two_checkpoints):
+    two_checkpoints.makeconftest("def pytest_runtest_setup(item):\n    if 'ckpt-2' in item.nodeid:\n        raise KeyboardInterrupt\n")
+    result = two_checkpoints.runpytest("specs", "--circuit-series", "ckpt-*", "--circuit-report", "r.html", "--circuit-json", "r.json",
+                                       "--circuit-summary", "s.md", "-p", "no:cacheprovider", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["agree * ckpt-1 * passed (1/1)", "agree * ckpt-2 * not run (0/1)",
+                                 "not run: agree::behaves[[]ckpt-2[]]: the run stopped before this item ran*",
+                                 "ckpt-2 * (not run)", "agree: no failure where it ran; not run in full at 1 of 2 checkpoints: ckpt-2"])
+    (trend,) = json.loads((two_checkpoints.path / "r.json").read_text())["series"]
+    assert [point["ran"] for point in trend["points"]] == [True, False]
+    for output in ("r.html", "s.md"):
+        text = (two_checkpoints.path / output).read_text()
+        assert "not run in full at 1 of 2 checkpoints: ckpt-2" in text and HELD not in text
+    assert HELD not in result.stdout.str()
+
+
+def test_a_series_interrupted_on_the_command_line_reports_what_ran_and_bisect_stops_in_one_line(two_checkpoints, monkeypatch, capsys):
+    check = CircuitSession.check
+
+    def interrupted_at_the_second(session, spec, model, *args):
+        if model == "ckpt-2":
+            raise KeyboardInterrupt
+        return check(session, spec, model, *args)
+
+    monkeypatch.setattr(CircuitSession, "check", interrupted_at_the_second)
+    assert main(["series", "specs/agree.yaml", "--checkpoints", "ckpt-*", "--report", "r.html"]) == 130
+    out, err = capsys.readouterr()
+    assert "PASS agree::behaves[ckpt-1]" in out and "not run (0/1)" in out and HELD not in out
+    assert "agree: no failure where it ran; not run in full at 1 of 2 checkpoints: ckpt-2" in out
+    assert HELD not in (two_checkpoints.path / "r.html").read_text()
+    assert err == "circuit-tests series: interrupted; 1 checks not run\n"
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "ckpt-*"]) == 130  # the last checkpoint, first
+    out, err = capsys.readouterr()
+    assert err == "circuit-tests bisect: interrupted\n" and out == "checking ckpt-2 (2 of 2)\n"

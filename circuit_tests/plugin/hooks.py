@@ -25,22 +25,39 @@ from circuit_tests.plugin import SESSION
 from circuit_tests.plugin.items import ExpectationItem
 from circuit_tests.spec.baselines import baseline_path
 from circuit_tests.spec.distributed import LOCAL, cluster
-from circuit_tests.spec.report import PROPERTY, decode, github_annotations, github_step_summary
+from circuit_tests.spec.report import NOT_RUN, PROPERTY, decode, github_annotations, github_step_summary
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.traces import default_trace_cache
 from circuit_tests.text import printable
 
 WORKER_OUTPUT = "circuit_tests_baselines"
+# Options that deselect collected items (dest -> flag); one that did not come from the command line can hide a claim.
+SELECTION = {"keyword": "-k", "markexpr": "-m", "deselect": "--deselect", "lf": "--lf"}
+STOPPED = "the run stopped before this item ran (interrupted, or -x/--maxfail)"
 
 
 class SessionHooks:
-    """Feeds test reports to the session (on the xdist controller too) and finishes it once."""
+    """Feeds test reports to the session (on the xdist controller too) and finishes it once. A spec item that was
+    collected and never run (the run was interrupted or stopped early), or deselected by a selection that did not come
+    from the command line, is added to the report as :data:`~circuit_tests.spec.report.NOT_RUN`."""
 
     def __init__(self, config: pytest.Config, session: CircuitSession) -> None:
         self.config = config
         self.session = session
+        self.waiting: dict[str, ExpectationItem] = {}  # node id -> a spec item to run that has not reported yet
+        self.deselected: list[ExpectationItem] = []
+
+    def pytest_deselected(self, items) -> None:
+        self.deselected += [item for item in items if isinstance(item, ExpectationItem)]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """What this process will run (the xdist controller collects nothing: its workers report)."""
+        if not self.config.option.collectonly:
+            self.waiting = {item.nodeid: item for item in session.items if isinstance(item, ExpectationItem)}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or report.when == "setup" and not report.passed:
+            self.waiting.pop(report.nodeid, None)
         encoded = dict(report.user_properties).get(PROPERTY)
         if encoded is None or (report.when != "call" and not report.failed):
             return
@@ -57,9 +74,24 @@ class SessionHooks:
         if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: the controller writes
             self.config.workeroutput[WORKER_OUTPUT] = self.session.baselines.pending()
             return
+        hidden = self._not_run()
         self.session.finish()
-        if self.session.problems and session.exitstatus == pytest.ExitCode.OK:
+        if (self.session.problems or hidden and self.session.options.strict) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _not_run(self) -> bool:
+        """Into the report: every spec item that never ran, and every one a selection deselected that did not come from
+        the command line; whether there was one of the latter (it fails a run under ``--circuit-strict``)."""
+        for item in self.waiting.values():
+            self.session.report.add(self.session.planned(item.parent.spec, item.model, item.expectation), NOT_RUN, STOPPED)
+        foreign = selection_not_given(self.config)
+        hidden = self.deselected if foreign else []
+        for item in hidden:
+            self.session.report.add(self.session.planned(item.parent.spec, item.model, item.expectation), NOT_RUN, (
+                f"deselected by {' '.join(foreign)}, which did not come from the command line (an ini file's addopts, or "
+                "PYTEST_ADDOPTS). Give the selection on the command line; for a pull request, run pytest with a trusted "
+                "-c FILE (docs/security.md)."))
+        return bool(hidden)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for path in self.session.written:
@@ -79,6 +111,14 @@ class SessionHooks:
                 terminalreporter.write_line(printable(
                     f"stale baseline entries in {baseline_path(Path(row.path))}: {', '.join(row.stale)} (models {Path(row.path).name} no "
                     "longer lists and this run did not test; delete them from the file, or list the models again)", one_line=True))
+
+
+def selection_not_given(config: pytest.Config) -> list[str]:
+    """The deselecting options (:data:`SELECTION`) in force that the command line itself did not give, as ``-k 'not x'``:
+    they came from an ini file's ``addopts`` or ``PYTEST_ADDOPTS``, which a pull request may control."""
+    given = config._parser.parse_known_args(list(config.invocation_params.args))  # the command line alone, as pytest parses it
+    return [f"{flag} {printable(repr(getattr(config.option, dest)))}" for dest, flag in SELECTION.items()
+            if getattr(config.option, dest, None) != getattr(given, dest, None)]
 
 
 def start(config: pytest.Config) -> CircuitSession:
