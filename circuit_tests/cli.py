@@ -191,11 +191,11 @@ def _run(args: argparse.Namespace) -> int:
                        areas=args.areas)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
-    for name in args.specs:
+    for path in _spec_files(args.specs):
         try:
-            spec = load_spec(Path(name), session.options.project)
+            spec = load_spec(path, session.options.project)
         except CircuitTestsError as error:  # this spec cannot run; the others still do
-            _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
+            _show(session, payload(path.name, "-", path, "spec"), Verdict("failed", str(error)))
             continue
         runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
     place = in_training_order(series)
@@ -217,6 +217,15 @@ def _run(args: argparse.Namespace) -> int:
         return INTERRUPTED
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
+
+
+def _spec_files(names: list[str]) -> list[Path]:
+    """The spec files ``names`` give: a file as it is; a directory, each spec file under it as pytest would collect it
+    (:func:`~circuit_tests.plugin.is_spec_path`; links to directories are not followed), in order."""
+    found: list[Path] = []
+    for path in map(Path, names):
+        found += sorted(spec for spec in path.rglob("*.y*ml") if spec.is_file() and is_spec_path(spec)) if path.is_dir() else [path]
+    return found
 
 
 def _check_all(session: CircuitSession, runs: list[tuple[Spec, str, Expectation]], from_command_line: bool) -> bool:
@@ -579,11 +588,11 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--batch-size", type=_positive, default=32)
     _device_options(tracer)
     runner = commands.add_parser("run", help="evaluate specs without pytest and print the report")
-    runner.add_argument("specs", nargs="+", metavar="SPEC")
+    runner.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     runner.add_argument("--model", action="append", help="instead of the spec's models (repeatable)")
     _run_options(runner)
     serieser = commands.add_parser("series", help="evaluate specs on a training run's checkpoints and print each spec's trend")
-    serieser.add_argument("specs", nargs="+", metavar="SPEC")
+    serieser.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     serieser.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
     serieser.add_argument("--matrix", action="store_true",
                           help="also each checkpoint's circuit evaluated on every checkpoint (N x N curves: a short series)")

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
@@ -426,3 +428,26 @@ def test_a_pull_requests_addopts_cannot_deselect_a_failing_claim(pull_request):
 
     given = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-k", "not flips")  # the person's choice
     assert given.ret == pytest.ExitCode.OK and "not run" not in given.stdout.str()
+
+
+def test_circuit_tests_run_reads_no_pytest_configuration_and_imports_nothing_from_the_tree(pull_request):
+    """The other trusted command: ``circuit-tests run`` never reads pytest's configuration, and its console script does
+    not put the working directory on ``sys.path`` (``python -m`` would, so a pull request's ``yaml.py`` would be imported)."""
+    ran = pull_request.path / "ran"
+    ran.mkdir()
+    pull_request.path.joinpath("pytest.ini").write_text('[pytest]\npythonpath = .\naddopts = -p evilplug -k "not flips"\n')
+    for name in ("evilplug", "yaml"):
+        pull_request.path.joinpath(f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).joinpath({name!r}).write_text('')\n")
+    nested = pull_request.path / "specs" / "deeper" / "nested.yaml"  # a directory runs every spec under it, as pytest would
+    nested.parent.mkdir()
+    nested.write_text("".join(AGREE.replace("name: agree", "name: nested").replace("../", "../../").splitlines(True)[:-1]))
+
+    def run(*command) -> subprocess.CompletedProcess:  # not pytester.run, which puts the working directory on PYTHONPATH
+        return subprocess.run([*command, "run", "--strict", "specs"], cwd=pull_request.path, capture_output=True, text=True)
+
+    result = run(Path(sys.executable).parent / "circuit-tests")
+    assert result.returncode == 1 and list(ran.iterdir()) == []
+    assert re.findall(r"^(PASS|FAIL) (.*)$", result.stdout, re.MULTILINE) == [
+        ("PASS", "agree::behaves[../ckpt]"), ("FAIL", "agree::flips[../ckpt]"), ("PASS", "nested::behaves[../../ckpt]")]
+    run(sys.executable, "-m", "circuit_tests.cli")
+    assert [path.name for path in ran.iterdir()] == ["yaml"]
