@@ -423,6 +423,8 @@ def test_a_pull_requests_addopts_cannot_deselect_a_failing_claim(pull_request):
                                  "which did not come from the command line*"])
     (row,) = json.loads(pull_request.path.joinpath("r.json").read_text())["rows"]
     assert row["status"] == "not run" and [r["outcome"] for r in row["results"]] == ["passed", "not run"]
+    spread = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-n", "2")  # workers tell the controller
+    assert spread.ret == pytest.ExitCode.TESTS_FAILED and spread.stdout.str().count("deselected by -k 'not flips'") == 1
     lenient = pull_request.runpytest("specs", "-p", "no:cacheprovider")  # listed, though not strict
     assert lenient.ret == pytest.ExitCode.OK and "deselected by -k 'not flips'" in lenient.stdout.str()
 

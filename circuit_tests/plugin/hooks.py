@@ -31,6 +31,7 @@ from circuit_tests.spec.traces import default_trace_cache
 from circuit_tests.text import printable
 
 WORKER_OUTPUT = "circuit_tests_baselines"
+WORKER_HIDDEN = "circuit_tests_hidden"  # what a worker's foreign selection deselected, for the controller to report
 # Options that deselect collected items (dest -> flag); one that did not come from the command line can hide a claim.
 SELECTION = {"keyword": "-k", "markexpr": "-m", "deselect": "--deselect", "lf": "--lf"}
 STOPPED = "the run stopped before this item ran (interrupted, or -x/--maxfail)"
@@ -46,6 +47,7 @@ class SessionHooks:
         self.session = session
         self.waiting: dict[str, ExpectationItem] = {}  # node id -> a spec item to run that has not reported yet
         self.deselected: list[ExpectationItem] = []
+        self.hidden: dict[tuple, dict] = {}  # (path, model, expectation) -> the payload of an item hidden from the run
 
     def pytest_deselected(self, items) -> None:
         self.deselected += [item for item in items if isinstance(item, ExpectationItem)]
@@ -67,31 +69,40 @@ class SessionHooks:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
-        """pytest-xdist: a worker finished; take the baselines it recorded."""
-        self.session.baselines.merge(getattr(node, "workeroutput", {}).get(WORKER_OUTPUT, {}))
+        """pytest-xdist: a worker finished; take the baselines it recorded and the items it saw hidden (every worker
+        collects, and deselects, the same items)."""
+        output = getattr(node, "workeroutput", {})
+        self.session.baselines.merge(output.get(WORKER_OUTPUT, {}))
+        self._hide(output.get(WORKER_HIDDEN, []))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: the controller writes
             self.config.workeroutput[WORKER_OUTPUT] = self.session.baselines.pending()
+            self.config.workeroutput[WORKER_HIDDEN] = self._deselected_by_foreign_selection()
             return
-        hidden = self._not_run()
+        self._hide(self._deselected_by_foreign_selection())
+        for item in self.waiting.values():
+            self.session.report.add(self._planned(item), NOT_RUN, STOPPED)
+        for hidden in self.hidden.values():
+            self.session.report.add(hidden, NOT_RUN)
         self.session.finish()
-        if (self.session.problems or hidden and self.session.options.strict) and session.exitstatus == pytest.ExitCode.OK:
+        if (self.session.problems or self.hidden and self.session.options.strict) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-    def _not_run(self) -> bool:
-        """Into the report: every spec item that never ran, and every one a selection deselected that did not come from
-        the command line; whether there was one of the latter (it fails a run under ``--circuit-strict``)."""
-        for item in self.waiting.values():
-            self.session.report.add(self.session.planned(item.parent.spec, item.model, item.expectation), NOT_RUN, STOPPED)
-        foreign = selection_not_given(self.config)
-        hidden = self.deselected if foreign else []
-        for item in hidden:
-            self.session.report.add(self.session.planned(item.parent.spec, item.model, item.expectation), NOT_RUN, (
-                f"deselected by {' '.join(foreign)}, which did not come from the command line (an ini file's addopts, or "
-                "PYTEST_ADDOPTS). Give the selection on the command line; for a pull request, run pytest with a trusted "
-                "-c FILE (docs/security.md)."))
-        return bool(hidden)
+    def _deselected_by_foreign_selection(self) -> list[dict]:
+        """The payloads, with why, of the spec items deselected by a selection that did not come from the command line
+        (they fail a run under ``--circuit-strict``)."""
+        foreign = selection_not_given(self.config) if self.deselected else []
+        why = (f"deselected by {' '.join(foreign)}, which did not come from the command line (an ini file's addopts, or "
+               "PYTEST_ADDOPTS). Give the selection on the command line; for a pull request, run pytest with a trusted "
+               "-c FILE (docs/security.md).")
+        return [self._planned(item) | {"message": why} for item in self.deselected] if foreign else []
+
+    def _planned(self, item: ExpectationItem) -> dict:
+        return self.session.planned(item.parent.spec, item.model, item.expectation)
+
+    def _hide(self, payloads: list[dict]) -> None:
+        self.hidden.update({(p["path"], p["model"], p["expectation"]): p for p in payloads})
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for path in self.session.written:
