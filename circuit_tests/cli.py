@@ -41,7 +41,7 @@ from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
 from circuit_tests.spec.reading import corpus, describe, graph, names_a_neuron
-from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
+from circuit_tests.spec.report import NOT_RUN, github_annotations, github_step_summary, graph_page, payload
 from circuit_tests.spec.scaffold import measured_claims, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
@@ -177,7 +177,8 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written.
+    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written, 130
+    when interrupted (what ran is reported, and each check that did not is listed as not run).
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
     if series and args.matrix and args.ray:
@@ -190,20 +191,19 @@ def _run(args: argparse.Namespace) -> int:
                        areas=args.areas)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
-    for name in args.specs:
+    for path in _spec_files(args.specs):
         try:
-            spec = load_spec(Path(name), session.options.project)
+            spec = load_spec(path, session.options.project)
         except CircuitTestsError as error:  # this spec cannot run; the others still do
-            _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
+            _show(session, payload(path.name, "-", path, "spec"), Verdict("failed", str(error)))
             continue
         runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
     place = in_training_order(series)
     runs.sort(key=lambda run: place(run[1]))  # without a series, the order given
     if args.ray:
         session.send([Work(spec, model, expectation, bool(given)) for spec, model, expectation in runs])
-    for spec, model, expectation in runs:
-        _check_one(session, spec, model, expectation, bool(given))
-    if series and args.matrix:
+    interrupted = not _check_all(session, runs, bool(given))
+    if series and args.matrix and not interrupted:
         for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
             session.cross_faithfulness(spec, given)
     session.finish()
@@ -212,8 +212,32 @@ def _run(args: argparse.Namespace) -> int:
     for problem in session.problems:
         _say(f"NOT written: {problem}", sys.stderr)
     _say("\n".join([*session.report.terminal_lines(), *github_annotations(session.report, session.options.project)]))
+    if interrupted:
+        _say(f"circuit-tests {args.command}: interrupted; {len(session.report.not_run())} checks not run", sys.stderr)
+        return INTERRUPTED
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
+
+
+def _spec_files(names: list[str]) -> list[Path]:
+    """The spec files ``names`` give: a file as it is; a directory, each spec file under it as pytest would collect it
+    (:func:`~circuit_tests.plugin.is_spec_path`; links to directories are not followed), in order."""
+    found: list[Path] = []
+    for path in map(Path, names):
+        found += sorted(spec for spec in path.rglob("*.y*ml") if spec.is_file() and is_spec_path(spec)) if path.is_dir() else [path]
+    return found
+
+
+def _check_all(session: CircuitSession, runs: list[tuple[Spec, str, Expectation]], from_command_line: bool) -> bool:
+    """Check each run in order; on Ctrl-C, the runs not checked go into the report as not run. Whether all ran."""
+    for done, (spec, model, expectation) in enumerate(runs):
+        try:
+            _check_one(session, spec, model, expectation, from_command_line)
+        except KeyboardInterrupt:
+            for left in runs[done:]:
+                session.report.add(session.planned(*left), NOT_RUN, "the run was interrupted before this check ran")
+            return False
+    return True
 
 
 def _check_one(session: CircuitSession, spec: Spec, model: str, expectation: Expectation, from_command_line: bool) -> Verdict:
@@ -273,6 +297,7 @@ def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
 
 
 WORDS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def _show(session: CircuitSession, result: dict, verdict: Verdict) -> None:
@@ -567,11 +592,11 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--batch-size", type=_positive, default=32)
     _device_options(tracer)
     runner = commands.add_parser("run", help="evaluate specs without pytest and print the report")
-    runner.add_argument("specs", nargs="+", metavar="SPEC")
+    runner.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     runner.add_argument("--model", action="append", help="instead of the spec's models (repeatable)")
     _run_options(runner)
     serieser = commands.add_parser("series", help="evaluate specs on a training run's checkpoints and print each spec's trend")
-    serieser.add_argument("specs", nargs="+", metavar="SPEC")
+    serieser.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     serieser.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
     serieser.add_argument("--matrix", action="store_true",
                           help="also each checkpoint's circuit evaluated on every checkpoint (N x N curves: a short series)")
@@ -640,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     except CircuitTestsError as error:
         _say(f"circuit-tests {args.command}: {error}", sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _say(f"circuit-tests {args.command}: interrupted", sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

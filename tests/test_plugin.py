@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
+from test_subject import agreement_pairs
 
 from circuit_tests.testing import save_tiny_checkpoint
 
@@ -365,3 +369,88 @@ def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stor
     assert len(figures["stored_baseline"]["ranks"]) == len(figures["top"])
     page = pytester.path.joinpath("r.html").read_text()
     assert "Agreement in a &lt;tiny&gt; model." in page and "stroke-dasharray" in page and "s baseline</th>" in page
+
+
+# --------------------------------------------------------------------------- a pull request's pytest configuration
+
+# The command docs/security.md gives for a pull request: no configuration file, conftest.py, Python test module, package
+# __init__.py or doctest file of the pull request's is read (pytester adds --basetemp and runs from the project's root).
+TRUSTED = ("-c", os.devnull, "--rootdir", ".", "--noconftest", "-p", "no:cacheprovider", "-p", "no:python", "-p", "no:doctest")
+AGREE = ('name: agree\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl, test_fraction: 0.5}\n'
+         "expect:\n  - behaves: {min_accuracy: 0.01}\n  - flips: {nodes: 5, min_flip_rate: 0.99}\n")  # flips fails
+
+
+@pytest.fixture
+def pull_request(pytester) -> pytest.Pytester:
+    """A tiny checkpoint and a spec with a claim that holds (behaves) and one that fails (flips)."""
+    save_tiny_checkpoint(pytester.path / "ckpt")
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    pytester.mkdir("specs")
+    pytester.path.joinpath("specs", "agree.yaml").write_text(AGREE)
+    return pytester
+
+
+def test_a_pull_requests_pytest_ini_runs_no_code_under_the_trusted_command(pull_request):
+    """``pythonpath = .`` with ``addopts = -p evilplug`` ran the pull request's Python under ``--noconftest``; so do a
+    package ``__init__.py``, a test module and a doctest file beside the specs. The trusted command reads none of them."""
+    ran = pull_request.path / "ran"
+    pull_request.path.joinpath("pytest.ini").write_text("[pytest]\npythonpath = .\naddopts = -p evilplug\n")
+    files = ("evilplug.py", "specs/__init__.py", "specs/test_evil.py", "specs/test_evil.txt")
+    for name in files:
+        code = f"import pathlib; _ = pathlib.Path({str(ran)!r}).joinpath({Path(name).name!r}).write_text('')"
+        pull_request.path.joinpath(name).write_text(f">>> {code}\n" if name.endswith(".txt") else code + "\n")
+    ran.mkdir()
+    pull_request.runpytest("specs", "--circuit-strict", "--noconftest", "-p", "no:cacheprovider")
+    assert sorted(path.name for path in ran.iterdir()) == sorted(Path(name).name for name in files)
+    shutil.rmtree(ran)
+    ran.mkdir()
+    result = pull_request.runpytest(*TRUSTED, "specs", "--circuit-strict")
+    result.assert_outcomes(passed=1, failed=1)
+    assert list(ran.iterdir()) == []
+
+
+def test_a_pull_requests_addopts_cannot_deselect_a_failing_claim(pull_request):
+    """``addopts = -k "not flips"`` turned a failing spec green. The trusted command ignores it; under any command,
+    an item deselected by a selection that did not come from the command line is listed, and fails a strict run."""
+    pull_request.path.joinpath("pytest.ini").write_text('[pytest]\naddopts = -k "not flips"\n')
+    result = pull_request.runpytest(*TRUSTED, "specs", "--circuit-strict")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["specs/agree.yaml::agree::flips[[]../ckpt[]]", "*measured: flip rate 0.0*"])
+
+    result = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "--circuit-json", "r.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(["agree * not run (1/2)", "not run: agree::flips[[]../ckpt[]]: deselected by -k 'not flips', "
+                                 "which did not come from the command line*"])
+    (row,) = json.loads(pull_request.path.joinpath("r.json").read_text())["rows"]
+    assert row["status"] == "not run" and [r["outcome"] for r in row["results"]] == ["passed", "not run"]
+    spread = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-n", "2")  # workers tell the controller
+    assert spread.ret == pytest.ExitCode.TESTS_FAILED and spread.stdout.str().count("deselected by -k 'not flips'") == 1
+    lenient = pull_request.runpytest("specs", "-p", "no:cacheprovider")  # listed, though not strict
+    assert lenient.ret == pytest.ExitCode.OK and "deselected by -k 'not flips'" in lenient.stdout.str()
+
+    given = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-k", "not flips")  # the person's choice
+    assert given.ret == pytest.ExitCode.OK and "not run" not in given.stdout.str()
+
+
+def test_circuit_tests_run_reads_no_pytest_configuration_and_imports_nothing_from_the_tree(pull_request):
+    """The other trusted command: ``circuit-tests run`` never reads pytest's configuration, and its console script does
+    not put the working directory on ``sys.path`` (``python -m`` would, so a pull request's ``yaml.py`` would be imported)."""
+    ran = pull_request.path / "ran"
+    ran.mkdir()
+    pull_request.path.joinpath("pytest.ini").write_text('[pytest]\npythonpath = .\naddopts = -p evilplug -k "not flips"\n')
+    for name in ("evilplug", "yaml"):
+        pull_request.path.joinpath(f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).joinpath({name!r}).write_text('')\n")
+    nested = pull_request.path / "specs" / "deeper" / "nested.yaml"  # a directory runs every spec under it, as pytest would
+    nested.parent.mkdir()
+    nested.write_text("".join(AGREE.replace("name: agree", "name: nested").replace("../", "../../").splitlines(True)[:-1]))
+
+    def run(*command) -> subprocess.CompletedProcess:  # not pytester.run, which puts the working directory on PYTHONPATH
+        return subprocess.run([*command, "run", "--strict", "specs"], cwd=pull_request.path, capture_output=True, text=True)
+
+    result = run(Path(sys.executable).parent / "circuit-tests")
+    assert result.returncode == 1 and list(ran.iterdir()) == []
+    assert re.findall(r"^(PASS|FAIL) (.*)$", result.stdout, re.MULTILINE) == [
+        ("PASS", "agree::behaves[../ckpt]"), ("FAIL", "agree::flips[../ckpt]"), ("PASS", "nested::behaves[../../ckpt]")]
+    run(sys.executable, "-m", "circuit_tests.cli")
+    assert [path.name for path in ran.iterdir()] == ["yaml"]

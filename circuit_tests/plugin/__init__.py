@@ -30,7 +30,8 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
         "a model given here that cannot be loaded fails")),
     ("--circuit-series", dict(action="append", default=[], metavar="CHECKPOINTS",
         help="run every spec against a training run's checkpoints, in order, and report the trend: a glob "
-        "('ckpts/step-*', natural order), a comma-separated list, or @FILE with one per line (repeatable)")),
+        "('ckpts/step-*', natural order), a comma-separated list, or a list file with one per line, given as "
+        "--circuit-series=@FILE (one argument: pytest expands a separate @FILE itself) (repeatable)")),
     ("--circuit-ray", dict(nargs="?", const=True, default=None, metavar="ADDRESS",
         help="measure on a Ray cluster: an actor per checkpoint (no ADDRESS: start Ray on this machine); "
         "reports and baselines stay here")),

@@ -29,6 +29,8 @@ from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, m
 from circuit_tests.text import printable, quoted
 
 PROPERTY = "circuit_tests"
+NOT_RUN = "not run"  # the outcome of an item the run never measured: interrupted, stopped early, or deselected by a
+# selection that did not come from the command line; a row holding one never reads as passed, nor its trend as held
 NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywhere
 
 
@@ -64,7 +66,7 @@ class Result:
     """One expectation's result."""
 
     expectation: str
-    outcome: str  # passed, failed, skipped
+    outcome: str  # passed, failed, skipped, or NOT_RUN
     message: str
     line: int | None = None  # where the expectation is written in the spec file
 
@@ -85,7 +87,12 @@ class Row:
     @property
     def status(self) -> str:
         outcomes = {result.outcome for result in self.results}
-        return "failed" if "failed" in outcomes else "passed" if "passed" in outcomes else "skipped"
+        return next((outcome for outcome in ("failed", NOT_RUN, "passed") if outcome in outcomes), "skipped")
+
+    @property
+    def complete(self) -> bool:
+        """Whether every item of the row that the run planned was run."""
+        return all(result.outcome != NOT_RUN for result in self.results)
 
 
 class Report:
@@ -128,6 +135,8 @@ class Report:
         ]
         lines = _aligned(cells)
         lines += [printable(line, one_line=True) for row in self.rows.values() for line in self._drops(row)]
+        lines += [printable(f"{NOT_RUN}: {self._label(row)}::{result.expectation}[{row.model}]: {result.message}", one_line=True)
+                  for row, result in self.not_run()]
         for trend in self.trends:
             lines += ["", printable(f"trend of {trend.spec} over {len(trend.points)} checkpoints", one_line=True)]
             lines += _aligned([[printable(cell, one_line=True) for cell in cells] for cells in table(trend)])
@@ -136,6 +145,10 @@ class Report:
                 lines += ["", "faithfulness of each checkpoint's circuit (rows, by step) on each checkpoint (columns)"]
                 lines += _aligned(matrix_table(trend))
         return lines
+
+    def not_run(self) -> list[tuple[Row, Result]]:
+        """Every item the run planned and never measured, with why."""
+        return [(row, result) for row in self.rows.values() for result in row.results if result.outcome == NOT_RUN]
 
     def _drops(self, row: Row, shown: int = 3) -> list[str]:
         """Under the table, what each row dropped: the first few examples, then how many more the reports list."""
@@ -221,10 +234,10 @@ def markdown(report: Report) -> str:
             f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})"]
            for row, f in ((row, row.figures or NOTHING) for row in report.rows.values())])]
     failures = [(row, r) for row in report.rows.values() for r in row.results if r.outcome == "failed"]
-    if failures:
-        lines += ["", "### Failed", ""]
+    for title, listed in (("Failed", failures), ("Not run", report.not_run())):
+        lines += ["", f"### {title}", ""] if listed else []
         lines += [f"- **{_md(row.spec)}** `{_md(r.expectation)}` on `{_md(row.model)}`: {_md(r.message.splitlines()[0] if r.message else '')}"
-                  for row, r in failures]
+                  for row, r in listed]
     for trend in report.trends:
         lines += ["", f"### {_md(trend.spec)} over {len(trend.points)} checkpoints", "", *_md_table(table(trend)), "",
                   _md(first_failure_line(trend))]

@@ -163,10 +163,16 @@ class CircuitSession:
         self.tested.update((Path(path), key) for path, key in tested)
         return verdict
 
+    def planned(self, spec: Spec, model: str, expectation: Expectation) -> dict:
+        """What one expectation carries to the report before any verdict: where it is written and what it watches
+        (as it stands for an item the run never measured, :data:`~circuit_tests.spec.report.NOT_RUN`)."""
+        return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
+            "watches": watched(expectation)}
+
     def result(self, spec: Spec, model: str, expectation: Expectation, verdict: Verdict) -> dict:
         """What one checked expectation carries to the report (and, under pytest, to its JUnit property)."""
-        return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
-            "message": verdict.message, "figures": verdict.figures, "stale": self.stale(spec), "watches": watched(expectation)}
+        return self.planned(spec, model, expectation) | {"message": verdict.message, "figures": verdict.figures,
+                                                          "stale": self.stale(spec)}
 
     def cross_faithfulness(self, spec: Spec, names: Sequence[str]) -> None:
         """Into the report: ``[a][b]``, the faithfulness on checkpoint ``b`` of the circuit checkpoint ``a``'s row holds
