@@ -56,7 +56,7 @@ from circuit_tests.files import SPEC_LIMIT, UnreadableInput, inside, read_text, 
 from circuit_tests.model.data import PairedExample, Repeat, parse_example, read_jsonl, repeats
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.spec.circuit_file import CircuitFile, read_circuit
-from circuit_tests.text import SURROGATE_FIX, has_control, has_surrogate, printable, quoted
+from circuit_tests.text import SURROGATE_FIX, has_control, has_surrogate, quoted, shown
 
 # A threshold a claim could meet on any model (a rate of at least 0, completeness of at most 1) is an
 # error: a green run must mean something was measured that could have failed.
@@ -677,7 +677,7 @@ def _examples(spec: Spec, path: Path, root: Path | None) -> list[PairedExample]:
     real = resolved(dataset)
     if root is not None and real is not None and not inside(real, [root]):
         raise SpecError(
-            f"{path}: field 'task.dataset' points to {real}, outside the project {root}. "
+            f"{path}: field 'task.dataset' points to {shown(real)}, outside the project {root}. "
             "Keep data inside the project (copy the file under fixtures/) so a spec cannot read arbitrary files."
         )
     try:
