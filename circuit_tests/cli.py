@@ -58,7 +58,7 @@ from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.spec.subject import MOVED_CARDS, STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import TraceCache, default_trace_cache
 from circuit_tests.spec.trend import FIGURES, cell, circuit_of, values
-from circuit_tests.text import has_control, printable
+from circuit_tests.text import has_control, printable, shown
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -211,7 +211,9 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"baseline written: {path}")
     for problem in session.problems:
         _say(f"NOT written: {problem}", sys.stderr)
-    _say("\n".join([*session.report.terminal_lines(), *github_annotations(session.report, session.options.project)]))
+    _say("\n".join(session.report.terminal_lines()))
+    for line in github_annotations(session.report, session.options.project):  # workflow commands, escaped as they are built
+        print(line)
     if interrupted:
         _say(f"circuit-tests {args.command}: interrupted; {len(session.report.not_run())} checks not run", sys.stderr)
         return INTERRUPTED
@@ -302,7 +304,7 @@ INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGIN
 
 def _show(session: CircuitSession, result: dict, verdict: Verdict) -> None:
     session.report.add(result, verdict.status, verdict.message)
-    _say(f"{WORDS[verdict.status]} {result['spec']}::{result['expectation']}[{result['model']}]")
+    _say(shown(f"{WORDS[verdict.status]} {result['spec']}::{result['expectation']}[{result['model']}]"))
     if verdict.status != "passed":
         _say(textwrap.indent(verdict.message, "  "))
 

@@ -6,7 +6,9 @@ Every such file is read through :func:`read_text`, which only reads
 - a path that resolves (links followed) inside one of the allowed roots: the project, or the cache;
 - a regular file: never a directory, a FIFO (which would hang the session) or a device such as
   ``/dev/zero`` (which would exhaust memory);
-- at most ``limit`` bytes, and only valid UTF-8.
+- at most ``limit`` bytes, and only valid UTF-8;
+- a path whose name (and, through links, whose target's name) holds no control character: a name such as
+  ``"x\n::error::y"`` would otherwise put a line of its own into every message that names the file.
 
 The file is opened without following a link in its last component and checked with ``fstat`` on
 the open descriptor, so it cannot be swapped for a link or a FIFO between the check and the read.
@@ -34,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from circuit_tests.errors import CircuitTestsError
+from circuit_tests.text import has_control, shown
 
 KiB, MiB = 1024, 1024 * 1024
 SPEC_LIMIT = 1 * MiB
@@ -63,6 +66,10 @@ def inside(path: Path, roots: Sequence[Path]) -> bool:
 
 def read_text(path: Path, roots: Sequence[Path] | None, limit: int) -> str:
     """The UTF-8 text of a regular file inside ``roots`` (``None``: anywhere) of at most ``limit`` bytes."""
+    real = resolved(path)
+    if has_control(str(path)) or (real is not None and has_control(str(real))):
+        raise UnreadableInput(f"{shown(path)} has a control character or a line break in its name (or its link target's "
+                              "name), which would forge lines of every message naming it; rename the file")
     with _opened(path, roots) as (handle, size):
         if size > limit:
             raise UnreadableInput(f"{path} is {_size(size)}, more than the {_size(limit)} allowed")
@@ -143,9 +150,9 @@ def _opened(path: Path, roots: Sequence[Path] | None) -> Iterator[tuple[int, int
     if real is None:
         raise UnreadableInput(f"{path} is a link that loops")
     if roots is not None and not inside(real, roots):
-        shown = " or ".join(str(root) for root in roots)
+        allowed = " or ".join(str(root) for root in roots)
         link = f" (a link to {real})" if path.is_symlink() or real != path.absolute() else ""
-        raise UnreadableInput(f"{path}{link} is outside {shown}; only files inside the project are read")
+        raise UnreadableInput(f"{path}{link} is outside {allowed}; only files inside the project are read")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         handle = os.open(real, flags)

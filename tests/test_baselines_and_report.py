@@ -141,6 +141,19 @@ class _Collector(HTMLParser):
         self.urls += [value for name, value in attrs if name in ("src", "href") and value]
 
 
+def test_the_job_summary_shows_links_and_images_from_a_spec_as_text(tmp_path):
+    report = Report()
+    image, link = "![i](https://evil.example/p.png)", "[click](https://evil.example/x)"
+    result = payload("s", image, Path("specs/s.yaml"), "sparse", description=link)
+    report.add(result, "failed", f"expected: {link} *bold* <img src=x> a|b\nmeasured: 0.1")
+    report.write_markdown(tmp_path / "summary.md")
+    summary = (tmp_path / "summary.md").read_text()
+    for markup in ("![", "](", "<img", "*bold*"):
+        assert markup not in summary.replace("`" + image + "`", ""), markup  # only as a code span, where nothing renders
+    assert "\\[click\\]\\(https://evil.example/x\\) \\*bold\\* &lt;img src=x&gt; a\\|b" in summary
+    assert "| s | \\!\\[i\\]\\(https://evil.example/p.png\\) |" in summary
+
+
 def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_path):
     report = Report()
     figures = {"accuracy": 0.95, "curve": {"sizes": [10, 100], "faithfulness": [0.2, 0.9], "completeness": [0.7, 0.1]},

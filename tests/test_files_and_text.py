@@ -20,6 +20,18 @@ def test_printable_escapes_what_a_terminal_would_act_on():
     assert printable(printable("\x1b")) == "\\x1b"  # escaping twice changes nothing more
 
 
+def test_printable_leaves_no_line_that_github_actions_would_run_as_a_workflow_command():
+    forged = "passed\n::error::forged\n   ::stop-commands::token\nkept::as it is"
+    assert printable(forged) == "passed\n\\x3a:error::forged\n   \\x3a:stop-commands::token\nkept::as it is"
+    assert printable(printable(forged)) == printable(forged)
+
+
+def test_a_lone_surrogate_is_escaped_and_refused_in_names():
+    assert printable("a\ud800b", one_line=True) == "a\\ud800b"
+    assert printable("a\ud800b").encode("utf-8") == b"a\\ud800b"  # writable, where the surrogate itself is not
+    assert has_control("ckpt\udcff")  # a file name that is not UTF-8, as Python decodes it
+
+
 def test_names_with_control_characters_are_recognised():
     assert has_control("model\n") and has_control("a\x1bb") and has_control("\u2066x")
     assert not has_control("org/model@v1.0 ünïcode")

@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from circuit_tests.cli import main
+from circuit_tests.errors import SpecError
+from circuit_tests.model.data import read_jsonl, split
 from circuit_tests.testing import save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
@@ -569,6 +571,71 @@ def test_control_characters_in_any_message_are_escaped_everywhere(small, pyteste
     result.stdout.fnmatch_lines(["*\\x1b[[]2J\\x1b[[]32m===== 99 passed =====*"])
     for text in (result.stdout.str(), *(path.read_text() for path in (small / "j.xml", small / "r.json", small / "r.html"))):
         assert "\x1b" not in text
+
+
+FORGED = "\n::error::forged\n::stop-commands::token"  # in a name: two workflow commands, each at the start of a line
+
+
+def _commands(text: str) -> list[str]:
+    """The lines GitHub Actions would run as workflow commands (its runner strips leading space), but our annotations."""
+    return [line for line in text.splitlines() if line.lstrip().startswith("::") and not line.startswith("::error file=")]
+
+
+def test_no_file_or_model_name_puts_a_workflow_command_on_a_line_of_its_own(small, pytester, monkeypatch, capsys):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(small / "summary.md"))
+    (small / f"circuit_named{FORGED}.yaml").write_text(spec("named", CONTROL))
+    (small / f"data{FORGED}.jsonl").write_text(DATA)
+    (small / "linked.jsonl").symlink_to(small / f"data{FORGED}.jsonl")
+    (small / f"cf{FORGED}.json").write_text("{}")
+    named = {"dataset": f"task: {{dataset: {json.dumps(f'data{FORGED}.jsonl')}}}\n", "linked": "task: {dataset: linked.jsonl}\n"}
+    for name, task in named.items():
+        (small / f"circuit_{name}.yaml").write_text(spec(name, CONTROL, task=task))
+    (small / "circuit_pinned.yaml").write_text(spec("pinned", f"- pinned: {{circuit: {json.dumps(f'cf{FORGED}.json')}, min_flip_rate: 0.5}}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-v")
+    result.stdout.fnmatch_lines_random([
+        "*circuit_named\\x0a::error::forged\\x0a::stop-commands::token.yaml has a control character or a line break in its name*",
+        "*circuit_dataset.yaml: 1 problem: field 'task.dataset': must not contain control characters or line breaks*",
+        "*linked.jsonl has a control character or a line break in its name (or its link target's name)*rename the file*",
+        "*circuit_pinned.yaml: 1 problem: field 'expect[[]0[]].pinned.circuit': must not contain control characters*",
+        "::error file=circuit_linked.yaml,*"])  # failures are still annotated
+    assert _commands(result.stdout.str() + result.stderr.str()) == []
+    option = pytester.runpytest("-p", "no:cacheprovider", f"--circuit-model=./ckpt{FORGED}")
+    assert option.ret == pytest.ExitCode.USAGE_ERROR
+    option.stderr.fnmatch_lines(["*--circuit-model './ckpt\\n::error::forged\\n::stop-commands::token': a model name is one line*"])
+    assert _commands(option.stdout.str() + option.stderr.str()) == []
+    monkeypatch.chdir(small)
+    assert main(["run", *sorted(path.name for path in small.glob("circuit_*.yaml"))]) == 1
+    out = capsys.readouterr()
+    assert "FAIL circuit_named\\x0a::error::forged\\x0a::stop-commands::token.yaml::spec[-]" in out.out
+    assert _commands(out.out + out.err) == []
+
+
+def test_repeated_examples_are_noted_and_a_held_out_repeat_of_a_training_one_fails(small, pytester):
+    """A repeat on one side of the split is counted on the item; one held out and one traced on is refused."""
+    (small / "data.jsonl").write_text(DATA + DATA.splitlines(keepends=True)[0])  # line 13 repeats line 1
+    examples = read_jsonl(small / "data.jsonl")
+    seed = next(seed for seed in range(100) if _splits(examples, seed))  # both copies on one side
+    task = f"task: {{dataset: data.jsonl, test_fraction: 0.5, seed: {seed}}}\n"
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL, task=task))
+    two = [line for line in DATA.splitlines(keepends=True)[:2]]
+    (small / "two.jsonl").write_text("".join(two * 20))  # 2 distinct pairs, each written 20 times
+    small.joinpath("circuit_two.yaml").write_text(spec("two", CONTROL, task="task: {dataset: two.jsonl}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--circuit-json=r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*two.jsonl:*: this held-out example repeats *two.jsonl:*, a training example the circuit is "
+                                 "traced on*(10 of 10 held-out examples repeat one; 38 examples in all repeat an earlier one)*"])
+    row = next(row for row in json.loads((small / "r.json").read_text())["rows"] if row["spec"] == "good")
+    assert row["figures"]["n_repeated"] == 1 and row["figures"]["repeated"][0].endswith("data.jsonl:13 repeats " + str(small / "data.jsonl:1"))
+    assert "note: 1 of 13 examples repeat an earlier one (" in row["results"][0]["message"]
+
+
+def _splits(examples: list, seed: int) -> bool:
+    try:
+        split(examples, 0.5, seed)
+    except SpecError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- the command line tool's own arguments

@@ -354,9 +354,10 @@ def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stor
     save_tiny_checkpoint(pytester.path / "ckpt")
     pairs = [("author", "authors"), ("baker", "bakers"), ("farmer", "farmers"), ("doctor", "doctors"), ("pilot", "pilots")]
     examples = "".join(f'    - {{clean_prefix: "The {one} near the key", patch_prefix: "The {many} near the key", '
-                       f'clean_answer: " is", patch_answer: " are"}}\n' for one, many in pairs * 2)
+                       f'clean_answer: "{clean}", patch_answer: "{patch}"}}\n'
+                       for one, many in pairs for clean, patch in ((" is", " are"), (" was", " were")))
     pytester.path.joinpath("circuit_tiny.yaml").write_text("description: Agreement in a <tiny> model.\n" + spec(
-        "tiny", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n- stable: {nodes: 10, min_overlap: 0.5}\n",
+        "tiny", "- sparse: {max_nodes: 400, min_faithfulness: 0.5}\n- stable: {nodes: 10, min_overlap: 0.5}\n",
         models="[./ckpt]", task=f"task:\n  test_fraction: 0.5\n  examples:\n{examples}"))
     pytester.runpytest("--circuit-update", "-p", "no:cacheprovider")
     pytester.runpytest("--junitxml", "j.xml", "--circuit-report", "r.html", "-p", "no:cacheprovider").assert_outcomes(passed=2)

@@ -112,8 +112,9 @@ def project(pytester, monkeypatch, tmp_path):
     monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
     save_tiny_checkpoint(pytester.path / "a", seed=0)
     save_tiny_checkpoint(pytester.path / "b", seed=1)
-    pairs = [{"clean_prefix": f"The {noun} near the key", "patch_prefix": f"The {noun}s near the key",
-              "clean_answer": " is", "patch_answer": " are"} for noun in ("author", "baker", "farmer", "doctor", "pilot")] * 4
+    pairs = [{"clean_prefix": f"The {noun} near the {obj}", "patch_prefix": f"The {noun}s near the {obj}",
+              "clean_answer": clean, "patch_answer": patch} for noun in ("author", "baker", "farmer", "doctor", "pilot")
+             for obj in ("key", "cabinets") for clean, patch in ((" is", " are"), (" was", " were"))]  # 20, each once
     (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (pytester.path / "specs").mkdir()
     (pytester.path / "specs" / "agree.yaml").write_text(SPEC)

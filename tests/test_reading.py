@@ -138,7 +138,7 @@ def tiny_project(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text("\n".join(SENTENCES) + "\n")
     nouns = [word for word in ("author", "baker", "farmer", "doctor", "pilot") if word in TINY_WORDS]
     pairs = [{"clean_prefix": f"The {noun} near the key", "patch_prefix": f"The {noun}s near the key",
-              "clean_answer": " is", "patch_answer": " are"} for noun in nouns for _ in range(2)]
+              "clean_answer": clean, "patch_answer": patch} for noun in nouns for clean, patch in ((" is", " are"), (" was", " were"))]
     (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (root / "agreement.yaml").write_text(
         "name: agreement\nmodels: [./ckpt]\ntask: {dataset: data.jsonl, test_fraction: 0.5}\n"

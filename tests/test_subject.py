@@ -25,8 +25,8 @@ def agreement_pairs() -> list[dict]:
     pairs = [{"clean_prefix": f"The {noun} {prep} the {obj}", "patch_prefix": f"The {noun}s {prep} the {obj}",
               "clean_answer": " is", "patch_answer": " are"}
              for noun, prep, obj in itertools.product(nouns, prepositions, ("key", "cabinets"))]
-    return pairs + [{"clean_prefix": f"The {noun}", "patch_prefix": f"The {noun}s", "clean_answer": " was",
-                     "patch_answer": " were"} for noun in nouns for _ in range(2)]
+    return pairs + [{"clean_prefix": f"The {noun}", "patch_prefix": f"The {noun}s", "clean_answer": clean,
+                     "patch_answer": patch} for noun in nouns for clean, patch in ((" was", " were"), (" is", " are"))]
 
 
 @pytest.fixture(scope="module")

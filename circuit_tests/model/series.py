@@ -26,6 +26,7 @@ from pathlib import Path
 
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.files import MiB, read_text
+from circuit_tests.text import has_control, quoted
 
 _NUMBER = re.compile(r"\d+")
 _GLOB = re.compile(r"[*?[]")
@@ -46,6 +47,10 @@ def expand_series(values: Sequence[str], cwd: Path) -> tuple[Checkpoint, ...]:
     for value in values:
         for part in (part.strip() for part in value.split(",")):
             names.extend(_from_file(part[1:], cwd) if part.startswith("@") else _one(part, cwd, value))
+    for name in names:
+        if has_control(name):
+            raise BadOptionError(f"checkpoint series: {quoted(name)} has a control character or a line break in its name, "
+                                 "which test ids and messages would print. Rename the checkpoint, or leave it out.")
     return tuple(Checkpoint(name, step_of(name)) for name in dict.fromkeys(names))
 
 

@@ -102,7 +102,12 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
         return None
     started(parent.config)
     from circuit_tests.plugin.items import SpecFile
+    from circuit_tests.text import has_control, shown
 
+    if has_control(str(file_path)):  # pytest prints a file's id raw (progress, summary): "x\n::error::" would be a line
+        root = parent.config.rootpath
+        where = file_path.relative_to(root) if file_path.is_relative_to(root) else file_path
+        return SpecFile.from_parent(parent, path=file_path, name=shown(file_path.name), nodeid=shown(where.as_posix()))
     return SpecFile.from_parent(parent, path=file_path)
 
 

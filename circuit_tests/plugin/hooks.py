@@ -28,7 +28,7 @@ from circuit_tests.spec.distributed import LOCAL, cluster
 from circuit_tests.spec.report import NOT_RUN, PROPERTY, decode, github_annotations, github_step_summary
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.traces import default_trace_cache
-from circuit_tests.text import printable
+from circuit_tests.text import has_control, printable, quoted, shown
 
 WORKER_OUTPUT = "circuit_tests_baselines"
 WORKER_HIDDEN = "circuit_tests_hidden"  # what a worker's foreign selection deselected, for the controller to report
@@ -106,7 +106,7 @@ class SessionHooks:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for path in self.session.written:
-            terminalreporter.write_line(f"baseline written: {path}")
+            terminalreporter.write_line(f"baseline written: {shown(path)}")
         for problem in self.session.problems:
             terminalreporter.write_line(printable(f"NOT written: {problem}"), red=True)
         report = self.session.report
@@ -164,6 +164,10 @@ def run_options(config: pytest.Config) -> RunOptions:
         raise BadOptionError("--circuit-ray spreads the work over a Ray cluster; pytest-xdist (-n) cannot run beside it.")
     if ray is None and config.getoption("circuit_ray_gpus") is not None:
         raise BadOptionError("--circuit-ray-gpus sets the GPUs of each Ray actor; give --circuit-ray too.")
+    for model in config.getoption("circuit_model"):
+        if has_control(model):
+            raise BadOptionError(f"--circuit-model {quoted(model)}: a model name is one line of printable text (test ids "
+                                 "and messages print it). Give it without control characters or line breaks.")
     if series and config.getoption("circuit_model"):
         raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(

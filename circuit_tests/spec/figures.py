@@ -106,6 +106,7 @@ class Figures:
     n_test: int
     n_dropped: int
     dropped: list[str] = field(default_factory=list)  # "FILE:LINE: why", one per dropped example
+    repeated: list[str] = field(default_factory=list)  # "FILE:LINE repeats FILE:LINE", one per repeated example
     accuracy: float | None = None
     curve: CurveFigures | None = None
     areas: dict[str, AreaFigures] = field(default_factory=dict)  # MIB's curve and areas, by ranking
@@ -134,6 +135,8 @@ class Figures:
                       "n_train": self.n_train, "n_test": self.n_test, "n_dropped": self.n_dropped}
         if self.dropped:
             data["dropped"] = self.dropped
+        if self.repeated:
+            data["n_repeated"], data["repeated"] = len(self.repeated), self.repeated
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy
         if self.curve is not None:
@@ -193,7 +196,7 @@ class Figures:
         return cls(
             model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
-            n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
+            n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), repeated=data.get("repeated", []), accuracy=data.get("accuracy"),
             curve=CurveFigures(**curve) if curve else None,
             areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()},
             agreement=AgreementFigures(**data["agreement"]) if data.get("agreement") else None,

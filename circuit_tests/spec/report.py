@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -236,7 +237,7 @@ def markdown(report: Report) -> str:
     failures = [(row, r) for row in report.rows.values() for r in row.results if r.outcome == "failed"]
     for title, listed in (("Failed", failures), ("Not run", report.not_run())):
         lines += ["", f"### {title}", ""] if listed else []
-        lines += [f"- **{_md(row.spec)}** `{_md(r.expectation)}` on `{_md(row.model)}`: {_md(r.message.splitlines()[0] if r.message else '')}"
+        lines += [f"- **{_md(row.spec)}** {_code(r.expectation)} on {_code(row.model)}: {_md(r.message.splitlines()[0] if r.message else '')}"
                   for row, r in listed]
     for trend in report.trends:
         lines += ["", f"### {_md(trend.spec)} over {len(trend.points)} checkpoints", "", *_md_table(table(trend)), "",
@@ -252,9 +253,18 @@ def _md_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
 
 
+_MARKUP = re.compile(r"([\\`*_{}\[\]()!|~])")  # what Markdown reads as emphasis, links, images, code and tables
+
+
 def _md(text: str) -> str:
-    """Text from a spec or a model name, inert in Markdown: one line, no markup, no table breaks."""
-    return html.escape(printable(text, one_line=True)).replace("|", "\\|").replace("`", "'")
+    """Text from a spec or a model name, inert in Markdown: one line, HTML escaped, and every character of Markdown's
+    markup backslash-escaped, so that ``![i](URL)`` shows as written instead of loading an image."""
+    return _MARKUP.sub(r"\\\1", html.escape(printable(text, one_line=True), quote=False))
+
+
+def _code(text: str) -> str:
+    """Text from a spec or a model name as a code span, where Markdown reads no markup: one line, no backtick."""
+    return f"`{printable(text, one_line=True).replace('`', chr(39))}`"
 
 
 def annotation(row: Row, result: Result, root: Path) -> str:

@@ -150,7 +150,7 @@ class CircuitSession:
             return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", self._figures(subject))
         except CircuitTestsError as error:
             return Verdict("failed", str(error), self._figures(subject))
-        message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
+        message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "") + _repeat_note(spec)
         return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
 
     def _checked_remotely(self, work: Work) -> Verdict:
@@ -232,6 +232,15 @@ class CircuitSession:
                 write(path)
             except OSError as error:
                 self.problems.append(f"{path}: the report could not be written ({error.strerror or error}).")
+
+
+def _repeat_note(spec: Spec) -> str:
+    """"note: 3 of 40 examples repeat an earlier one (FILE:LINE repeats FILE:LINE; ...)", the first three named; "" for none."""
+    found = spec.repeated
+    if not found:
+        return ""
+    shown = "; ".join(map(str, found[:3])) + ("; ..." if len(found) > 3 else "")
+    return f"\nnote: {len(found)} of {len(spec.examples)} examples repeat an earlier one ({shown}); each counts again in the figures"
 
 
 def _why_not_skipped(from_command_line: bool) -> str:

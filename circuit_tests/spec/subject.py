@@ -87,7 +87,7 @@ class Subject:
         self.figures = Figures(model=loaded.ref.name, revision=loaded.revision, device=str(loaded.device),
                                dtype=str(loaded.model.dtype).removeprefix("torch."), n_train=len(self.train),
                                n_test=self.test.n_examples, n_dropped=len(self.dropped),
-                               dropped=[str(drop) for drop in self.dropped])
+                               dropped=[str(drop) for drop in self.dropped], repeated=[str(r) for r in spec.repeated])
         self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
         self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
