@@ -37,7 +37,7 @@ task: {dataset: ../data.jsonl, test_fraction: 0.5}
 trace: {ablation: mean}
 expect:
   - behaves: {min_accuracy: 0.1}
-  - sparse: {max_nodes: 300, min_faithfulness: 0.5}
+  - scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5}
   - stable: {nodes: 20}
 """
 KILL_ONE = """
