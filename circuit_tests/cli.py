@@ -42,7 +42,7 @@ from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
 from circuit_tests.spec.reading import corpus, describe, graph, names_a_neuron
 from circuit_tests.spec.report import NOT_RUN, github_annotations, github_step_summary, graph_page, payload
-from circuit_tests.spec.scaffold import measured_claims, spec_text
+from circuit_tests.spec.scaffold import measured_claims, refusal, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
     Expectation,
@@ -451,6 +451,10 @@ def _new(args: argparse.Namespace) -> int:
         return 0
     session = _session(args, update=True)
     subject = session.subject(spec, args.model, from_command_line=True)
+    refused = refusal(subject)
+    if refused:
+        _say(refused)
+        return 1
     text = spec_text(args.name, model, dataset, *measured_claims(subject, args.margin))
     spec = spec_from_mapping(parse_yaml(text, out), out.absolute(), project)
     session.baselines.record(spec, model_key(subject), entry_for(subject, spec))  # at the size its stable claim names

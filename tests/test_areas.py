@@ -109,7 +109,7 @@ def test_circuit_areas_puts_cpr_and_cmd_in_the_reports(pytester, project):  # no
 models: [../ckpt]
 task: {dataset: ../data.jsonl, test_fraction: 0.5}
 expect:
-  - behaves: {min_accuracy: 0.1}
+  - behaves: {min_accuracy: 0.6}
 """)
     (pytester.path / "data.jsonl").write_text((project / "data.jsonl").read_text())
     result = pytester.runpytest_inprocess("specs", "--circuit-areas", "--circuit-json", "out.json", "--circuit-report", "r.html",

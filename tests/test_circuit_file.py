@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_subject import agreement_pairs
 
 from circuit_tests.cli import main
 from circuit_tests.errors import SpecError
@@ -13,38 +12,38 @@ from circuit_tests.model.loading import load_model
 from circuit_tests.spec.circuit_file import read_circuit
 from circuit_tests.spec.schema import load_spec, spec_from_mapping
 from circuit_tests.spec.subject import Subject
-from circuit_tests.testing import save_tiny_checkpoint
+from circuit_tests.testing import save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 SPEC = ('name: agree\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl, test_fraction: 0.5}\ntrace: {ablation: mean}\n'
-        "expect:\n  - behaves: {min_accuracy: 0.01}\n")
+        "expect:\n  - behaves: {min_accuracy: 0.6}\n")
 
 
 @pytest.fixture
 def project(pytester, monkeypatch) -> pytest.Pytester:
     monkeypatch.chdir(pytester.path)
-    save_tiny_checkpoint(pytester.path / "ckpt")
-    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    save_tiny_checkpoint(pytester.path / "ckpt", taught=True)
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     pytester.path.joinpath("specs").mkdir()
     pytester.path.joinpath("specs", "agree.yaml").write_text(SPEC)
     return pytester
 
 
 def test_an_exported_circuit_is_the_specs_top_nodes_and_measures_the_same_pinned_back(project, capsys):
-    assert main(["export", "specs/agree.yaml", "--nodes", "20", "--out", "circuit.json"]) == 0
-    assert "wrote circuit.json: the top 20 nodes of agree on ../ckpt" in capsys.readouterr().out
+    assert main(["export", "specs/agree.yaml", "--nodes", "200", "--out", "circuit.json"]) == 0
+    assert "wrote circuit.json: the top 200 nodes of agree on ../ckpt" in capsys.readouterr().out
     exported = json.loads((project.path / "circuit.json").read_text())
     subject = Subject(load_spec(project.path / "specs" / "agree.yaml", project.path), load_model("ckpt"))
     assert (exported["format"], exported["version"], exported["spec"]) == ("circuit-tests/circuit", 1, "agree")
     assert exported["shape"] == {"layers": 3, "neurons": 96} and exported["trace"]["align"] == "end"
-    assert [tuple(row[:3]) for row in exported["nodes"]] == list(subject.circuit(20).nodes)
+    assert [tuple(row[:3]) for row in exported["nodes"]] == list(subject.circuit(200).nodes)
     scores = [abs(row[3]) for row in exported["nodes"]]
     assert scores == sorted(scores, reverse=True) and all(position < 0 for _, position, _, _ in exported["nodes"])
-    whole, top, flips = exported["measured"]["faithfulness"], subject.faithfulness(10).value, subject.flip_rate(20).value
-    assert whole == pytest.approx(subject.faithfulness(20).value, abs=1e-6) and exported["measured"]["n_test"] == subject.test.n_examples
+    whole, top, flips = exported["measured"]["faithfulness"], subject.faithfulness(10).value, subject.flip_rate(200).value
+    assert whole == pytest.approx(subject.faithfulness(200).value, abs=1e-6) and exported["measured"]["n_test"] == subject.test.n_examples
 
     # pinned back, its top 10 nodes measure what the spec's top 10 do: thresholds either side of that pass and fail
-    project.path.joinpath("specs", "pinned.yaml").write_text(SPEC.replace("agree", "pinned").replace("  - behaves: {min_accuracy: 0.01}\n", (
+    project.path.joinpath("specs", "pinned.yaml").write_text(SPEC.replace("agree", "pinned").replace("  - behaves: {min_accuracy: 0.6}\n", (
         f"  - pinned: {{id: below, circuit: ../circuit.json, nodes: 10, min_faithfulness: {top - 0.001}}}\n"
         f"  - pinned: {{id: above, circuit: ../circuit.json, nodes: 10, min_faithfulness: {top + 0.001}}}\n"
         f"  - pinned: {{id: whole, circuit: ../circuit.json, min_faithfulness: {whole - 0.001}, min_flip_rate: {flips - 0.001}}}\n")))
@@ -53,7 +52,7 @@ def test_an_exported_circuit_is_the_specs_top_nodes_and_measures_the_same_pinned
     # every pinned figure reaches the report; a circuit measured alone and one in a curve differ by float32 summation order
     pinned = json.loads((project.path / "r.json").read_text())["rows"][0]["figures"]["pinned"]
     assert pinned == {"the top 10 nodes of ../circuit.json": {"faithfulness": pytest.approx(top, abs=1e-5)},
-                      "the top 20 nodes of ../circuit.json": {"flip_rate": flips, "faithfulness": pytest.approx(whole, abs=1e-5)}}
+                      "the top 200 nodes of ../circuit.json": {"flip_rate": flips, "faithfulness": pytest.approx(whole, abs=1e-5)}}
     result.stdout.fnmatch_lines([f"*expected: the top 10 nodes of ../circuit.json alone are >= {top + 0.001:g} faithful (mean ablation)",
                                  f"*measured: faithfulness {top:.3f}*on {subject.test.n_examples} held-out examples"])
     assert any(line.startswith("FAILED specs/pinned.yaml::pinned::above") for line in result.stdout.lines)

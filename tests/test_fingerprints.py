@@ -72,7 +72,7 @@ EDITS = {
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", seed=GOOD_SEED)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "llama", seed=GOOD_SEED, taught=True)
 
 
 @pytest.fixture
@@ -208,16 +208,12 @@ def test_a_registered_model_is_converted_again_when_its_package_ships_other_weig
 
 # --------------------------------------------------------------------------- end to end, in a pytest run
 
-SPEC = """\
-name: x
-models: [./ckpt]
-task:
-  examples:
-    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is", patch_answer: " are"}
-    - {clean_prefix: "The authors", patch_prefix: "The author", clean_answer: " are", patch_answer: " is"}
-expect:
-  - behaves: {min_accuracy: 0.5}
-"""
+AUTHOR_PAIRS = "".join(  # every pair turns on author/authors, which the edit below swaps
+    f'    - {{clean_prefix: "The {a} {prep} the {obj}", patch_prefix: "The {b} {prep} the {obj}", clean_answer: "{x}", '
+    f'patch_answer: "{y}"}}\n'
+    for prep in ("near", "by", "of", "on") for obj in ("key", "cabinets")
+    for a, b, x, y in (("author", "authors", " is", " are"), ("authors", "author", " are", " is")))
+SPEC = f"name: x\nmodels: [./ckpt]\ntask:\n  test_fraction: 0.5\n  examples:\n{AUTHOR_PAIRS}expect:\n  - behaves: {{min_accuracy: 0.6}}\n"
 
 
 def test_a_spec_fails_when_its_checkpoint_changes_with_size_and_time_kept(pytester, tiny, tmp_path, monkeypatch):

@@ -35,10 +35,10 @@ pytest_plugins = ["pytester"]
 SECRET = "TOP-SECRET-7f3a"  # in files outside the project: must never be printed
 PAIRS = [("author", "authors"), ("baker", "bakers"), ("farmer", "farmers"), ("doctor", "doctors"),
          ("pilot", "pilots"), ("key", "keys")]
-DATA = "".join(json.dumps(line) + "\n" for singular, plural in PAIRS for line in (
-    {"clean_prefix": f"The {singular}", "patch_prefix": f"The {plural}", "clean_answer": " is", "patch_answer": " are"},
-    {"clean_prefix": f"The {plural}", "patch_prefix": f"The {singular}", "clean_answer": " are", "patch_answer": " is"}))
-CONTROL = "- scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5}\n"  # measured, and holds on the tiny model
+DATA = "".join(json.dumps(line) + "\n" for singular, plural in PAIRS[:5] for line in (  # what the taught tiny model answers
+    {"clean_prefix": f"The {singular}", "patch_prefix": f"The {plural}", "clean_answer": " was", "patch_answer": " were"},
+    {"clean_prefix": f"The {plural}", "patch_prefix": f"The {singular}", "clean_answer": " were", "patch_answer": " was"}))
+CONTROL = "- scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5, token: ' is'}\n"  # measured, and holds on the tiny model
 EVIL_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
@@ -190,7 +190,7 @@ def cases(outside: Path) -> list[Case]:
         Case("stable_model_named_missing", spec("a", "- stable: {nodes: 5, model: old-run}\n"),
              "'stable.model' names old-run: record its baseline"),
         Case("undefined_faithfulness", spec("a", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n", models="[./ckpt_mute]"),
-             "faithfulness undefined: the logit difference of the model"),
+             "faithfulness undefined: the model no longer separates the answers"),
         Case("control_characters_in_text", spec("a", CONTROL, task=examples(("The author", "The authors", " is\x1b[2J", " are"),
                                                                             ("The baker", "The bakers", " is", " are"))),
              "clean_answer ' is\\x1b[2J' is 3 tokens"),
@@ -213,7 +213,7 @@ def cases(outside: Path) -> list[Case]:
 def checkpoints(tmp_path_factory) -> Path:
     """The tiny checkpoints the project copies: good, mute (no MLP output), small embedding, pickle-only."""
     root = tmp_path_factory.mktemp("checkpoints")
-    save_tiny_checkpoint(root / "ckpt")
+    save_tiny_checkpoint(root / "ckpt", taught=True)
     save_tiny_checkpoint(root / "ckpt_small", vocab_size=8)
     mute = shutil.copytree(root / "ckpt", root / "ckpt_mute")
     from safetensors.torch import load_file, save_file
@@ -466,9 +466,9 @@ def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(sma
         {"clean_prefix": f"The {plural} near the key", "patch_prefix": f"The {singular} near the key",
          "clean_answer": " are", "patch_answer": " is"}))
     (small / "data.jsonl").write_text(DATA + longer)
-    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 50, min_overlap: 0.9}\n"))
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 300, min_overlap: 0.9}\n"))
     pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
-    stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:50]
+    stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:300]
     assert min(position for _, position, _, _ in stored) <= -4  # past the 3-token prompts: only the 6-token ones have it
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
@@ -613,7 +613,7 @@ def test_no_file_or_model_name_puts_a_workflow_command_on_a_line_of_its_own(smal
 
 def test_repeated_examples_are_noted_and_a_held_out_repeat_of_a_training_one_fails(small, pytester):
     """A repeat on one side of the split is counted on the item; one held out and one traced on is refused."""
-    (small / "data.jsonl").write_text(DATA + DATA.splitlines(keepends=True)[0])  # line 13 repeats line 1
+    (small / "data.jsonl").write_text(DATA + DATA.splitlines(keepends=True)[0])  # line 11 repeats line 1
     examples = read_jsonl(small / "data.jsonl")
     seed = next(seed for seed in range(100) if _splits(examples, seed))  # both copies on one side
     task = f"task: {{dataset: data.jsonl, test_fraction: 0.5, seed: {seed}}}\n"
@@ -626,8 +626,8 @@ def test_repeated_examples_are_noted_and_a_held_out_repeat_of_a_training_one_fai
     result.stdout.fnmatch_lines(["*two.jsonl:*: this held-out example repeats *two.jsonl:*, a training example the circuit is "
                                  "traced on*(10 of 10 held-out examples repeat one; 38 examples in all repeat an earlier one)*"])
     row = next(row for row in json.loads((small / "r.json").read_text())["rows"] if row["spec"] == "good")
-    assert row["figures"]["n_repeated"] == 1 and row["figures"]["repeated"][0].endswith("data.jsonl:13 repeats " + str(small / "data.jsonl:1"))
-    assert "note: 1 of 13 examples repeat an earlier one (" in row["results"][0]["message"]
+    assert row["figures"]["n_repeated"] == 1 and row["figures"]["repeated"][0].endswith("data.jsonl:11 repeats " + str(small / "data.jsonl:1"))
+    assert "note: 1 of 11 examples repeat an earlier one (" in row["results"][0]["message"]
 
 
 def _splits(examples: list, seed: int) -> bool:

@@ -13,17 +13,16 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
-from test_subject import agreement_pairs
 
-from circuit_tests.testing import save_tiny_checkpoint
+from circuit_tests.testing import save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = """\
-    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is", patch_answer: " are"}
-    - {clean_prefix: "The authors", patch_prefix: "The author", clean_answer: " are", patch_answer: " is"}
-"""
+EXAMPLES = "".join(  # 40 agreement pairs, 10 of them held out: enough to tell the behaviour from guessing
+    "    - " + json.dumps({key: value for key, value in json.loads(line).items() if key != "case"}) + "\n"
+    for line in (ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:40]
+)
 
 
 def spec(name: str, expect: str, models: str = "[smollm2-135m-instruct]", task: str | None = None) -> str:
@@ -53,7 +52,7 @@ def test_spec_files_are_collected_with_readable_ids(pytester):
               "- pinned: {id: texas, neurons: [[3, 5]], min_flip_rate: 0.5}\n")
     pytester.mkdir("specs")
     pytester.path.joinpath("specs", "agree.yaml").write_text(spec("agree", "- behaves: {min_accuracy: 1.0}\n" + pinned))
-    pytester.path.joinpath("circuit_other.yaml").write_text(spec("other", "- behaves: {min_accuracy: 0.5}\n"))
+    pytester.path.joinpath("circuit_other.yaml").write_text(spec("other", "- behaves: {min_accuracy: 0.6}\n"))
     pytester.path.joinpath("not_a_spec.yaml").write_text("a: 1\n")
     result = pytester.runpytest("--collect-only", "-q")
     ids = [line for line in result.outlines if "::" in line]
@@ -92,7 +91,7 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
     shutil.copytree(ROOT / "tests" / "bad_specs" / "data", pytester.path / "data")
     for path in corpus:
         pytester.path.joinpath(f"circuit_{path.name}").write_text(path.read_text())
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("-rA", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=len(corpus), skipped=1)
     for path in corpus:
@@ -103,14 +102,14 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
 
 
 def test_a_missing_model_fails_under_strict(pytester):
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("--circuit-strict")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*not in the local Hugging Face cache*"])
 
 
 def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
-    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("-rs", "-m", "gpu")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
@@ -130,8 +129,8 @@ def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     result.stdout.fnmatch_lines([
         "_* ./circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]] _*",  # the FAILURES header: a runnable id
         "circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]]",
-        "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of answers",
-        "*measured: flip rate 0.000 on 1 held-out examples",
+        "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of right answers",
+        "*measured: flip rate 0.000 on the 10 of 10 held-out examples answered right",
     ])
     assert "Traceback" not in result.stdout.str()
     header = next(line for line in result.outlines if line.startswith("_") and "one-neuron" in line).strip("_ ")
@@ -224,11 +223,11 @@ def test_bad_input_found_at_run_time_fails_only_its_spec(pytester):
     two_tokens = '    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is not", patch_answer: " are"}\n'
     uneven = '    - {clean_prefix: "The baker", patch_prefix: "The bakers", clean_answer: " is", patch_answer: " are"}\n'
     pytester.path.joinpath("circuit_tokens.yaml").write_text(
-        spec("tokens", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{two_tokens}"))
+        spec("tokens", "- behaves: {min_accuracy: 0.6}\n", task=f"task:\n  examples:\n{two_tokens}"))
     pytester.path.joinpath("circuit_uneven.yaml").write_text(
-        spec("uneven", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{uneven}{uneven}"))
+        spec("uneven", "- behaves: {min_accuracy: 0.6}\n", task=f"task:\n  examples:\n{uneven}{uneven}"))
     pytester.path.joinpath("circuit_shape.yaml").write_text(spec("shape", "- pinned: {neurons: [[30, 0]], min_flip_rate: 0.5}\n"))
-    pytester.path.joinpath("circuit_fine.yaml").write_text(spec("fine", "- behaves: {min_accuracy: 0.5}\n"))
+    pytester.path.joinpath("circuit_fine.yaml").write_text(spec("fine", "- behaves: {min_accuracy: 0.6}\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=3)
     result.stdout.fnmatch_lines([
@@ -341,7 +340,7 @@ def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(py
             session.check = real_check
     """)
     for name in ("big", "small"):
-        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.5}\n"))
+        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.6}\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*circuit_big.yaml: smollm2-135m-instruct: out of GPU memory. Try a smaller `task.batch_size`, "
@@ -378,14 +377,14 @@ def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stor
 # __init__.py or doctest file of the pull request's is read (pytester adds --basetemp and runs from the project's root).
 TRUSTED = ("-c", os.devnull, "--rootdir", ".", "--noconftest", "-p", "no:cacheprovider", "-p", "no:python", "-p", "no:doctest")
 AGREE = ('name: agree\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl, test_fraction: 0.5}\n'
-         "expect:\n  - behaves: {min_accuracy: 0.01}\n  - flips: {nodes: 5, min_flip_rate: 0.99}\n")  # flips fails
+         "expect:\n  - behaves: {min_accuracy: 0.6}\n  - flips: {nodes: 5, min_flip_rate: 0.99}\n")  # flips fails
 
 
 @pytest.fixture
 def pull_request(pytester) -> pytest.Pytester:
     """A tiny checkpoint and a spec with a claim that holds (behaves) and one that fails (flips)."""
-    save_tiny_checkpoint(pytester.path / "ckpt")
-    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    save_tiny_checkpoint(pytester.path / "ckpt", taught=True)
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     pytester.mkdir("specs")
     pytester.path.joinpath("specs", "agree.yaml").write_text(AGREE)
     return pytester

@@ -142,7 +142,7 @@ def tiny_project(tmp_path_factory) -> Path:
     (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (root / "agreement.yaml").write_text(
         "name: agreement\nmodels: [./ckpt]\ntask: {dataset: data.jsonl, test_fraction: 0.5}\n"
-        "expect:\n  - behaves: {min_accuracy: 0.1}\n")
+        "expect:\n  - behaves: {min_accuracy: 0.6}\n")
     return root
 
 

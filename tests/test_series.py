@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_subject import agreement_pairs
 from test_walkthrough import without_neurons
 
 from circuit_tests.cli import main
@@ -23,7 +22,7 @@ from circuit_tests.errors import BadOptionError
 from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, step_of
 from circuit_tests.spec.schema import load_spec
 from circuit_tests.spec.session import CircuitSession, RunOptions
-from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint
+from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 STEPS = (0, 250, 500, 750, 1000)
@@ -104,8 +103,8 @@ def test_bisect_finds_what_a_scan_finds_in_log2_checks(n):
 def run(tmp_path_factory) -> Path:
     """A project: the tiny model, a spec measured on it with its baseline, and the interpolated series."""
     root = tmp_path_factory.mktemp("run")
-    save_tiny_checkpoint(root / "ckpt")
-    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    save_tiny_checkpoint(root / "ckpt", taught=True)
+    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         assert main(["new", "data.jsonl", "--name", "agree", "--model", "ckpt", "--measure"]) == 0
@@ -151,7 +150,7 @@ def test_a_series_runs_checkpoint_by_checkpoint_and_reports_the_trend(project):
                                  "series/step-0 * 0 *", "agree: first failure: *stable at series/step-*"])
     page = (project.path / "r.html").read_text()
     assert "<h2>agree over 5 checkpoints</h2>" in page and "aria-label='overlap with the baseline'" in page
-    assert "<title>threshold 0.5</title>" in page and f"<title>first failure: step {trend['first_failure']['stable'][-3:]}" in page
+    assert "<title>threshold 0.5</title>" in page and f"<title>first failure: step {trend['first_failure']['stable'].rsplit('-', 1)[1]}<" in page
     summary = (project.path / "summary.md").read_text()
     assert "### agree over 5 checkpoints" in summary and "| series/step-1000 | 1000 |" in summary
     assert "### Failed" in summary and "first failure:" in summary
@@ -227,11 +226,11 @@ def two_checkpoints(pytester, monkeypatch) -> pytest.Pytester:
     """Two tiny checkpoints and a spec that holds on both."""
     monkeypatch.chdir(pytester.path)
     for seed, name in enumerate(("ckpt-1", "ckpt-2")):
-        save_tiny_checkpoint(pytester.path / name, seed=seed)
-    (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+        save_tiny_checkpoint(pytester.path / name, seed=seed, taught=True)
+    (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     pytester.mkdir("specs")
     (pytester.path / "specs" / "agree.yaml").write_text('name: agree\nmodels: ["../ckpt-1"]\ntask: {dataset: ../data.jsonl, '
-                                                         'test_fraction: 0.5}\nexpect:\n  - behaves: {min_accuracy: 0.01}\n')
+                                                         'test_fraction: 0.5}\nexpect:\n  - behaves: {min_accuracy: 0.6}\n')
     return pytester
 
 

@@ -76,7 +76,15 @@ class _File(BaseModel):
 
 def entry_for(subject: Subject, spec: Spec | None = None) -> dict:
     """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded. The
-    circuit reaches the largest size a ``stable`` claim of ``spec`` (default: the subject's) compares."""
+    circuit reaches the largest size a ``stable`` claim of ``spec`` (default: the subject's) compares. Nothing is
+    recorded where the model does not do the task, or where faithfulness is undefined: that circuit would be noise."""
+    if not subject.behaviour.present or not subject.separated:
+        why = (f"it does not do the task ({subject.behaviour})" if not subject.behaviour.present else
+               f"its logit difference with nothing ablated minus that with every node ablated, {subject.figures.separation[0]:.3f}"
+               f" (95% CI {subject.figures.separation[1]:.3f} to {subject.figures.separation[2]:.3f}), includes 0, so "
+               "faithfulness is undefined")
+        raise SpecError(f"{baseline_path(subject.spec.path)}: no baseline recorded for {subject.loaded.ref.name}: {why}. A "
+                        "circuit recorded there would be noise; record one from a checkpoint that does the task.")
     _ = subject.accuracy, subject.curve, subject.flip_rate(30), subject.flip_rate(100)  # what a baseline records
     faithful = subject.figures.nodes_for_08  # the size a `stable` without `nodes` compares
     sizes = [e.params.nodes or faithful or 0 for e in (spec or subject.spec).expectations

@@ -109,7 +109,7 @@ def circuit_json(subject: Subject, size: int) -> dict:
         "trace": {"method": trace.method, "ablation": trace.ablation, "align": trace.align, "nodes": trace.nodes,
                   "split_seed": subject.spec.task.seed},
         "measured": {"nodes": len(circuit), "n_test": figures.n_test, "faithfulness": _rounded(subject.faithfulness_of(circuit).value),
-                     "flip_rate": _rounded(float(subject.flips(circuit).float().mean()))},
+                     "flip_rate": _rounded(subject.flip_rate_of(circuit).value)},
         "nodes": [[*node, round(score, 8)] for node, score in subject.ranked(size)],
     }
 

@@ -213,7 +213,8 @@ def _place(where: tuple) -> str:
 
 
 def _number(value: float | None, form: str = "{:.2f}") -> str:
-    return "-" if value is None else form.format(value)
+    """A figure as the reports print it: "-" when not measured, "undefined" when not a number (docs/method.md)."""
+    return "-" if value is None else form.format(value) if math.isfinite(value) else "undefined"
 
 
 def _last(rates: dict[int, float]) -> str:
@@ -221,7 +222,7 @@ def _last(rates: dict[int, float]) -> str:
     if not rates:
         return "-"
     size = max(rates)
-    return f"{rates[size]:.2f}@{size}"
+    return f"{_number(rates[size])}@{size}"
 
 
 # --------------------------------------------------------------------------- Markdown and GitHub annotations
@@ -526,7 +527,7 @@ def _node(layer: int, position: int | None, neuron: int, tokens: dict[str, str])
 
 
 def _rates(rates: dict[int, float]) -> str:
-    return ", ".join(f"{value:.2f} at {size}" for size, value in sorted(rates.items())) or "-"
+    return ", ".join(f"{_number(value)} at {size}" for size, value in sorted(rates.items())) or "-"
 
 
 def _curve_svg(curve: CurveFigures | None, stored: BaselineFigures | None, width: int = 420, height: int = 270) -> str:

@@ -198,7 +198,8 @@ class Behaves(Claim):
 
     THRESHOLDS = ('min_accuracy',)
 
-    min_accuracy: Rate = Field(description="fraction of test prompts (above 0)")
+    min_accuracy: Rate = Field(gt=0.5, description="fraction of test prompts whose clean answer is preferred (above 0.5: "
+                               "at or below it, guessing between the two answers passes)")
 
 
 class Null(Strict):
