@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from circuit_tests.analysis import measures
 from circuit_tests.analysis.measures import mean_counterfactuals
 from circuit_tests.model.loading import load_model
-from circuit_tests.spec.expectations import _bound, _shown
+from circuit_tests.spec.baselines import BaselineStore, baseline_path, entry_for, model_key
+from circuit_tests.spec.expectations import _bound, _shown, check
 from circuit_tests.spec.schema import spec_from_mapping
 from circuit_tests.spec.subject import Subject
 from circuit_tests.testing import save_tiny_checkpoint
@@ -113,3 +114,16 @@ def test_a_figure_is_printed_with_the_digits_that_show_its_side_of_the_threshold
 
 def test_a_threshold_is_printed_as_written():
     assert [_bound(t) for t in (0.8, 0.875, 0.05, 1.0)] == ["0.80", "0.875", "0.05", "1.00"]
+
+
+@pytest.mark.parametrize("fall", [-0.5, 0.04, 0.06])
+def test_stable_lets_faithfulness_rise_and_fall_by_its_tolerance_and_says_it_is_one_sided(project, loaded, fall):
+    measured = subject(project, loaded, {"stable": {"nodes": 10, "min_overlap": 0.5, "faithfulness_tolerance": 0.05}})
+    now = measured.faithfulness_curve(measured.circuit(10), [10], complement=False).faithfulness[0]
+    entry = entry_for(measured)
+    entry["metrics"]["faithfulness"]["10"] = now + fall  # the stored value: now is `fall` below it (a rise when negative)
+    store = BaselineStore()
+    store.preload({baseline_path(measured.spec.path): {"models": {model_key(measured): entry}}})
+    outcome = check(measured, measured.spec.expectations[0], store)
+    assert outcome.passed == (fall <= 0.05)
+    assert outcome.expected.endswith("and its faithfulness not more than 0.05 below the stored value")
