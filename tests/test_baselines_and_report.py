@@ -237,10 +237,11 @@ def test_curve_intervals_are_shaded_bands_that_the_axis_includes(tmp_path):
     assert ">1.20</text>" in page and min(float(p.split(",")[1]) for p in bands[0].split()) == 40
 
 
-def test_top_nodes_show_the_token_at_their_position(tmp_path):
-    figures = _figures(top=[[3, -1, 77, -0.5], [4, -2, 8, 0.25], [5, None, 9, 0.1]], tokens={"-1": " she", "-3": "<b>"})
+def test_top_nodes_show_the_tokens_at_their_position_with_counts(tmp_path):
+    tokens = {"-1": [[" she", 12], [" he", 3]], "-3": [["<b>", 1]]}
+    figures = _figures(top=[[3, -1, 77, -0.5], [4, -2, 8, 0.25], [5, None, 9, 0.1]], tokens=tokens)
     cells = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td>", _page(tmp_path, figures))
-    assert [(layer, html.unescape(position)) for layer, position in cells] == [("3", "-1 ' she'"), ("4", "-2"), ("5", "-")]
+    assert [(layer, html.unescape(position)) for layer, position in cells] == [("3", "-1 ' she' x12, ' he' x3"), ("4", "-2"), ("5", "-")]
 
 
 def test_stored_baseline_curve_is_overlaid_and_top_nodes_show_their_rank_in_it(tmp_path):
@@ -248,11 +249,11 @@ def test_stored_baseline_curve_is_overlaid_and_top_nodes_show_their_rank_in_it(t
     top = [[3, -1, 77, -0.5], [4, -1, 8, 0.25]]
     assert "stroke-dasharray" not in _page(tmp_path, _figures(curve=curve, top=top))
     stored = BaselineFigures("base<1>", {10: 0.6, 30: 0.8, 100: 0.95}, ranks=[2, None], lost=[[5, -1, 9, 1]])
-    page = _page(tmp_path, _figures(curve=curve, top=top, tokens={"-1": " she"}, stored_baseline=stored))
+    page = _page(tmp_path, _figures(curve=curve, top=top, tokens={"-1": [[" she", 2], [" he", 1]]}, stored_baseline=stored))
     dashed = re.findall(r"<polyline[^>]*stroke-dasharray[^>]*points='([^']*)'", page)
     assert len(dashed) == 1 and len(dashed[0].split()) == 3 and "base&lt;1&gt;'s baseline</text>" in page
     assert re.findall(r"<td>[+-]0\.\d+</td><td>(\w+)</td>", page) == ["2", "new"]
-    assert "In the top 2 of base<1>'s baseline, not in this run's: L5/P-1/N9 ' she' (rank 1)" in html.unescape(page)
+    assert "In the top 2 of base<1>'s baseline, not in this run's: L5/P-1/N9 (rank 1; ' she' x2, ' he' x1)" in html.unescape(page)
 
 
 def test_the_session_ranks_top_nodes_in_the_stored_circuit_only_where_its_nodes_mean_the_same():

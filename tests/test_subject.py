@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
 from pathlib import Path
@@ -10,10 +11,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from circuit_tests.analysis import measures
+from circuit_tests.analysis.cards import counted
 from circuit_tests.analysis.measures import mean_counterfactuals
 from circuit_tests.model.loading import load_model
+from circuit_tests.model.nodes import format_node
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, entry_for, model_key
 from circuit_tests.spec.expectations import _bound, _shown, check
+from circuit_tests.spec.report import Row, _section
 from circuit_tests.spec.schema import spec_from_mapping
 from circuit_tests.spec.subject import Subject
 from circuit_tests.testing import save_tiny_checkpoint
@@ -127,3 +131,14 @@ def test_stable_lets_faithfulness_rise_and_fall_by_its_tolerance_and_says_it_is_
     outcome = check(measured, measured.spec.expectations[0], store)
     assert outcome.passed == (fall <= 0.05)
     assert outcome.expected.endswith("and its faithfulness not more than 0.05 below the stored value")
+
+
+def test_the_top_nodes_table_counts_the_tokens_at_each_position_as_the_nodes_cards_do(project, loaded):
+    measured = subject(project, loaded, {"behaves": {"min_accuracy": 0.5}})
+    _ = measured.scores
+    assert len(measured.figures.tokens["-1"]) > 1  # two templates lined up at their last token: several words there
+    page = html.unescape(_section(Row("agreement", "ckpt", "agreement.yaml", figures=measured.figures)))
+    for layer, position, neuron, _ in measured.figures.top:
+        there = measured.figures.cards[format_node((layer, position, neuron))]["at_position"]
+        assert [tuple(pair) for pair in measured.figures.tokens[str(position)]] == [tuple(pair) for pair in there]
+        assert f"<td>{layer}</td><td>{position} {counted(there)}</td><td>{neuron}</td>" in page

@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from circuit_tests.analysis.cards import Card
+from circuit_tests.analysis.cards import Card, counted
 from circuit_tests.model.nodes import format_node, parse_node
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.figures import AreaFigures, BaselineFigures, CurveFigures, Figures
 from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, matrix_table, table, trends
-from circuit_tests.text import printable, quoted
+from circuit_tests.text import printable
 
 PROPERTY = "circuit_tests"
 NOT_RUN = "not run"  # the outcome of an item the run never measured: interrupted, stopped early, or deselected by a
@@ -419,7 +419,7 @@ def _top_nodes(figures: Figures) -> str:
         + f"<td>{_card(figures, (layer, position, neuron))}</td></tr>"
         for i, (layer, position, neuron, score) in enumerate(figures.top)
     )
-    lost = ", ".join(f"{_node(layer, position, neuron, figures.tokens)} (rank {rank})"
+    lost = ", ".join(_lost(layer, position, neuron, rank, figures.tokens)
                      for layer, position, neuron, rank in (stored.lost if stored else []))
     lost_line = (f"<p class='lost'>In the top {len(figures.top)} of {html.escape(printable(stored.model))}'s baseline, "
                  f"not in this run's: {html.escape(lost)}</p>") if lost else ""
@@ -511,18 +511,20 @@ def _folded(card: Card) -> str:
             f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details>")
 
 
-def _position(position: int | None, tokens: dict[str, str]) -> str:
-    """A node's position with its token when known (``-1 ' she'``); ``-`` for every position."""
+def _position(position: int | None, tokens: dict[str, list]) -> str:
+    """A node's position with the tokens there and their counts when known (``-1 ' she' x12, ' he' x3``); ``-`` for
+    every position."""
     if position is None:
         return "-"
-    token = tokens.get(str(position))
-    return str(position) if token is None else f"{position} {quoted(token)}"
+    there = tokens.get(str(position))
+    return f"{position} {counted(there)}" if there else str(position)
 
 
-def _node(layer: int, position: int | None, neuron: int, tokens: dict[str, str]) -> str:
-    """A node as :func:`~circuit_tests.model.nodes.format_node` writes it, with its position's token when known."""
-    token = None if position is None else tokens.get(str(position))
-    return format_node((layer, position, neuron)) + ("" if token is None else f" {quoted(token)}")
+def _lost(layer: int, position: int | None, neuron: int, rank: int, tokens: dict[str, list]) -> str:
+    """A baseline node this run lacks, as :func:`~circuit_tests.model.nodes.format_node` writes it, with its rank and
+    the tokens at its position when known (``L5/P-1/N9 (rank 1; ' she' x12, ' he' x3)``)."""
+    there = None if position is None else tokens.get(str(position))
+    return f"{format_node((layer, position, neuron))} (rank {rank}" + (f"; {counted(there)})" if there else ")")
 
 
 def _rates(rates: dict[int, float]) -> str:
