@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import multiprocessing
@@ -19,7 +20,7 @@ import pytest
 from circuit_tests.errors import SpecError
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
 from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
-from circuit_tests.spec.report import Report, decode, encode, payload
+from circuit_tests.spec.report import LABEL_FONT, LABEL_GAP, Report, decode, encode, label_width, payload
 from circuit_tests.spec.session import baseline_figures
 
 
@@ -226,6 +227,27 @@ def test_curve_axis_spans_values_above_one_and_below_zero(tmp_path):
     ys = _polyline_ys(page)
     assert min(ys) == 40 and max(ys) == 240  # 1.4 and -0.3 are the plot's ends: nothing drawn outside it
     assert ">1.40</text>" in page and ">-0.30</text>" in page
+
+
+def _labels(page: str, anchor: str) -> list[tuple[float, float, str]]:
+    """The curve plot's axis labels with this text-anchor: (x, y, text)."""
+    found = re.findall(rf"<text x='([\d.-]+)' y='([\d.-]+)' font-size='{LABEL_FONT}' text-anchor='{anchor}'>([^<]*)</text>", page)
+    return [(float(x), float(y), text) for x, y, text in found]
+
+
+def test_curve_labels_never_overlap_however_close_two_sizes_or_two_values_are(tmp_path):
+    curve = CurveFigures([10, 30, 100, 300, 1000], [0.3, 0.7, 0.9, 1.0, 10.0], [0.6, 0.3, 0.1, 0.0, 0.0])
+    stored = BaselineFigures("base", {94: 0.8, 97: 0.81, 100: 0.85})  # the baseline's nodes for 0.8 beside 100
+    page = _page(tmp_path, _figures(curve=curve, stored_baseline=stored))
+    ticks = [(x, y, text) for x, y, text in _labels(page, "middle") if text.isdigit()]
+    assert sorted(int(text) for _, _, text in ticks) == [10, 30, 94, 97, 100, 300, 1000]  # every size labelled
+    for (x1, y1, a), (x2, y2, b) in itertools.combinations(ticks, 2):
+        assert y1 != y2 or abs(x1 - x2) >= (label_width(a) + label_width(b)) / 2 + LABEL_GAP, (a, b)
+    height = float(re.search(r"<svg[^>]*height='(\d+)'[^>]*aria-label='faithfulness curve'", page).group(1))
+    title = next(y for _, y, text in _labels(page, "middle") if text == "nodes")
+    assert max(y for _, y, _ in ticks) + LABEL_FONT <= title <= height  # the axis title below every row, inside the plot
+    levels = sorted(y for _, y, _ in _labels(page, "end"))
+    assert len(levels) >= 3 and all(b - a >= LABEL_FONT + LABEL_GAP for a, b in zip(levels, levels[1:]))  # 0.8 and 1.0 at 10
 
 
 def test_curve_intervals_are_shaded_bands_that_the_axis_includes(tmp_path):
