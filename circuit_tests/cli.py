@@ -287,7 +287,8 @@ def _bisect(args: argparse.Namespace) -> int:
         return 1
     if found - 1 not in failed:  # the last good checkpoint was assumed, never checked: check it
         fails(found - 1)
-    _say(f"{spec.name}: first failing checkpoint {series[found].name} (step {series[found].step}), "
+    step = "" if series[found].step is None else f" (step {series[found].step})"
+    _say(f"{spec.name}: first failing checkpoint {series[found].name}{step}, "
          f"failing {', '.join(failed[found])}; last passing {series[found - 1].name}")
     _say(_moved(session, spec, series[found - 1].name, series[found].name))
     return 1

@@ -22,7 +22,7 @@ from circuit_tests.cli import main
 from circuit_tests.errors import BadOptionError
 from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, order_note, step_of
 from circuit_tests.spec.schema import load_spec
-from circuit_tests.spec.session import CircuitSession, RunOptions
+from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
@@ -279,6 +279,10 @@ def test_series_and_bisect_say_the_order_of_an_unnumbered_series_before_they_sta
     assert main(["bisect", "specs/agree.yaml", "--checkpoints", "final", "base"]) == 130
     assert capsys.readouterr().out.startswith(f"{NOTE}, so its 2 checkpoints run in the order given, a glob's matches in "
                                               "natural order: final, base\nchecking base (2 of 2)\n")
+    monkeypatch.setattr(CircuitSession, "check", lambda session, spec, model, *args:
+                        Verdict("failed" if model == "base" else "passed", "", {"accuracy": 0.5}))
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "final,base"]) == 1
+    assert "agree: first failing checkpoint base, failing behaves; last passing final\n" in capsys.readouterr().out  # no step
     result = two_checkpoints.runpytest("specs", "--collect-only", "-q", "--circuit-series=final,base", "-p", "no:cacheprovider")
     lines = result.stdout.lines
     at = next(i for i, line in enumerate(lines) if line.startswith(NOTE))
