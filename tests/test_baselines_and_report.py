@@ -208,7 +208,7 @@ def test_result_property_is_json_with_null_for_what_is_not_a_number():
 
 def test_figures_carry_intervals_tokens_pinned_figures_and_the_stored_baseline_through_json(tmp_path):
     figures = _figures(curve=CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1], [[0.3, 0.5], [0.8, 1.0]], [[0.5, 0.7], [0.0, 0.2]]),
-                       top=[[3, -1, 77, 0.5]], tokens={"-1": " she"}, pinned={"4 pinned neurons": {"flip_rate": 0.25, "faithfulness": 0.5}},
+                       top=[[3, -1, 77, 0.5]], tokens={"-1": [[" she", 3]]}, pinned={"4 pinned neurons": {"flip_rate": 0.25, "faithfulness": 0.5}},
                        stored_baseline=BaselineFigures("base", {10: 0.5, 100: 0.95}, [None], [[5, -1, 9, 1]]))
     assert Figures.from_json(json.loads(json.dumps(figures.to_json()))) == figures
     assert "<th>pinned: 4 pinned neurons</th><td>flip rate 0.250, faithfulness 0.500</td>" in _page(tmp_path, figures)

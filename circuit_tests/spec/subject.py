@@ -149,11 +149,11 @@ class Subject:
         self.figures.cards.update({format_node(card.node): card.to_json() for card in cards})
         return cards
 
-    def _tokens(self) -> dict[str, list[tuple[str, int]]]:
+    def _tokens(self) -> dict[str, list[list]]:
         """Each position (as ``trace.align`` counts it) -> the most frequent tokens there in the held-out prompts, with
         their counts, as a node's card has them: prompts of several lengths put different words at one position."""
         positions = range(-self.longest_prompt, 0) if self.spec.trace.align == "end" else range(self.longest_prompt)
-        return {str(position): list(tokens_at(self.loaded, self.test, position)) for position in positions}
+        return {str(position): [list(pair) for pair in tokens_at(self.loaded, self.test, position)] for position in positions}
 
     @property
     def by_neuron(self) -> bool:
