@@ -33,7 +33,7 @@ from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, ch
 from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
-from circuit_tests.model.series import expand_series, first_failure, in_training_order
+from circuit_tests.model.series import Checkpoint, expand_series, first_failure, in_training_order, order_note
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.plugin import is_spec_path
 from circuit_tests.progress import on_terminal
@@ -180,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
     """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written, 130
     when interrupted (what ran is reported, and each check that did not is listed as not run).
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
-    series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
+    series = _series(args.checkpoints) if args.command == "series" else ()
     if series and args.matrix and args.ray:
         raise BadOptionError("--matrix evaluates every checkpoint's circuit on every checkpoint in this process; "
                              "run it without --ray.")
@@ -221,6 +221,15 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed or session.problems else 0
 
 
+def _series(values: list[str]) -> tuple[Checkpoint, ...]:
+    """The checkpoints ``--checkpoints`` names, with the order they run in printed first when their steps do not give it."""
+    series = expand_series(values, Path.cwd())
+    note = order_note(series)
+    if note:
+        _say(note)
+    return series
+
+
 def _spec_files(names: list[str]) -> list[Path]:
     """The spec files ``names`` give: a file as it is; a directory, each spec file under it as pytest would collect it
     (:func:`~circuit_tests.plugin.is_spec_path`; links to directories are not followed), in order."""
@@ -252,7 +261,7 @@ def _check_one(session: CircuitSession, spec: Spec, model: str, expectation: Exp
 def _bisect(args: argparse.Namespace) -> int:
     """The first checkpoint of a series at which the spec (or the chosen expectations) fails, in about log2(N) checks;
     exit 1 when one does, 0 when the last checkpoint passes."""
-    series = expand_series(args.checkpoints, Path.cwd())
+    series = _series(args.checkpoints)
     session = _session(args, series=series)
     spec = load_spec(Path(args.spec), session.options.project)
     unknown = set(args.expectation or ()) - {e.label for e in spec.expectations}
@@ -278,7 +287,8 @@ def _bisect(args: argparse.Namespace) -> int:
         return 1
     if found - 1 not in failed:  # the last good checkpoint was assumed, never checked: check it
         fails(found - 1)
-    _say(f"{spec.name}: first failing checkpoint {series[found].name} (step {series[found].step}), "
+    step = "" if series[found].step is None else f" (step {series[found].step})"
+    _say(f"{spec.name}: first failing checkpoint {series[found].name}{step}, "
          f"failing {', '.join(failed[found])}; last passing {series[found - 1].name}")
     _say(_moved(session, spec, series[found - 1].name, series[found].name))
     return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import json
 import math
 import multiprocessing
@@ -19,7 +20,7 @@ import pytest
 from circuit_tests.errors import SpecError
 from circuit_tests.spec.baselines import BaselineStore, baseline_path, read_baseline, write_baseline
 from circuit_tests.spec.figures import BaselineFigures, CurveFigures, Figures
-from circuit_tests.spec.report import Report, decode, encode, payload
+from circuit_tests.spec.report import LABEL_FONT, LABEL_GAP, Report, decode, encode, label_width, payload
 from circuit_tests.spec.session import baseline_figures
 
 
@@ -207,7 +208,7 @@ def test_result_property_is_json_with_null_for_what_is_not_a_number():
 
 def test_figures_carry_intervals_tokens_pinned_figures_and_the_stored_baseline_through_json(tmp_path):
     figures = _figures(curve=CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1], [[0.3, 0.5], [0.8, 1.0]], [[0.5, 0.7], [0.0, 0.2]]),
-                       top=[[3, -1, 77, 0.5]], tokens={"-1": " she"}, pinned={"4 pinned neurons": {"flip_rate": 0.25, "faithfulness": 0.5}},
+                       top=[[3, -1, 77, 0.5]], tokens={"-1": [[" she", 3]]}, pinned={"4 pinned neurons": {"flip_rate": 0.25, "faithfulness": 0.5}},
                        stored_baseline=BaselineFigures("base", {10: 0.5, 100: 0.95}, [None], [[5, -1, 9, 1]]))
     assert Figures.from_json(json.loads(json.dumps(figures.to_json()))) == figures
     assert "<th>pinned: 4 pinned neurons</th><td>flip rate 0.250, faithfulness 0.500</td>" in _page(tmp_path, figures)
@@ -228,6 +229,27 @@ def test_curve_axis_spans_values_above_one_and_below_zero(tmp_path):
     assert ">1.40</text>" in page and ">-0.30</text>" in page
 
 
+def _labels(page: str, anchor: str) -> list[tuple[float, float, str]]:
+    """The curve plot's axis labels with this text-anchor: (x, y, text)."""
+    found = re.findall(rf"<text x='([\d.-]+)' y='([\d.-]+)' font-size='{LABEL_FONT}' text-anchor='{anchor}'>([^<]*)</text>", page)
+    return [(float(x), float(y), text) for x, y, text in found]
+
+
+def test_curve_labels_never_overlap_however_close_two_sizes_or_two_values_are(tmp_path):
+    curve = CurveFigures([10, 30, 100, 300, 1000], [0.3, 0.7, 0.9, 1.0, 10.0], [0.6, 0.3, 0.1, 0.0, 0.0])
+    stored = BaselineFigures("base", {94: 0.8, 97: 0.81, 100: 0.85})  # the baseline's nodes for 0.8 beside 100
+    page = _page(tmp_path, _figures(curve=curve, stored_baseline=stored))
+    ticks = [(x, y, text) for x, y, text in _labels(page, "middle") if text.isdigit()]
+    assert sorted(int(text) for _, _, text in ticks) == [10, 30, 94, 97, 100, 300, 1000]  # every size labelled
+    for (x1, y1, a), (x2, y2, b) in itertools.combinations(ticks, 2):
+        assert y1 != y2 or abs(x1 - x2) >= (label_width(a) + label_width(b)) / 2 + LABEL_GAP, (a, b)
+    height = float(re.search(r"<svg[^>]*height='(\d+)'[^>]*aria-label='faithfulness curve'", page).group(1))
+    title = next(y for _, y, text in _labels(page, "middle") if text == "nodes")
+    assert max(y for _, y, _ in ticks) + LABEL_FONT <= title <= height  # the axis title below every row, inside the plot
+    levels = sorted(y for _, y, _ in _labels(page, "end"))
+    assert len(levels) >= 3 and all(b - a >= LABEL_FONT + LABEL_GAP for a, b in zip(levels, levels[1:]))  # 0.8 and 1.0 at 10
+
+
 def test_curve_intervals_are_shaded_bands_that_the_axis_includes(tmp_path):
     assert "<polygon" not in _page(tmp_path, _figures(curve=CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1])))
     curve = CurveFigures([10, 100], [0.4, 0.9], [0.6, 0.1], [[0.3, 0.5], [0.8, 1.2]], [[0.5, 0.7], [math.nan, 0.2]])
@@ -237,10 +259,11 @@ def test_curve_intervals_are_shaded_bands_that_the_axis_includes(tmp_path):
     assert ">1.20</text>" in page and min(float(p.split(",")[1]) for p in bands[0].split()) == 40
 
 
-def test_top_nodes_show_the_token_at_their_position(tmp_path):
-    figures = _figures(top=[[3, -1, 77, -0.5], [4, -2, 8, 0.25], [5, None, 9, 0.1]], tokens={"-1": " she", "-3": "<b>"})
+def test_top_nodes_show_the_tokens_at_their_position_with_counts(tmp_path):
+    tokens = {"-1": [[" she", 12], [" he", 3]], "-3": [["<b>", 1]]}
+    figures = _figures(top=[[3, -1, 77, -0.5], [4, -2, 8, 0.25], [5, None, 9, 0.1]], tokens=tokens)
     cells = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td>", _page(tmp_path, figures))
-    assert [(layer, html.unescape(position)) for layer, position in cells] == [("3", "-1 ' she'"), ("4", "-2"), ("5", "-")]
+    assert [(layer, html.unescape(position)) for layer, position in cells] == [("3", "-1 ' she' x12, ' he' x3"), ("4", "-2"), ("5", "-")]
 
 
 def test_stored_baseline_curve_is_overlaid_and_top_nodes_show_their_rank_in_it(tmp_path):
@@ -248,11 +271,11 @@ def test_stored_baseline_curve_is_overlaid_and_top_nodes_show_their_rank_in_it(t
     top = [[3, -1, 77, -0.5], [4, -1, 8, 0.25]]
     assert "stroke-dasharray" not in _page(tmp_path, _figures(curve=curve, top=top))
     stored = BaselineFigures("base<1>", {10: 0.6, 30: 0.8, 100: 0.95}, ranks=[2, None], lost=[[5, -1, 9, 1]])
-    page = _page(tmp_path, _figures(curve=curve, top=top, tokens={"-1": " she"}, stored_baseline=stored))
+    page = _page(tmp_path, _figures(curve=curve, top=top, tokens={"-1": [[" she", 2], [" he", 1]]}, stored_baseline=stored))
     dashed = re.findall(r"<polyline[^>]*stroke-dasharray[^>]*points='([^']*)'", page)
     assert len(dashed) == 1 and len(dashed[0].split()) == 3 and "base&lt;1&gt;'s baseline</text>" in page
     assert re.findall(r"<td>[+-]0\.\d+</td><td>(\w+)</td>", page) == ["2", "new"]
-    assert "In the top 2 of base<1>'s baseline, not in this run's: L5/P-1/N9 ' she' (rank 1)" in html.unescape(page)
+    assert "In the top 2 of base<1>'s baseline, not in this run's: L5/P-1/N9 (rank 1; ' she' x2, ' he' x1)" in html.unescape(page)
 
 
 def test_the_session_ranks_top_nodes_in_the_stored_circuit_only_where_its_nodes_mean_the_same():

@@ -19,9 +19,9 @@ from test_walkthrough import without_neurons
 
 from circuit_tests.cli import main
 from circuit_tests.errors import BadOptionError
-from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, step_of
+from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, order_note, step_of
 from circuit_tests.spec.schema import load_spec
-from circuit_tests.spec.session import CircuitSession, RunOptions
+from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
@@ -80,6 +80,20 @@ def test_steps_come_from_the_name_and_else_the_place():
     assert axis([Checkpoint("a", 10), Checkpoint("b", 20)]) == [10, 20]
     assert axis([Checkpoint("a", 10), Checkpoint("b", None)]) == [0, 1]
     assert sorted(["s10", "s9", "s100"], key=natural_key) == ["s9", "s10", "s100"]
+
+
+@pytest.mark.parametrize(("names", "why"), [
+    ("base,final", "no number in the name of base, final"),
+    ("a/step-1,b/step-1,c/step-2", "step 1 in a/step-1, b/step-1"),
+    ("s-3000,s-1000", "s-1000 (step 1000) after s-3000 (step 3000)"),
+    ("s-1,s-2", None),
+    ("final", None),
+])
+def test_a_series_its_steps_do_not_order_says_why_and_the_order_it_runs_in(tmp_path, names, why):
+    note = order_note(expand_series([names], tmp_path))
+    assert note == (None if why is None else f"checkpoint series: the steps in its names do not order it ({why}), so its "
+                    f"{names.count(',') + 1} checkpoints run in the order given, a glob's matches in natural order: "
+                    f"{names.replace(',', ', ')}")
 
 
 @pytest.mark.parametrize("n", range(1, 14))
@@ -248,6 +262,30 @@ def test_a_series_interrupted_under_pytest_says_what_was_not_run_and_never_held(
         text = (two_checkpoints.path / output).read_text()
         assert "not run in full at 1 of 2 checkpoints: ckpt-2" in text and HELD not in text
     assert HELD not in result.stdout.str()
+
+
+NOTE = "checkpoint series: the steps in its names do not order it (no number in the name of final, base)"
+
+
+def test_series_and_bisect_say_the_order_of_an_unnumbered_series_before_they_start(two_checkpoints, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CircuitSession, "check", interrupted)
+    assert main(["series", "specs/agree.yaml", "--checkpoints", "final,base"]) == 130
+    assert capsys.readouterr().out.startswith(f"{NOTE}, so its 2 checkpoints run in the order given, a glob's matches in "
+                                              "natural order: final, base\n")
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "final", "base"]) == 130
+    assert capsys.readouterr().out.startswith(f"{NOTE}, so its 2 checkpoints run in the order given, a glob's matches in "
+                                              "natural order: final, base\nchecking base (2 of 2)\n")
+    monkeypatch.setattr(CircuitSession, "check", lambda session, spec, model, *args:
+                        Verdict("failed" if model == "base" else "passed", "", {"accuracy": 0.5}))
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "final,base"]) == 1
+    assert "agree: first failing checkpoint base, failing behaves; last passing final\n" in capsys.readouterr().out  # no step
+    result = two_checkpoints.runpytest("specs", "--collect-only", "-q", "--circuit-series=final,base", "-p", "no:cacheprovider")
+    lines = result.stdout.lines
+    at = next(i for i, line in enumerate(lines) if line.startswith(NOTE))
+    assert at < next(i for i, line in enumerate(lines) if "::" in line)  # said before anything runs
 
 
 def test_a_series_interrupted_on_the_command_line_reports_what_ran_and_bisect_stops_in_one_line(two_checkpoints, monkeypatch, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,19 @@ def test_the_json_schema_describes_every_expectation_kind():
 def test_the_committed_spec_reference_is_generated_from_the_schema():
     committed = Path(__file__).resolve().parent.parent / "docs" / "spec-reference.md"
     assert committed.read_text() == reference_markdown() + "\n", "regenerate: circuit-tests schema --markdown > docs/spec-reference.md"
+
+
+def test_every_type_in_the_spec_reference_is_a_plain_one_or_a_section_of_it():
+    text = reference_markdown()
+    sections = set(re.findall(r"^## (.+)$", text, re.MULTILINE))
+    types = re.findall(r"^\| `\w+` \| ([^|]+) \|", text, re.MULTILINE)
+    assert len(types) > 40  # every field's row
+    for kind in types:
+        for seen in re.findall(r"mapping \(see ([^)]+)\)", kind):
+            assert seen in sections, kind
+        words = set(re.findall(r"\w+", re.sub(r"mapping \(see [^)]+\)|`[^`]*`", "", kind)))
+        assert words <= {"str", "int", "float", "bool", "list", "tuple", "dict", "null", "or", "an", "expectation"}, kind
+    assert re.search(r"## vs_random\n(.*\n)+\| `draws` \| int \|", text)
 
 
 def test_a_spec_built_from_a_mapping_matches_its_yaml_form(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 from pathlib import Path
@@ -11,11 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from circuit_tests.analysis import measures
+from circuit_tests.analysis.cards import counted
 from circuit_tests.analysis.measures import mean_counterfactuals
 from circuit_tests.model.loading import load_model
-from circuit_tests.model.nodes import Circuit
-from circuit_tests.spec.baselines import BaselineStore
+from circuit_tests.model.nodes import Circuit, format_node
+from circuit_tests.spec.baselines import BaselineStore, baseline_path, entry_for, model_key
 from circuit_tests.spec.expectations import _bound, _shown, check
+from circuit_tests.spec.report import Row, _section
 from circuit_tests.spec.schema import spec_from_mapping
 from circuit_tests.spec.subject import Subject
 from circuit_tests.testing import both_ways, save_tiny_checkpoint, tiny_agreement_pairs
@@ -148,3 +151,27 @@ def test_a_ratio_over_ends_that_are_not_apart_is_undefined_and_fails(project, lo
         assert not outcome.passed and "undefined" in outcome.message and "includes 0" in outcome.message
     assert all(math.isnan(value) for value in measured.figures.curve.faithfulness + measured.figures.curve.completeness)
     assert measured.nodes_for(0.8) is None
+
+
+@pytest.mark.parametrize("fall", [-0.5, 0.04, 0.06])
+def test_stable_lets_faithfulness_rise_and_fall_by_its_tolerance_and_says_it_is_one_sided(project, loaded, fall):
+    measured = subject(project, loaded, {"stable": {"nodes": 10, "min_overlap": 0.5, "faithfulness_tolerance": 0.05}})
+    now = measured.faithfulness_curve(measured.circuit(10), [10], complement=False).faithfulness[0]
+    entry = entry_for(measured)
+    entry["metrics"]["faithfulness"]["10"] = now + fall  # the stored value: now is `fall` below it (a rise when negative)
+    store = BaselineStore()
+    store.preload({baseline_path(measured.spec.path): {"models": {model_key(measured): entry}}})
+    outcome = check(measured, measured.spec.expectations[0], store)
+    assert outcome.passed == (fall <= 0.05)
+    assert outcome.expected.endswith("and its faithfulness not more than 0.05 below the stored value")
+
+
+def test_the_top_nodes_table_counts_the_tokens_at_each_position_as_the_nodes_cards_do(project, loaded):
+    measured = subject(project, loaded, {"behaves": {"min_accuracy": 0.6}})
+    _ = measured.scores
+    assert len(measured.figures.tokens["-1"]) > 1  # two templates lined up at their last token: several words there
+    page = html.unescape(_section(Row("agreement", "ckpt", "agreement.yaml", figures=measured.figures)))
+    for layer, position, neuron, _ in measured.figures.top:
+        there = measured.figures.cards[format_node((layer, position, neuron))]["at_position"]
+        assert [tuple(pair) for pair in measured.figures.tokens[str(position)]] == [tuple(pair) for pair in there]
+        assert f"<td>{layer}</td><td>{position} {counted(there)}</td><td>{neuron}</td>" in page

@@ -78,7 +78,7 @@ class Card:
         """The card for a terminal."""
         out = [format_node(self.node)]
         if self.at_position:
-            out.append("  token here: " + ", ".join(f"{quoted(token)} x{count}" for token, count in self.at_position))
+            out.append("  token here: " + counted(self.at_position))
         if self.score is not None:
             baseline = f", rank {self.baseline_rank} in the baseline" if self.baseline_rank else ""
             out.append(f"  attribution: {self.score:+.4g}, rank {self.rank}{baseline}")
@@ -109,6 +109,11 @@ class Card:
 
 def _pairs(items) -> tuple[tuple[str, float], ...]:
     return tuple((str(token), float(value)) for token, value in items)
+
+
+def counted(pairs: Sequence[tuple[str, int]]) -> str:
+    """Tokens with how often they occur: ``' me' x22, ' was' x9``."""
+    return ", ".join(f"{quoted(token)} x{count}" for token, count in pairs)
 
 
 def _tokens(pairs: Sequence[tuple[str, float]], values: bool = False) -> str:

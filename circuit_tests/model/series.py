@@ -14,12 +14,15 @@ The person running the suite names a series (``--circuit-series``, ``circuit-tes
 
 A checkpoint's step is the last number in its name's final part (``step-1000``, ``pythia-70m@step3000``);
 a series in which every checkpoint has a distinct step is plotted against the step, else against its place.
+A series whose steps do not rise in its order (a name without a number, a step repeated or falling) runs in
+that order all the same, and says so before it starts (:func:`order_note`).
 """
 
 from __future__ import annotations
 
 import glob
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +107,22 @@ def axis(series: Sequence[Checkpoint]) -> list[int]:
     if None not in steps and len(set(steps)) == len(steps):
         return [int(step) for step in steps]
     return list(range(len(series)))
+
+
+def order_note(series: Sequence[Checkpoint]) -> str | None:
+    """What a run prints before it starts when the steps in the checkpoints' names do not order them: why, and the order
+    it runs them in; None when every step is known and rises."""
+    numbered = [checkpoint for checkpoint in series if checkpoint.step is not None]
+    unnumbered = [checkpoint.name for checkpoint in series if checkpoint.step is None]
+    reasons = [f"no number in the name of {', '.join(unnumbered)}"] if unnumbered else []
+    steps = Counter(checkpoint.step for checkpoint in numbered)
+    reasons += [f"step {step} in {', '.join(c.name for c in numbered if c.step == step)}" for step, n in steps.items() if n > 1]
+    reasons += [f"{after.name} (step {after.step}) after {before.name} (step {before.step})"
+                for before, after in zip(numbered, numbered[1:]) if after.step < before.step][:1]
+    if len(series) < 2 or not reasons:
+        return None
+    return (f"checkpoint series: the steps in its names do not order it ({'; '.join(reasons)}), so its {len(series)} "
+            f"checkpoints run in the order given, a glob's matches in natural order: {', '.join(c.name for c in series)}")
 
 
 def in_training_order(series: Sequence[Checkpoint]) -> Callable[[str], int]:

@@ -12,6 +12,7 @@ could not be written.
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.model.loading import LoadOptions, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.references import check_trusted
-from circuit_tests.model.series import expand_series, refuse_pytest_expansion
+from circuit_tests.model.series import expand_series, order_note, refuse_pytest_expansion
 from circuit_tests.plugin import SESSION
 from circuit_tests.plugin.items import ExpectationItem
 from circuit_tests.spec.baselines import baseline_path
@@ -48,6 +49,16 @@ class SessionHooks:
         self.waiting: dict[str, ExpectationItem] = {}  # node id -> a spec item to run that has not reported yet
         self.deselected: list[ExpectationItem] = []
         self.hidden: dict[tuple, dict] = {}  # (path, model, expectation) -> the payload of an item hidden from the run
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_sessionstart(self) -> Generator[None, None, None]:
+        """Under the header, before anything runs (under ``-q`` too): the order a series runs in, when its checkpoints'
+        steps do not give it."""
+        yield
+        note = order_note(self.session.options.series)
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if note and reporter is not None and not hasattr(self.config, "workerinput"):
+            reporter.write_line(printable(note))
 
     def pytest_deselected(self, items) -> None:
         self.deselected += [item for item in items if isinstance(item, ExpectationItem)]

@@ -369,7 +369,7 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     return Outcome(
         passed,
         f"overlap with {name}'s baseline circuit ({sizes}) >= {_bound(params.min_overlap)} weighted by attribution{keep}, "
-        f"and its faithfulness within {_bound(params.faithfulness_tolerance)} of the stored value",
+        f"and its faithfulness not more than {_bound(params.faithfulness_tolerance)} below the stored value",
         f"overlap {_shown(weighted, params.min_overlap)} weighted ({jaccard:.3f} of nodes shared); stored circuit's faithfulness now {now_text}, "
         f"stored {then_text}",
         (*([f"lost from the baseline's top {params.keep_top}: " + ", ".join(

@@ -151,7 +151,7 @@ class Figures:
     top: list[list] = field(default_factory=list)  # [layer, position, neuron, signed score], strongest first
     circuit: list[list] = field(default_factory=list)  # the same rows for stable's circuit, else the nodes for 0.8 (or 100)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage ("trace", "faithfulness curve", ...), cached or not
-    tokens: dict[str, str] = field(default_factory=dict)  # position ("-1") -> its token's text in the first held-out prompt
+    tokens: dict[str, list] = field(default_factory=dict)  # position ("-1") -> its most frequent held-out tokens, [[text, count], ...]
     cards: dict[str, dict] = field(default_factory=dict)  # node name ("L3/P-1/N77") -> its card (Card.to_json)
     moved: dict[str, list[str]] = field(default_factory=dict)  # "entered"/"left" -> node names, when stable compared
     graph: dict | None = None  # the circuit's graph (Graph.to_json), when the run asked for one

@@ -18,16 +18,16 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from circuit_tests.analysis.cards import Card
+from circuit_tests.analysis.cards import Card, counted
 from circuit_tests.model.nodes import format_node, parse_node
 from circuit_tests.model.series import Checkpoint
 from circuit_tests.spec.figures import AreaFigures, BaselineFigures, CurveFigures, Figures
 from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, matrix_table, table, trends
-from circuit_tests.text import printable, quoted
+from circuit_tests.text import printable
 
 PROPERTY = "circuit_tests"
 NOT_RUN = "not run"  # the outcome of an item the run never measured: interrupted, stopped early, or deselected by a
@@ -420,7 +420,7 @@ def _top_nodes(figures: Figures) -> str:
         + f"<td>{_card(figures, (layer, position, neuron))}</td></tr>"
         for i, (layer, position, neuron, score) in enumerate(figures.top)
     )
-    lost = ", ".join(f"{_node(layer, position, neuron, figures.tokens)} (rank {rank})"
+    lost = ", ".join(_lost(layer, position, neuron, rank, figures.tokens)
                      for layer, position, neuron, rank in (stored.lost if stored else []))
     lost_line = (f"<p class='lost'>In the top {len(figures.top)} of {html.escape(printable(stored.model))}'s baseline, "
                  f"not in this run's: {html.escape(lost)}</p>") if lost else ""
@@ -512,18 +512,20 @@ def _folded(card: Card) -> str:
             f"<pre>{html.escape(printable(chr(10).join(card.lines())))}</pre></details>")
 
 
-def _position(position: int | None, tokens: dict[str, str]) -> str:
-    """A node's position with its token when known (``-1 ' she'``); ``-`` for every position."""
+def _position(position: int | None, tokens: dict[str, list]) -> str:
+    """A node's position with the tokens there and their counts when known (``-1 ' she' x12, ' he' x3``); ``-`` for
+    every position."""
     if position is None:
         return "-"
-    token = tokens.get(str(position))
-    return str(position) if token is None else f"{position} {quoted(token)}"
+    there = tokens.get(str(position))
+    return f"{position} {counted(there)}" if there else str(position)
 
 
-def _node(layer: int, position: int | None, neuron: int, tokens: dict[str, str]) -> str:
-    """A node as :func:`~circuit_tests.model.nodes.format_node` writes it, with its position's token when known."""
-    token = None if position is None else tokens.get(str(position))
-    return format_node((layer, position, neuron)) + ("" if token is None else f" {quoted(token)}")
+def _lost(layer: int, position: int | None, neuron: int, rank: int, tokens: dict[str, list]) -> str:
+    """A baseline node this run lacks, as :func:`~circuit_tests.model.nodes.format_node` writes it, with its rank and
+    the tokens at its position when known (``L5/P-1/N9 (rank 1; ' she' x12, ' he' x3)``)."""
+    there = None if position is None else tokens.get(str(position))
+    return f"{format_node((layer, position, neuron))} (rank {rank}" + (f"; {counted(there)})" if there else ")")
 
 
 def _rates(rates: dict[int, float]) -> str:
@@ -561,18 +563,54 @@ def _curve_svg(curve: CurveFigures | None, stored: BaselineFigures | None, width
         drawn = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in outline)
         return f"<polygon fill='{colour}' fill-opacity='0.15' stroke='none' points='{drawn}'><title>95% interval</title></polygon>"
 
-    ticks = "".join(f"<text x='{x(s):.1f}' y='{height - 12}' font-size='10' text-anchor='middle'>{s}</text>" for s in sizes)
+    rows = _tick_rows([x(s) for s in sizes], [str(s) for s in sizes])
+    below = LABEL_ROW * max(rows)  # room under the plot for the labels of sizes too close to share a row
+    ticks = "".join(f"<text x='{x(s):.1f}' y='{height - 12 + LABEL_ROW * row}' font-size='{LABEL_FONT}' text-anchor='middle'>{s}</text>"
+                    for s, row in zip(sizes, rows))
     levels = "".join(
         f"<line x1='{left}' x2='{right}' y1='{y(v):.1f}' y2='{y(v):.1f}' stroke='#ddd'/>"
-        f"<text x='{left - 5}' y='{y(v) + 3:.1f}' font-size='10' text-anchor='end'>{v:.2f}</text>"
-        for v in (0.0, 0.5, 0.8, 1.0, *(v for v in (low, high) if not -0.15 < v < 1.15))  # labels apart
+        f"<text x='{left - 5}' y='{y(v) + 3:.1f}' font-size='{LABEL_FONT}' text-anchor='end'>{v:.2f}</text>"
+        for v in _levels([0.0, 1.0, low, high, 0.8, 0.5], y)
     )
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height + below}' role='img' "
             f"aria-label='faithfulness curve'>{levels}{ticks}"
             f"{band(curve.faithfulness_interval, '#1f6feb')}{band(curve.completeness_interval, '#d1242f')}"
             f"{line(list(zip(curve.sizes, curve.faithfulness)), '#1f6feb')}{line(list(zip(curve.sizes, curve.completeness)), '#d1242f')}"
             + (line(baseline, '#555', dashed=True) if baseline else "") + _legend(curve, stored.model if baseline else None)
-            + f"<text x='{(left + right) / 2}' y='{height}' font-size='10' text-anchor='middle'>nodes</text></svg>")
+            + f"<text x='{(left + right) / 2}' y='{height + below}' font-size='{LABEL_FONT}' text-anchor='middle'>nodes</text></svg>")
+
+
+LABEL_FONT = 10  # px: the curve plot's axis labels
+LABEL_ROW = 11  # px between two rows of size labels
+LABEL_GAP = 3  # px kept clear between two labels
+
+
+def label_width(label: str) -> float:
+    """A generous estimate of a label's width in px: sans-serif digits advance 0.55 to 0.64 of the font size."""
+    return 0.65 * LABEL_FONT * len(label)
+
+
+def _tick_rows(xs: Sequence[float], labels: Sequence[str]) -> list[int]:
+    """The row (0: nearest the plot) of each size's label, centred on its tick (``xs`` ascending): the first row where it
+    clears that row's last label by :data:`LABEL_GAP`, so that no two overlap however close two sizes are (94 and 100)."""
+    ends: list[float] = []  # the right edge of each row's last label
+    rows = []
+    for x, label in zip(xs, labels):
+        start = x - label_width(label) / 2
+        row = next((i for i, end in enumerate(ends) if start >= end + LABEL_GAP), len(ends))
+        ends[row:row + 1] = [x + label_width(label) / 2]
+        rows.append(row)
+    return rows
+
+
+def _levels(wanted: Sequence[float], y: Callable[[float], float]) -> list[float]:
+    """The values on the value axis that get a line and a label, from ``wanted`` in order of importance: each where its
+    label clears those kept before it (0.8 and 1.0 are 4 px apart on an axis up to 10)."""
+    kept: list[float] = []
+    for value in wanted:
+        if all(abs(y(value) - y(other)) >= LABEL_FONT + LABEL_GAP for other in kept):
+            kept.append(value)
+    return kept
 
 
 def _legend(curve: CurveFigures, baseline: str | None) -> str:

@@ -521,14 +521,16 @@ def reference_markdown() -> str:
     lines = ["# Spec reference", "", "Generated from the schema by `circuit-tests schema --markdown`; do not edit by hand.", "",
              "Values are read as their type, never converted: `true` or `\"0.5\"` where a number is meant is an error, as is "
              "`1.0` where a whole number is; a whole number may be given where a float is meant (`min_accuracy: 1`).", ""]
-    sections = [("Top level", Spec), ("task", Task), ("task.chat", Chat), ("trace", Trace)] + [(f"expect: `{k}`", m) for k, m in KINDS.items()]
+    sections = ([("Top level", Spec), ("task", Task), ("task.chat", Chat), ("trace", Trace)]
+                + [(f"expect: `{k}`", m) for k, m in KINDS.items()] + [("vs_random", Null)])
+    titles = {model: title for title, model in sections}
     for title, model in sections:
         lines += [f"## {title}", "", " ".join((model.__doc__ or "").replace("``", "`").split()), "", "| field | type | default | meaning |", "|---|---|---|---|"]
         for name, info in model.model_fields.items():
             value = info.get_default(call_default_factory=True)
             value = value.model_dump() if isinstance(value, BaseModel) else value
             default = "required" if info.is_required() else f"`{json.dumps(value)}`"
-            kind = _type_name(info.annotation)
+            kind = _type_name(info.annotation, titles)
             lines.append(f"| `{name}` | {kind} | {default} | {info.description or ''} |")
         lines.append("")
     lines += ["## Renamed fields", "", "These old names still work in this release, with a warning that names the spec file and "
@@ -538,17 +540,22 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def _type_name(annotation: Any) -> str:
+def _type_name(annotation: Any, titles: dict[type, str]) -> str:
+    """A field's type as the reference names it: a mapping of fields by the section of the reference that lists them."""
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Annotated:
-        return _type_name(args[0])
+        return _type_name(args[0], titles)
     if origin is Literal:
         return " or ".join(f"`{value}`" for value in args)
     if origin in (Union, UnionType):
-        named = [_type_name(arg) for arg in args if arg is not type(None)]
-        return "an expectation" if len(named) > 2 else " or ".join(named) + (" or null" if type(None) in args else "")
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) > 2:
+            return "an expectation"
+        return " or ".join(_type_name(arg, titles) for arg in options) + (" or null" if type(None) in args else "")
     if origin in (list, tuple, dict):
-        return f"{origin.__name__}[{', '.join(_type_name(arg) for arg in args)}]"
+        return f"{origin.__name__}[{', '.join(_type_name(arg, titles) for arg in args)}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"mapping (see {titles[annotation]})"
     return getattr(annotation, "__name__", str(annotation))
 
 

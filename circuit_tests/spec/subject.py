@@ -49,7 +49,7 @@ from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.spec.figures import CHANCE, AgreementFigures, AreaFigures, BehaviourFigures, CurveFigures, Figures, NullFigures
-from circuit_tests.spec.reading import Corpus, describe, graph
+from circuit_tests.spec.reading import Corpus, describe, graph, tokens_at
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
 
@@ -150,11 +150,11 @@ class Subject:
         self.figures.cards.update({format_node(card.node): card.to_json() for card in cards})
         return cards
 
-    def _tokens(self) -> dict[str, str]:
-        """Each position (as ``trace.align`` counts it) -> its token's text in the first held-out prompt."""
-        ids = self.test.batches[0].clean_ids[0].tolist()
-        first = -len(ids) if self.spec.trace.align == "end" else 0
-        return {str(first + i): self.loaded.tokenizer.decode([token]) for i, token in enumerate(ids)}
+    def _tokens(self) -> dict[str, list[list]]:
+        """Each position (as ``trace.align`` counts it) -> the most frequent tokens there in the held-out prompts, with
+        their counts, as a node's card has them: prompts of several lengths put different words at one position."""
+        positions = range(-self.longest_prompt, 0) if self.spec.trace.align == "end" else range(self.longest_prompt)
+        return {str(position): [list(pair) for pair in tokens_at(self.loaded, self.test, position)] for position in positions}
 
     @property
     def by_neuron(self) -> bool:
