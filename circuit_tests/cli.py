@@ -36,7 +36,7 @@ from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
 from circuit_tests.model.series import expand_series, first_failure, in_training_order
 from circuit_tests.model.sites import NeuronSites
 from circuit_tests.plugin import is_spec_path
-from circuit_tests.progress import on_terminal
+from circuit_tests.progress import reported
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
@@ -541,6 +541,9 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _device_options(parser: argparse.ArgumentParser) -> None:
+    """The device, dtype and trust of a command that loads a model, and whether it reports progress."""
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr (bars on a terminal, else a line "
+                                                                   "per stage with its seconds)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     parser.add_argument("--trust-remote-code", action="append", default=[], metavar="MODEL",
@@ -662,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("names", nargs="*", metavar="NAME", help="registered model names (default: all)")
     args = parser.parse_args(argv)
     try:
-        with on_terminal():
+        with reported(quiet=getattr(args, "quiet", False)):  # bars on a terminal, else a line per stage, on stderr
             return COMMANDS[args.command](args)
     except CircuitTestsError as error:
         _say(f"circuit-tests {args.command}: {error}", sys.stderr)
