@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,3 +155,14 @@ def test_run_reports_every_broken_spec_of_the_corpus_and_goes_on(monkeypatch, ca
         expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
         assert f"FAIL {path.name}::spec[-]" in out and expected in out, path.name
     assert "Traceback" not in out and "\x1b" not in out
+
+
+@pytest.mark.parametrize("args", [["--help"], ["schema", "--help"]])
+def test_help_imports_neither_torch_nor_transformers(args):
+    """`circuit-tests --help` parses before any heavy import (torch alone took seconds); checked by what is imported,
+    not by a clock."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "circuit_tests.cli", *args], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert run.returncode == 0 and "usage: circuit-tests" in run.stdout
+    imported = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported and not {"torch", "transformers", "tqdm"} & imported
