@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_subject import agreement_pairs
+from test_subject import project as tiny  # a tiny checkpoint and agreement pairs in its words
 
 from circuit_tests.cli import main
 from circuit_tests.progress import Countdown, bar, reported, stage
@@ -98,15 +98,6 @@ def test_quiet_and_the_library_alone_say_nothing():
 
 
 # --------------------------------------------------------------------------- the command line and the plugin
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny checkpoint and agreement pairs in its words."""
-    root = tmp_path_factory.mktemp("progress")
-    save_tiny_checkpoint(root / "ckpt")
-    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
-    return root
 
 
 def _piped(tiny: Path, *args: str) -> subprocess.CompletedProcess:
