@@ -125,7 +125,7 @@ def test_the_command_line_on_a_terminal_keeps_the_bars(tiny, monkeypatch, capsys
     terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     assert main(["trace", "--dataset", "data.jsonl", "--model", "./ckpt", "--batch-size", "8", "--top", "3"]) == 0
-    assert re.search(r"\rrelp attribution: +\d+%\S* \d+/\d+ \[", terminal.getvalue()) and not said(terminal.getvalue())
+    assert re.search(r"\rrelp attribution: +\d+%\|[^|]*\| \d+/\d+ \[", terminal.getvalue()) and not said(terminal.getvalue())
     assert len(json.loads(capsys.readouterr().out)["nodes"]) == 3  # stdout keeps only the JSON
 
 
