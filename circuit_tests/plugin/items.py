@@ -137,7 +137,8 @@ class BrokenSpecItem(pytest.Item):
 
 class PastCapture(io.TextIOBase):
     """pytest's terminal as a text stream that its output capture does not take: progress reaches the terminal, or the
-    CI log, while an item runs. Without a terminal reporter (an xdist worker) nothing is written."""
+    CI log, while an item runs. Without a terminal reporter (``-p no:terminal``) nothing is written; an xdist
+    worker's terminal is one the controller does not show."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.capture = config.pluginmanager.getplugin("capturemanager")
