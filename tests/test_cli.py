@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +177,14 @@ def test_new_measure_never_writes_a_threshold_at_chance_nor_a_claim_random_circu
         "# flips: left out, 20 random circuits of its shape match its flip rate (0.466; random median 0.500, p = 0.524 > 0.05)")
     beaten = SimpleNamespace(null=lambda figure, size, draws: NullFigures(figure, size, 0.9, [0.1] * 20))
     assert _beating_random(beaten, "flip rate", 1000, flips) == flips
+
+
+@pytest.mark.parametrize("args", [["--help"], ["schema", "--help"]])
+def test_help_imports_neither_torch_nor_transformers(args):
+    """`circuit-tests --help` parses before any heavy import (torch alone took seconds); checked by what is imported,
+    not by a clock."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "circuit_tests.cli", *args], capture_output=True, text=True,
+                         env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert run.returncode == 0 and "usage: circuit-tests" in run.stdout
+    imported = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "argparse" in imported and not {"torch", "transformers", "tqdm"} & imported

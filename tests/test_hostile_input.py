@@ -670,7 +670,7 @@ def test_the_command_line_refuses_with_a_paragraph_and_writes_nothing(small, mon
     (small / "circuit_outside.yaml").write_text(spec("outside", CONTROL, task="task: {dataset: ../outside.jsonl}\n"))
     (small.parent / "elsewhere.yaml").write_text(spec("elsewhere", CONTROL))
     before = sorted(small.rglob("*"))
-    assert main(args) == 2
+    assert main([*args, "-q"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
     assert sorted(small.rglob("*")) == before

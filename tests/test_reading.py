@@ -172,9 +172,9 @@ def test_explain_prints_cards_with_contexts_and_spec_figures(tiny_project, capsy
 def test_explain_refuses_a_node_outside_the_model_before_the_corpus_pass(tiny_project, capsys, monkeypatch, tmp_path, spec):
     monkeypatch.chdir(tiny_project)
     monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("circuit_tests.cli.corpus", lambda *args: pytest.fail("the corpus pass ran"))
+    monkeypatch.setattr("circuit_tests.commands.corpus", lambda *args: pytest.fail("the corpus pass ran"))
     monkeypatch.setattr("circuit_tests.spec.subject.Subject.scores", property(lambda self: pytest.fail("it traced")))
-    assert main(["explain", "./ckpt", "L0/N5", "L99/P-1/N5", "L1/N96", "L2", *spec]) == 2
+    assert main(["explain", "./ckpt", "L0/N5", "L99/P-1/N5", "L1/N96", "L2", "-q", *spec]) == 2
     assert capsys.readouterr().err.strip() == (
         "circuit-tests explain: not a neuron of ./ckpt (3 layers x 96 neurons): L99/P-1/N5, L1/N96, L2. Give "
         "L<layer>/N<neuron> or L<layer>/P<position>/N<neuron> with a layer from 0 to 2 and a neuron from 0 to 95.")

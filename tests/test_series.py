@@ -297,12 +297,12 @@ def test_a_series_interrupted_on_the_command_line_reports_what_ran_and_bisect_st
         return check(session, spec, model, *args)
 
     monkeypatch.setattr(CircuitSession, "check", interrupted_at_the_second)
-    assert main(["series", "specs/agree.yaml", "--checkpoints", "ckpt-*", "--report", "r.html"]) == 130
+    assert main(["series", "specs/agree.yaml", "--checkpoints", "ckpt-*", "--report", "r.html", "-q"]) == 130
     out, err = capsys.readouterr()
     assert "PASS agree::behaves[ckpt-1]" in out and "not run (0/1)" in out and HELD not in out
     assert "agree: no failure where it ran; not run in full at 1 of 2 checkpoints: ckpt-2" in out
     assert HELD not in (two_checkpoints.path / "r.html").read_text()
     assert err == "circuit-tests series: interrupted; 1 checks not run\n"
-    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "ckpt-*"]) == 130  # the last checkpoint, first
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "ckpt-*", "-q"]) == 130  # the last checkpoint, first
     out, err = capsys.readouterr()
     assert err == "circuit-tests bisect: interrupted\n" and out == "checking ckpt-2 (2 of 2)\n"

@@ -28,6 +28,7 @@ from circuit_tests.model.data import PairedBatch, Tokenized
 from circuit_tests.model.interventions import intervene, patch
 from circuit_tests.model.nodes import Circuit, Node, every_if_none, format_node, in_prompt
 from circuit_tests.model.sites import NeuronSites, capture, next_token_logits
+from circuit_tests.progress import bar
 from circuit_tests.text import quoted
 
 CLUSTERS = 4
@@ -72,7 +73,7 @@ def edge_weights(sites: NeuronSites, data: Tokenized, nodes: Sequence[Node], opt
         baseline = baseline_values(sites, batch, options.baseline, mean)
         with relp_rules(sites, options.rules()), capture(sites, grad=True) as acts:
             next_token_logits(sites.model, batch.clean_ids)
-        for j, (layer, position, neuron) in enumerate(nodes):
+        for j, (layer, position, neuron) in enumerate(bar(nodes, "edges", unit="node")):
             sources = [i for i, node in enumerate(nodes) if node[0] < layer and _reaches(batch, node)]
             if not sources or not _reaches(batch, nodes[j]):
                 continue
@@ -97,7 +98,7 @@ def exact_edge_weights(sites: NeuronSites, data: Tokenized, nodes: Sequence[Node
     for batch in data.batches:
         batch = batch.to(sites.device)
         values, clean = baseline_values(sites, batch, baseline, mean), neuron_values(sites, batch.clean_ids)
-        for i, source in enumerate(nodes):
+        for i, source in enumerate(bar(nodes, "exact edges", unit="node")):
             if not _reaches(batch, source):
                 continue
             with intervene(sites, [patch(Circuit.of([source]), values)]), capture(sites) as moved:

@@ -85,7 +85,7 @@ def mean_counterfactuals(sites: NeuronSites, data: Tokenized, batch_size: int = 
     """
     sums: dict[int, list[torch.Tensor]] = {}
     counts: dict[int, int] = {}
-    for chunk in data.chunks(batch_size):
+    for chunk in bar(data.chunks(batch_size), "mean activations"):
         length = chunk.n_positions
         totals = sums.setdefault(length, [
             torch.zeros(length, sites.n_neurons, dtype=torch.float64, device=sites.layer_device(layer))
@@ -373,7 +373,7 @@ def preferences(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_
     """``logit(clean_answer) - logit(patch_answer)`` on every clean prompt, the model as it is."""
     device = sites.device
     return torch.cat([preference(next_token_logits(sites.model, chunk.clean_ids.to(device)), chunk)
-                      for chunk in data.chunks(batch_size)]).cpu()
+                      for chunk in bar(data.chunks(batch_size), "preferences")]).cpu()
 
 
 def accuracy(sites: NeuronSites, data: Tokenized, *, batch_size: int = BATCH_SIZE) -> float:

@@ -54,6 +54,7 @@ from circuit_tests.model.checkpoints import CheckedFiles, check_directory, check
 from circuit_tests.model.fingerprints import fingerprint
 from circuit_tests.model.references import ModelRef, contained, parse_model_ref
 from circuit_tests.model.registry import REGISTRY, assembled
+from circuit_tests.progress import stage
 from circuit_tests.text import first_line, printable, quoted, shown
 
 CACHE_ENV = "CIRCUIT_TESTS_CACHE"
@@ -445,7 +446,8 @@ class ModelCache:
     def get(self, model: str | ModelRef, options: LoadOptions = LoadOptions()) -> LoadedModel:
         key = (model, options)
         if key not in self._models:
-            self._models[key] = load_model(model, options)
+            with stage(f"loading {model if isinstance(model, str) else model.name}"):
+                self._models[key] = load_model(model, options)
         return self._models[key]
 
     def release(self, names: set[str]) -> bool:

@@ -12,9 +12,10 @@ shows it: a failure as the domain report (``repr_failure``), never a traceback.
 
 from __future__ import annotations
 
+import io
 import os
-import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from circuit_tests.errors import CircuitTestsError
 from circuit_tests.model.series import Checkpoint, in_training_order
 from circuit_tests.plugin import SESSION
-from circuit_tests.progress import on_terminal
+from circuit_tests.progress import reported
 from circuit_tests.spec.distributed import Work
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
@@ -84,7 +85,7 @@ class ExpectationItem(pytest.Item):
     def runtest(self) -> None:
         session = self.config.stash[SESSION]
         spec = self.parent.spec
-        with on_terminal(sys.__stderr__):  # bars for the trace and each measurement, on an interactive terminal only
+        with reported(PastCapture(self.config), quiet=self.config.get_verbosity() < 0):
             verdict = session.check(spec, self.model, self.expectation, self.from_command_line)
         self.user_properties.append((PROPERTY, encode(session.result(spec, self.model, self.expectation, verdict))))
         if verdict.status == "skipped":
@@ -132,6 +133,26 @@ class BrokenSpecItem(pytest.Item):
 
     def reportinfo(self):
         return self.path, None, "spec"
+
+
+class PastCapture(io.TextIOBase):
+    """pytest's terminal as a text stream that its output capture does not take: progress reaches the terminal, or the
+    CI log, while an item runs. Without a terminal reporter (``-p no:terminal``) nothing is written; an xdist
+    worker's terminal is one the controller does not show."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.capture = config.pluginmanager.getplugin("capturemanager")
+        self.terminal = config.pluginmanager.getplugin("terminalreporter")
+
+    def isatty(self) -> bool:
+        return self.terminal is not None and bool(self.terminal.isatty())
+
+    def write(self, text: str) -> int:
+        if self.terminal is not None:
+            with self.capture.global_and_fixture_disabled() if self.capture else nullcontext():
+                self.terminal.ensure_newline()  # pytest starts its next line afresh, the file's name first
+                self.terminal.write(text, flush=True)
+        return len(text)
 
 
 class ExpectationFailed(Exception):

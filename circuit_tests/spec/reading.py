@@ -37,6 +37,7 @@ from circuit_tests.model.data import Tokenized
 from circuit_tests.model.loading import LoadedModel
 from circuit_tests.model.nodes import Node, in_prompt
 from circuit_tests.model.sites import NeuronSites
+from circuit_tests.progress import bar
 from circuit_tests.spec.traces import TraceCache
 
 AT_POSITION = 3  # the most frequent tokens shown at a node's position
@@ -99,7 +100,7 @@ def describe(loaded: LoadedModel, sites: NeuronSites, nodes: Sequence[Node], *, 
     lens = output_lens(sites, [(layer, neuron) for layer, _, neuron in named])
     baseline = {node: rank for rank, node in reversed(list(enumerate(stored or (), 1)))}
     cards = []
-    for node, row in zip(named, lens):
+    for node, row in zip(bar(named, "cards", unit="node"), lens):
         promotes, suppresses = lens_tokens(loaded.tokenizer, row)
         rank, score = (scores.standing(node, aggregate) if scores is not None else None) or (None, None)
         cards.append(Card(

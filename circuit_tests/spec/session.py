@@ -28,6 +28,7 @@ from circuit_tests.model.loading import LoadedModel, LoadOptions, ModelCache
 from circuit_tests.model.nodes import Node
 from circuit_tests.model.references import parse_model_ref, remote_code_allowed
 from circuit_tests.model.series import Checkpoint
+from circuit_tests.progress import Countdown, about
 from circuit_tests.spec.baselines import BaselineStore, entry_for, model_key
 from circuit_tests.spec.distributed import Cluster, RayRun, Work
 from circuit_tests.spec.expectations import check
@@ -83,6 +84,7 @@ class CircuitSession:
         self.remote: RayRun | None = None  # under options.ray, the actors measuring each checkpoint
         self.written: list[Path] = []  # baseline files, once finished
         self.problems: list[str] = []  # outputs that could not be written, once finished
+        self.countdown = Countdown([checkpoint.name for checkpoint in options.series])
 
     def model(self, name: str, spec: Spec | None = None) -> LoadedModel:
         """A loaded model: named in ``spec`` (relative to it, inside the project) or, without one, on the command line."""
@@ -128,7 +130,13 @@ class CircuitSession:
         self.remote.submit(self.options, works, self.baselines)
 
     def check(self, spec: Spec, model: str, expectation: Expectation, from_command_line: bool = False) -> Verdict:
-        """Check one expectation; every error becomes a failed (or, for a missing hub model, skipped) verdict."""
+        """Check one expectation; every error becomes a failed (or, for a missing hub model, skipped) verdict. Progress
+        names the spec and the checkpoint (:mod:`circuit_tests.progress`)."""
+        self.countdown.reached(model)
+        with about(f"{spec.name} on {model}"):
+            return self._check(spec, model, expectation, from_command_line)
+
+    def _check(self, spec: Spec, model: str, expectation: Expectation, from_command_line: bool) -> Verdict:
         if self.remote is not None:
             return self._checked_remotely(Work(spec, model, expectation, from_command_line))
         subject = None
