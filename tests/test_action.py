@@ -131,7 +131,7 @@ def _wheel(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "circuit_tests", source / "circuit_tests", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w",
                     str(tmp_path / "dist"), str(source)], check=True)
     return next((tmp_path / "dist").glob("circuit_tests-*.whl"))
 
