@@ -131,12 +131,12 @@ def test_the_command_line_on_a_terminal_keeps_the_bars(tiny, monkeypatch, capsys
 
 def test_under_pytest_the_lines_reach_the_log_past_capture_and_a_series_counts_checkpoints(tiny, pytester):
     for seed, name in enumerate(("ckpt-1", "ckpt-2")):
-        save_tiny_checkpoint(pytester.path / name, seed=seed)
+        save_tiny_checkpoint(pytester.path / name, seed=seed, taught=True)
     (pytester.path / "data.jsonl").write_text((tiny / "data.jsonl").read_text())
     pytester.mkdir("specs")
     (pytester.path / "specs" / "agree.yaml").write_text(
         'name: agree\nmodels: ["../ckpt-1"]\ntask: {dataset: ../data.jsonl, test_fraction: 0.5}\n'
-        "expect:\n  - behaves: {min_accuracy: 0.01}\n")
+        "expect:\n  - behaves: {min_accuracy: 0.6}\n")
     result = pytester.runpytest("specs", "--circuit-series", "ckpt-*", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     lines = said(result.stdout.str())

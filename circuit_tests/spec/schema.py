@@ -198,8 +198,9 @@ class Behaves(Claim):
 
     THRESHOLDS = ('min_accuracy',)
 
-    min_accuracy: Rate = Field(gt=0.5, description="fraction of test prompts whose clean answer is preferred (above 0.5: "
-                               "at or below it, guessing between the two answers passes)")
+    min_accuracy: Annotated[float, Field(gt=0.5, le=1.0)] = Field(description=(
+        "fraction of test prompts whose clean answer is preferred (above 0.5: at or below it, guessing between the two "
+        "answers passes)"))
 
 
 class Null(Strict):
