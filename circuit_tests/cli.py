@@ -29,7 +29,7 @@ from circuit_tests.analysis.selection import overlap
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.files import inside, reviewable_json
 from circuit_tests.model.data import PairCheck, check_pairs, read_jsonl
-from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda
+from circuit_tests.model.loading import LoadOptions, cache_dir, check_device, check_dtype, deterministic_cuda, registered_checkpoint
 from circuit_tests.model.nodes import format_node, format_nodes, moved, parse_node
 from circuit_tests.model.references import check_trusted, parse_model_ref
 from circuit_tests.model.registry import DEFAULT_MODEL, REGISTRY
@@ -40,9 +40,9 @@ from circuit_tests.progress import on_terminal
 from circuit_tests.spec.baselines import entry_for, model_key
 from circuit_tests.spec.circuit_file import circuit_json
 from circuit_tests.spec.distributed import LOCAL, Work, cluster
-from circuit_tests.spec.reading import corpus, describe, graph
-from circuit_tests.spec.report import github_annotations, github_step_summary, graph_page, payload
-from circuit_tests.spec.scaffold import measured_claims, spec_text
+from circuit_tests.spec.reading import corpus, describe, graph, names_a_neuron
+from circuit_tests.spec.report import NOT_RUN, github_annotations, github_step_summary, graph_page, payload
+from circuit_tests.spec.scaffold import measured_claims, refusal, spec_text
 from circuit_tests.spec.schema import (
     NAME_PATTERN,
     Expectation,
@@ -58,7 +58,7 @@ from circuit_tests.spec.session import CircuitSession, RunOptions, Verdict
 from circuit_tests.spec.subject import MOVED_CARDS, STANDARD_SIZES, drops_allowed, prompts, token_limit
 from circuit_tests.spec.traces import TraceCache, default_trace_cache
 from circuit_tests.spec.trend import FIGURES, cell, circuit_of, values
-from circuit_tests.text import has_control, printable
+from circuit_tests.text import has_control, printable, shown
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -177,7 +177,8 @@ def _say(text: str, stream: TextIO | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written.
+    """Evaluate specs like the pytest plugin does and print the report; exit 1 if anything failed or was not written, 130
+    when interrupted (what ran is reported, and each check that did not is listed as not run).
     ``series`` runs them on a training run's checkpoints, one checkpoint at a time, and prints each spec's trend."""
     series = expand_series(args.checkpoints, Path.cwd()) if args.command == "series" else ()
     if series and args.matrix and args.ray:
@@ -190,20 +191,19 @@ def _run(args: argparse.Namespace) -> int:
                        areas=args.areas)
     given = [checkpoint.name for checkpoint in series] or list(dict.fromkeys(args.model or []))
     runs = []
-    for name in args.specs:
+    for path in _spec_files(args.specs):
         try:
-            spec = load_spec(Path(name), session.options.project)
+            spec = load_spec(path, session.options.project)
         except CircuitTestsError as error:  # this spec cannot run; the others still do
-            _show(session, payload(Path(name).name, "-", Path(name), "spec"), Verdict("failed", str(error)))
+            _show(session, payload(path.name, "-", path, "spec"), Verdict("failed", str(error)))
             continue
         runs += [(spec, model, expectation) for model in given or spec.models for expectation in spec.expectations]
     place = in_training_order(series)
     runs.sort(key=lambda run: place(run[1]))  # without a series, the order given
     if args.ray:
         session.send([Work(spec, model, expectation, bool(given)) for spec, model, expectation in runs])
-    for spec, model, expectation in runs:
-        _check_one(session, spec, model, expectation, bool(given))
-    if series and args.matrix:
+    interrupted = not _check_all(session, runs, bool(given))
+    if series and args.matrix and not interrupted:
         for spec in {str(spec.path): spec for spec, _, _ in runs}.values():
             session.cross_faithfulness(spec, given)
     session.finish()
@@ -211,9 +211,35 @@ def _run(args: argparse.Namespace) -> int:
         _say(f"baseline written: {path}")
     for problem in session.problems:
         _say(f"NOT written: {problem}", sys.stderr)
-    _say("\n".join([*session.report.terminal_lines(), *github_annotations(session.report, session.options.project)]))
+    _say("\n".join(session.report.terminal_lines()))
+    for line in github_annotations(session.report, session.options.project):  # workflow commands, escaped as they are built
+        print(line)
+    if interrupted:
+        _say(f"circuit-tests {args.command}: interrupted; {len(session.report.not_run())} checks not run", sys.stderr)
+        return INTERRUPTED
     failed = any(row.status == "failed" for row in session.report.rows.values())
     return 1 if failed or session.problems else 0
+
+
+def _spec_files(names: list[str]) -> list[Path]:
+    """The spec files ``names`` give: a file as it is; a directory, each spec file under it as pytest would collect it
+    (:func:`~circuit_tests.plugin.is_spec_path`; links to directories are not followed), in order."""
+    found: list[Path] = []
+    for path in map(Path, names):
+        found += sorted(spec for spec in path.rglob("*.y*ml") if spec.is_file() and is_spec_path(spec)) if path.is_dir() else [path]
+    return found
+
+
+def _check_all(session: CircuitSession, runs: list[tuple[Spec, str, Expectation]], from_command_line: bool) -> bool:
+    """Check each run in order; on Ctrl-C, the runs not checked go into the report as not run. Whether all ran."""
+    for done, (spec, model, expectation) in enumerate(runs):
+        try:
+            _check_one(session, spec, model, expectation, from_command_line)
+        except KeyboardInterrupt:
+            for left in runs[done:]:
+                session.report.add(session.planned(*left), NOT_RUN, "the run was interrupted before this check ran")
+            return False
+    return True
 
 
 def _check_one(session: CircuitSession, spec: Spec, model: str, expectation: Expectation, from_command_line: bool) -> Verdict:
@@ -273,11 +299,12 @@ def _moved(session: CircuitSession, spec: Spec, good: str, bad: str) -> str:
 
 
 WORDS = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it
 
 
 def _show(session: CircuitSession, result: dict, verdict: Verdict) -> None:
     session.report.add(result, verdict.status, verdict.message)
-    _say(f"{WORDS[verdict.status]} {result['spec']}::{result['expectation']}[{result['model']}]")
+    _say(shown(f"{WORDS[verdict.status]} {result['spec']}::{result['expectation']}[{result['model']}]"))
     if verdict.status != "passed":
         _say(textwrap.indent(verdict.message, "  "))
 
@@ -319,11 +346,14 @@ def _explain(args: argparse.Namespace) -> int:
         if args.spec else None
     loaded = subject.loaded if subject else session.model(args.model)
     sites = subject.sites if subject else NeuronSites(loaded.model)
+    outside = [format_node(node) for node in nodes if not names_a_neuron(sites, node)]
+    if outside:  # before the corpus pass, which reads every neuron over the whole corpus
+        raise CircuitTestsError(f"not a neuron of {printable(args.model, one_line=True)} ({sites.n_layers} layers x "
+                                f"{sites.n_neurons} neurons): {', '.join(outside)}. Give L<layer>/N<neuron> or "
+                                f"L<layer>/P<position>/N<neuron> with a layer from 0 to {sites.n_layers - 1} and a neuron "
+                                f"from 0 to {sites.n_neurons - 1}.")
     read = None if args.no_contexts else corpus(loaded, sites, TraceCache(session.options.trace_cache), corpus_path)
     cards = subject.describe(nodes, read=read) if subject else describe(loaded, sites, nodes, read=read)
-    if len(cards) < len(nodes):
-        raise CircuitTestsError(f"{len(nodes) - len(cards)} of the nodes name no neuron of {args.model} "
-                                f"({sites.n_layers} layers x {sites.n_neurons} neurons): give L<layer>/N<neuron> inside those bounds.")
     for card in cards:
         _say("\n".join(card.lines()) + "\n")
     if out is not None:
@@ -421,6 +451,10 @@ def _new(args: argparse.Namespace) -> int:
         return 0
     session = _session(args, update=True)
     subject = session.subject(spec, args.model, from_command_line=True)
+    refused = refusal(subject)
+    if refused:
+        _say(refused)
+        return 1
     text = spec_text(args.name, model, dataset, *measured_claims(subject, args.margin))
     spec = spec_from_mapping(parse_yaml(text, out), out.absolute(), project)
     session.baselines.record(spec, model_key(subject), entry_for(subject, spec))  # at the size its stable claim names
@@ -473,7 +507,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     for model in REGISTRY.values():
         installed = "installed" if model.is_installed() else "not installed"
-        converted = "converted" if (cache_dir() / "models" / model.name / "config.json").exists() else "not converted"
+        ready = model.is_installed() and (registered_checkpoint(model.name) / "config.json").exists()
+        converted = "converted" if ready else "not converted"
         print(f"{model.name:24} {installed:14} {converted:14} {model.description}")
     print(f"cache: {cache_dir()}")
     return 0
@@ -563,11 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     tracer.add_argument("--batch-size", type=_positive, default=32)
     _device_options(tracer)
     runner = commands.add_parser("run", help="evaluate specs without pytest and print the report")
-    runner.add_argument("specs", nargs="+", metavar="SPEC")
+    runner.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     runner.add_argument("--model", action="append", help="instead of the spec's models (repeatable)")
     _run_options(runner)
     serieser = commands.add_parser("series", help="evaluate specs on a training run's checkpoints and print each spec's trend")
-    serieser.add_argument("specs", nargs="+", metavar="SPEC")
+    serieser.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a directory: every spec under it")
     serieser.add_argument("--checkpoints", nargs="+", required=True, metavar="CHECKPOINT", help=SERIES_HELP)
     serieser.add_argument("--matrix", action="store_true",
                           help="also each checkpoint's circuit evaluated on every checkpoint (N x N curves: a short series)")
@@ -636,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
     except CircuitTestsError as error:
         _say(f"circuit-tests {args.command}: {error}", sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        _say(f"circuit-tests {args.command}: interrupted", sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ extends it (which is why they ship with the package, as ``numpy.testing`` does):
   rotary embeddings). Every floating parameter, norm weights included, gets a seeded
   perturbation after the usual initialisation, so that no weight is left at exactly 0 or 1.
 - :func:`tiny_tokenizer` and :func:`save_tiny_checkpoint`: a word-level tokenizer and a checkpoint
-  directory that loads like any other, for tests that go through loading.
+  directory that loads like any other, for tests that go through loading. A random model does no
+  task, and circuit-tests judges no circuit claim where the model does not do its task: with
+  ``taught=True`` the checkpoint is first fine-tuned on :func:`tiny_agreement_pairs` (subject-verb
+  agreement in the tiny tokenizer's words), which it then answers right.
 - :func:`interpolated_checkpoint`: a checkpoint between two of the same shape, ``(1 - t) * a + t * b``: a
   training run's series, built offline.
 - :data:`LLAMA_31_8B` and :func:`scaled_llama_31_8b`: Llama-3.1-8B's layers and neurons (32 x
@@ -19,6 +22,9 @@ extends it (which is why they ship with the package, as ``numpy.testing`` does):
 """
 
 from __future__ import annotations
+
+import functools
+import itertools
 
 import torch
 import transformers
@@ -170,9 +176,51 @@ def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return tokenizer
 
 
-def save_tiny_checkpoint(directory, model_type: str = "llama", seed: int = 0, **overrides):
+def tiny_agreement_pairs() -> list[dict]:
+    """Subject-verb agreement in the tiny tokenizer's words, in two templates of different lengths (50 pairs)."""
+    nouns = ("author", "baker", "farmer", "doctor", "pilot")
+    prepositions = ("near", "by", "of", "on")
+    pairs = [{"clean_prefix": f"The {noun} {prep} the {obj}", "patch_prefix": f"The {noun}s {prep} the {obj}",
+              "clean_answer": " is", "patch_answer": " are"}
+             for noun, prep, obj in itertools.product(nouns, prepositions, ("key", "cabinets"))]
+    return pairs + [{"clean_prefix": f"The {noun}", "patch_prefix": f"The {noun}s", "clean_answer": clean,
+                     "patch_answer": patch} for noun in nouns for clean, patch in ((" was", " were"), (" is", " are"))]
+
+
+def both_ways(pairs: list[dict]) -> list[dict]:
+    """``pairs`` and each pair the other way round (the counterfactual as the clean prompt): half the clean answers are
+    then each answer, so a model that always prefers one of them is at chance, as an untaught tiny model is."""
+    return pairs + [{"clean_prefix": pair["patch_prefix"], "patch_prefix": pair["clean_prefix"],
+                     "clean_answer": pair["patch_answer"], "patch_answer": pair["clean_answer"]} for pair in pairs]
+
+
+TEACHING_STEPS = 100  # full-batch Adam steps that make a tiny llama answer every agreement prompt right
+
+
+@functools.cache
+def _taught_state(model_type: str, seed: int) -> dict[str, torch.Tensor]:
+    """The weights of :func:`tiny_model` fine-tuned to give each agreement prompt its own answer (made once per process)."""
+    model, tokenizer = tiny_model(model_type, seed=seed), tiny_tokenizer()
+    by_length: dict[int, list[tuple[list[int], int]]] = {}
+    for pair in tiny_agreement_pairs():
+        for prefix, answer in ((pair["clean_prefix"], pair["clean_answer"]), (pair["patch_prefix"], pair["patch_answer"])):
+            ids = tokenizer(prefix).input_ids
+            by_length.setdefault(len(ids), []).append((ids, tokenizer(answer, add_special_tokens=False).input_ids[0]))
+    batches = [(torch.tensor([ids for ids, _ in rows]), torch.tensor([answer for _, answer in rows])) for rows in by_length.values()]
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(TEACHING_STEPS):
+        loss = sum(torch.nn.functional.cross_entropy(model(ids).logits[:, -1], answers, reduction="sum") for ids, answers in batches)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def save_tiny_checkpoint(directory, model_type: str = "llama", seed: int = 0, *, taught: bool = False, **overrides):
     """Write a tiny model of ``model_type`` and :func:`tiny_tokenizer` to ``directory`` (``save_pretrained``, safetensors).
 
+    ``taught``: fine-tuned on :func:`tiny_agreement_pairs` first, so that it does that task (the default config only).
     ``overrides`` go to the config (``vocab_size=8`` makes an embedding smaller than the tokenizer). Gives the
     directory as a :class:`pathlib.Path`. Not for ``qwen2``: transformers loads its own Qwen2 tokenizer class for
     that model type whatever the checkpoint saved, which does not read this tokenizer back.
@@ -182,8 +230,13 @@ def save_tiny_checkpoint(directory, model_type: str = "llama", seed: int = 0, **
     if model_type == "qwen2":
         raise ValueError("save_tiny_checkpoint: transformers reads a qwen2 checkpoint's tokenizer with its own Qwen2 "
                          "class, which does not load the tiny tokenizer back; use another model type")
+    if taught and overrides:
+        raise ValueError("save_tiny_checkpoint: a taught checkpoint has the default tiny config; give no overrides")
     directory = Path(directory)
-    tiny_model(model_type, seed=seed, **overrides).save_pretrained(directory)
+    model = tiny_model(model_type, seed=seed, **overrides)
+    if taught:
+        model.load_state_dict(_taught_state(model_type, seed))
+    model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
 

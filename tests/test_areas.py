@@ -37,13 +37,13 @@ def test_sizes_are_shares_of_every_node_rounded_down_as_mib_counts_them():
 
 def _subject(project, loaded, **area) -> Subject:  # noqa: F811
     raw = {"name": "agreement", "models": [str(project / "ckpt")], "task": {"dataset": "data.jsonl", "test_fraction": 0.5},
-           "trace": {"ablation": "mean"}, "expect": [{"area": area or {"min_cpr": 0.01}}]}
+           "trace": {"ablation": "mean"}, "expect": [{"area": area or {"min_cpr": 0.5}}]}
     return Subject(spec_from_mapping(raw, project / "agreement.yaml", project), loaded)
 
 
 @pytest.mark.parametrize("ranking", ["absolute", "signed"])
 def test_the_curve_is_each_size_measured_alone_and_the_areas_are_its_trapezoids(project, loaded, ranking):  # noqa: F811
-    subject = _subject(project, loaded, ranking=ranking, min_cpr=0.01)
+    subject = _subject(project, loaded, ranking=ranking, min_cpr=0.5)
     area = subject.area(ranking)
     assert area.sizes == sizes_for(subject.n_nodes) and area.ranking == ranking and area.ablation == "mean"
     key = subject.scores.scores.flatten()
@@ -118,7 +118,7 @@ def test_circuit_areas_puts_cpr_and_cmd_in_the_reports(pytester, project):  # no
 models: [../ckpt]
 task: {dataset: ../data.jsonl, test_fraction: 0.5}
 expect:
-  - behaves: {min_accuracy: 0.1}
+  - behaves: {min_accuracy: 0.6}
 """)
     (pytester.path / "data.jsonl").write_text((project / "data.jsonl").read_text())
     result = pytester.runpytest_inprocess("specs", "--circuit-areas", "--circuit-json", "out.json", "--circuit-report", "r.html",

@@ -19,23 +19,22 @@ from circuit_tests.testing import save_tiny_checkpoint, tiny_model, tiny_tokeniz
 
 pytest_plugins = ["pytester"]
 
-EXAMPLES = """\
-    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is", patch_answer: " are"}
-    - {clean_prefix: "The authors", patch_prefix: "The author", clean_answer: " are", patch_answer: " is"}
-"""
-GOOD_SEED = 2  # a tiny Llama that happens to prefer " is" after "The author" and " are" after "The authors"
+EXAMPLES = "".join(f'    - {{clean_prefix: "The {noun}", patch_prefix: "The {noun}s", clean_answer: " was", patch_answer: " were"}}\n'
+                   f'    - {{clean_prefix: "The {noun}s", patch_prefix: "The {noun}", clean_answer: " were", patch_answer: " was"}}\n'
+                   for noun in ("author", "baker", "farmer", "doctor", "pilot"))
+GOOD_SEED = 2  # the good checkpoints are taught the agreement task (save_tiny_checkpoint(taught=True)) from this seed
 
 
 def _spec(pytester: pytest.Pytester, models: list[str]) -> None:
     pytester.path.joinpath("circuit_x.yaml").write_text(
-        f"name: x\nmodels: [{', '.join(models)}]\ntask:\n  examples:\n{EXAMPLES}expect:\n  - behaves: {{min_accuracy: 0.5}}\n")
+        f"name: x\nmodels: [{', '.join(models)}]\ntask:\n  test_fraction: 0.5\n  examples:\n{EXAMPLES}expect:\n  - behaves: {{min_accuracy: 0.6}}\n")
 
 
 def _write_checkpoints(root: Path, marker: Path) -> None:
     """good, nan (one NaN weight), pickle (pytorch_model.bin only), bloom (an architecture without known neurons),
     empty, notjson (config.json is not JSON), small (tokenizer bigger than the embedding), evil (ships code)."""
     tokenizer = tiny_tokenizer()
-    save_tiny_checkpoint(root / "good", seed=GOOD_SEED)
+    save_tiny_checkpoint(root / "good", seed=GOOD_SEED, taught=True)
     nan = tiny_model("llama")
     with torch.no_grad():
         nan.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
@@ -82,7 +81,7 @@ def test_each_bad_checkpoint_fails_alone_with_its_reason(pytester, tmp_path, mon
 
 def test_a_spec_cannot_name_checkpoints_outside_the_project(pytester, tmp_path):
     """Needs the plugin to resolve spec models with ``project`` (parse_model_ref(name, spec dir, rootpath))."""
-    outside = save_tiny_checkpoint(tmp_path / "outside", seed=GOOD_SEED)
+    outside = save_tiny_checkpoint(tmp_path / "outside", seed=GOOD_SEED, taught=True)
     secret = tmp_path / "secret.json"
     inside = save_tiny_checkpoint(pytester.path / "checkpoints" / "linked")
     secret.write_text((inside / "tokenizer.json").read_text().replace('"bakers"', '"TOP-SECRET"'))

@@ -90,6 +90,35 @@ def test_a_damaged_file_is_an_error_and_is_not_overwritten(tmp_path):
     assert path.read_text() == "{ damaged"
 
 
+SHAPED = {"shape": {"layers": 3, "neurons": 96}, "metrics": {"faithfulness": {"5": 0.5}}, "circuit": [[2, 2, 7, 0.5], [1, 2, 3, -0.25]]}
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"models": {"a": %s, "a": %s}, "version": 1}' % (json.dumps(entry(0.5)), json.dumps(entry(0.25))),
+     "gives the key 'a' twice in one object (a JSON reader would silently keep the second); keep one"),
+    ('{"models": {"a": %s}, "models": {}, "version": 1}' % json.dumps(entry(0.5)), "gives the key 'models' twice"),
+    (json.dumps({"models": {"a": entry(0.5)}, "version": 2}),
+     "field 'version': version 2 is not one this circuit-tests reads (it reads 1); if a later circuit-tests wrote the file, upgrade"),
+    (json.dumps({"models": {"a": entry(0.5)}, "version": "1"}), "field 'version': Input should be a valid integer"),
+    (json.dumps({"models": {"a": entry(0.5)}}), "field 'version': Field required"),
+    (json.dumps({"models": {"a": SHAPED | {"circuit": [[2, 2, 7, 0.5], [1, 2, 3, 0.25], [2, 2, 7, 0.125]]}}, "version": 1}),
+     "field 'models.a.circuit': rows 0 and 2 both list the node L2/P2/N7; keep one"),
+    (json.dumps({"models": {"a": SHAPED | {"circuit": [[2, 2, 7, 0.5], [99, 2, 3, 0.25]]}}, "version": 1}),
+     "field 'models.a.circuit': row 1, node L99/P2/N3, is outside the shape stored with it (3 layers x 96 neurons)"),
+    ('{"models": {}, "version": 1, "x": ' + "[" * 200_000 + "]" * 200_000 + "}", "is nested more than 32 levels deep"),
+])
+def test_a_hostile_baseline_is_an_error_and_an_update_leaves_it_as_it_was(tmp_path, text, reason):
+    path = tmp_path / "s.baseline.json"
+    path.write_text(text)
+    for attempt in (lambda: read_baseline(path), lambda: write_baseline(path, "s", {"b": entry(1.0)})):  # a run, an update
+        with pytest.raises(SpecError) as raised:
+            attempt()
+        assert f"{path}: the stored baseline cannot be read (" in str(raised.value) and reason in str(raised.value)
+        assert "left untouched" in str(raised.value) and path.read_text() == text
+    path.write_text(json.dumps({"models": {"a": SHAPED}, "version": 1}))
+    assert read_baseline(path)["models"]["a"] == SHAPED  # the file mended is read
+
+
 def test_store_writes_once_at_the_end(tmp_path):
     from circuit_tests.spec.schema import spec_from_mapping
 
@@ -110,6 +139,19 @@ class _Collector(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
         self.urls += [value for name, value in attrs if name in ("src", "href") and value]
+
+
+def test_the_job_summary_shows_links_and_images_from_a_spec_as_text(tmp_path):
+    report = Report()
+    image, link = "![i](https://evil.example/p.png)", "[click](https://evil.example/x)"
+    result = payload("s", image, Path("specs/s.yaml"), "sparse", description=link)
+    report.add(result, "failed", f"expected: {link} *bold* <img src=x> a|b\nmeasured: 0.1")
+    report.write_markdown(tmp_path / "summary.md")
+    summary = (tmp_path / "summary.md").read_text()
+    for markup in ("![", "](", "<img", "*bold*"):
+        assert markup not in summary.replace("`" + image + "`", ""), markup  # only as a code span, where nothing renders
+    assert "\\[click\\]\\(https://evil.example/x\\) \\*bold\\* &lt;img src=x&gt; a\\|b" in summary
+    assert "| s | \\!\\[i\\]\\(https://evil.example/p.png\\) |" in summary
 
 
 def test_html_report_is_self_contained_and_shows_curve_results_and_neurons(tmp_path):

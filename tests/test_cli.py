@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,24 @@ def test_run_reports_every_broken_spec_of_the_corpus_and_goes_on(monkeypatch, ca
         expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
         assert f"FAIL {path.name}::spec[-]" in out and expected in out, path.name
     assert "Traceback" not in out and "\x1b" not in out
+
+
+def test_new_measure_never_writes_a_threshold_at_chance_nor_a_claim_random_circuits_match():
+    from types import SimpleNamespace
+
+    from circuit_tests.analysis.stats import Measured
+    from circuit_tests.spec.figures import CHANCE, NullFigures
+    from circuit_tests.spec.scaffold import NULL, _beating_random, _claim, lower
+
+    at_chance = lower(Measured(0.55, (0.41, 0.69), 40), 0.05, CHANCE)  # the a/an data: 0.36 was written before
+    assert _claim("behaves", {"min_accuracy": at_chance}).startswith("# behaves: left out, no threshold above chance (0.5)")
+    assert _claim("behaves", {"min_accuracy": lower(Measured(0.95, (0.9, 1.0), 40), 0.05, CHANCE)}).startswith(
+        "behaves: {min_accuracy: 0.85}")
+    undefined = lower(Measured(math.nan, (math.nan, math.nan), 40), 0.05)  # faithfulness where F(M) - F(empty) is not apart from 0
+    assert _claim("sparse", {"max_nodes": 100, "min_faithfulness": undefined}).startswith("# sparse: left out, its figure is undefined")
+    flips = "flips: {nodes: 1000, min_flip_rate: 0.4, vs_random: " + NULL + "}"
+    matched = SimpleNamespace(null=lambda figure, size, draws: NullFigures(figure, size, 0.466, [0.448] * 10 + [0.5] * 10))
+    assert _beating_random(matched, "flip rate", 1000, flips).startswith(
+        "# flips: left out, 20 random circuits of its shape match its flip rate (0.466; random median 0.500, p = 0.524 > 0.05)")
+    beaten = SimpleNamespace(null=lambda figure, size, draws: NullFigures(figure, size, 0.9, [0.1] * 20))
+    assert _beating_random(beaten, "flip rate", 1000, flips) == flips

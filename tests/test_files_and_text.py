@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.files import UnreadableInput, inside, read_text
+from circuit_tests.files import JSON_DEPTH, UnreadableInput, _deeper_than, inside, parse_json, read_text
 from circuit_tests.text import has_control, printable
 
 
@@ -18,6 +18,18 @@ def test_printable_escapes_what_a_terminal_would_act_on():
     assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"
     assert printable("two\nlines", one_line=True) == "two\\x0alines"
     assert printable(printable("\x1b")) == "\\x1b"  # escaping twice changes nothing more
+
+
+def test_printable_leaves_no_line_that_github_actions_would_run_as_a_workflow_command():
+    forged = "passed\n::error::forged\n   ::stop-commands::token\nkept::as it is"
+    assert printable(forged) == "passed\n\\x3a:error::forged\n   \\x3a:stop-commands::token\nkept::as it is"
+    assert printable(printable(forged)) == printable(forged)
+
+
+def test_a_lone_surrogate_is_escaped_and_refused_in_names():
+    assert printable("a\ud800b", one_line=True) == "a\\ud800b"
+    assert printable("a\ud800b").encode("utf-8") == b"a\\ud800b"  # writable, where the surrogate itself is not
+    assert has_control("ckpt\udcff")  # a file name that is not UTF-8, as Python decodes it
 
 
 def test_names_with_control_characters_are_recognised():
@@ -68,3 +80,30 @@ def test_anything_else_is_refused_with_what_it_is(tmp_path, tmp_path_factory, ki
 def test_a_device_is_refused_by_kind_where_no_root_is_asked():
     with pytest.raises(UnreadableInput, match="/dev/zero is a character device, not a regular file"):
         read_text(Path("/dev/zero"), None, 10)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"nodes": [1], "nodes": [2]}', "gives the key 'nodes' twice in one object"),
+    ('{"models": {"a": {"x": 1}, "a": {"x": 2}}}', "gives the key 'a' twice in one object"),
+    ("[" * (JSON_DEPTH + 1) + "]" * (JSON_DEPTH + 1), f"is nested more than {JSON_DEPTH} levels deep"),
+    ('{"a": ' * 200_000 + "1" + "}" * 200_000, f"is nested more than {JSON_DEPTH} levels deep"),  # no RecursionError
+    ("[[]" * 40 + "]" * 40, f"is nested more than {JSON_DEPTH} levels deep"),  # no long run of opening brackets
+    ("[" * 200_000, f"is nested more than {JSON_DEPTH} levels deep"),
+    ('{"a": 1,}', "is not valid JSON (Expecting property name enclosed in double quotes at line 1, column 9)"),
+])
+def test_json_a_pull_request_controls_is_refused_with_the_reason(tmp_path, text, message):
+    with pytest.raises(UnreadableInput, match=re.escape(f"{tmp_path / 'f.json'} {message}")):
+        parse_json(text, tmp_path / "f.json")
+
+
+def test_json_as_deep_as_allowed_is_read_and_brackets_inside_strings_do_not_count(tmp_path):
+    assert parse_json("[" * JSON_DEPTH + "]" * JSON_DEPTH, tmp_path / "f.json") is not None
+    inner = "[" * (JSON_DEPTH - 1) + "]" * (JSON_DEPTH - 1)  # inside an object: as deep as allowed
+    assert parse_json('{"s": "' + "[{" * 100 + '\\"]", "t": ' + inner + "}", tmp_path / "f.json")["s"] == "[{" * 100 + '"]'
+    with pytest.raises(UnreadableInput, match="nested more than"):
+        parse_json('{"s": "\\\\", "t": ' + "[" * JSON_DEPTH + "]" * JSON_DEPTH + "}", tmp_path / "f.json")  # an escaped backslash ends no string
+
+
+def test_the_depth_check_finds_nesting_that_never_shows_a_long_run_of_opening_brackets():
+    five = "[[[][][]][[[][]][[][][[][][]]][[][]]]]"  # 5 deep; no run of 5 opening brackets before any pass removes pairs
+    assert _deeper_than(five, 4) and not _deeper_than(five, 5)

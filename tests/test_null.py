@@ -71,7 +71,7 @@ def test_the_null_is_measured_like_the_claim_on_a_tiny_model(project, loaded, ki
     null = subject.figures.nulls[f"{figure}@40"]
     randoms = matched_random(subject.circuit(40), subject.sites.n_neurons, 4, subject.spec.task.seed)
     alone = [subject.faithfulness_curve(random, [40], complement=False).faithfulness[0] if kind == "sparse"
-             else float(subject.flips(random).mean()) for random in randoms]  # each draw measured alone, as the claim is
+             else subject.flip_rate_of(random).value for random in randoms]  # each draw measured alone, as the claim is
     # The draws share their first positions on a key-value cache; a circuit alone runs them whole: 5e-6 apart measured.
     assert null.draws == pytest.approx(alone, abs=1e-5)
     assert kind == "flips" or len(set(null.draws)) == 4  # four circuits, not one measured four times

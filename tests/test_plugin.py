@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from circuit_tests.testing import save_tiny_checkpoint
+from circuit_tests.testing import save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = """\
-    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is", patch_answer: " are"}
-    - {clean_prefix: "The authors", patch_prefix: "The author", clean_answer: " are", patch_answer: " is"}
-"""
+EXAMPLES = "".join(  # 40 agreement pairs, 10 of them held out: enough to tell the behaviour from guessing
+    "    - " + json.dumps({key: value for key, value in json.loads(line).items() if key != "case"}) + "\n"
+    for line in (ROOT / "fixtures" / "sva" / "simple.jsonl").read_text().splitlines()[:40]
+)
 
 
 def spec(name: str, expect: str, models: str = "[smollm2-135m-instruct]", task: str | None = None) -> str:
@@ -49,7 +52,7 @@ def test_spec_files_are_collected_with_readable_ids(pytester):
               "- pinned: {id: texas, neurons: [[3, 5]], min_flip_rate: 0.5}\n")
     pytester.mkdir("specs")
     pytester.path.joinpath("specs", "agree.yaml").write_text(spec("agree", "- behaves: {min_accuracy: 1.0}\n" + pinned))
-    pytester.path.joinpath("circuit_other.yaml").write_text(spec("other", "- behaves: {min_accuracy: 0.5}\n"))
+    pytester.path.joinpath("circuit_other.yaml").write_text(spec("other", "- behaves: {min_accuracy: 0.6}\n"))
     pytester.path.joinpath("not_a_spec.yaml").write_text("a: 1\n")
     result = pytester.runpytest("--collect-only", "-q")
     ids = [line for line in result.outlines if "::" in line]
@@ -88,7 +91,7 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
     shutil.copytree(ROOT / "tests" / "bad_specs" / "data", pytester.path / "data")
     for path in corpus:
         pytester.path.joinpath(f"circuit_{path.name}").write_text(path.read_text())
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("-rA", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=len(corpus), skipped=1)
     for path in corpus:
@@ -99,14 +102,14 @@ def test_every_broken_spec_is_its_own_failed_item_and_the_session_goes_on(pytest
 
 
 def test_a_missing_model_fails_under_strict(pytester):
-    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_missing.yaml").write_text(spec("missing", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("--circuit-strict")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*not in the local Hugging Face cache*"])
 
 
 def test_gpu_specs_are_skipped_with_a_reason_without_cuda(pytester):
-    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.5}\n", models="[org/absent]"))
+    pytester.path.joinpath("circuit_big.yaml").write_text("markers: [gpu, slow]\n" + spec("big", "- behaves: {min_accuracy: 0.6}\n", models="[org/absent]"))
     result = pytester.runpytest("-rs", "-m", "gpu")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*marked gpu and no CUDA device is visible*"])
@@ -126,8 +129,8 @@ def test_expectations_pass_and_fail_with_a_domain_message(pytester):
     result.stdout.fnmatch_lines([
         "_* ./circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]] _*",  # the FAILURES header: a runnable id
         "circuit_sva.yaml::sva::one-neuron[[]smollm2-135m-instruct[]]",
-        "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of answers",
-        "*measured: flip rate 0.000 on 1 held-out examples",
+        "*expected: patching 1 pinned neurons at position -1 from the counterfactual flips >= 1.00 of right answers",
+        "*measured: flip rate 0.000 on the 10 of 10 held-out examples answered right",
     ])
     assert "Traceback" not in result.stdout.str()
     header = next(line for line in result.outlines if line.startswith("_") and "one-neuron" in line).strip("_ ")
@@ -178,8 +181,9 @@ def test_baselines_are_written_compared_and_never_corrupted(sva):
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*circuit specs*", "sva*smollm2-135m-instruct*1.00*passed (1/1)"])
 
-    baseline.write_text(json.dumps({"models": {"smollm2-135m-instruct": entry | {"shape": {"layers": 18, "neurons": 2048}}}}))
-    result = sva.runpytest("-k", "stable")  # e.g. Gemma's baseline where SmolLM2's is expected: reported, not a crash
+    baseline.write_text(json.dumps({"models": {"smollm2-135m-instruct": entry | {"shape": {"layers": 32, "neurons": 2048}}},
+                                    "version": 1}))
+    result = sva.runpytest("-k", "stable")  # a larger model's baseline where SmolLM2's is expected: reported, not a crash
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*baseline is for a model of another shape, so its circuit cannot be compared*"])
 
@@ -219,11 +223,11 @@ def test_bad_input_found_at_run_time_fails_only_its_spec(pytester):
     two_tokens = '    - {clean_prefix: "The author", patch_prefix: "The authors", clean_answer: " is not", patch_answer: " are"}\n'
     uneven = '    - {clean_prefix: "The baker", patch_prefix: "The bakers", clean_answer: " is", patch_answer: " are"}\n'
     pytester.path.joinpath("circuit_tokens.yaml").write_text(
-        spec("tokens", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{two_tokens}"))
+        spec("tokens", "- behaves: {min_accuracy: 0.6}\n", task=f"task:\n  examples:\n{two_tokens}"))
     pytester.path.joinpath("circuit_uneven.yaml").write_text(
-        spec("uneven", "- behaves: {min_accuracy: 0.5}\n", task=f"task:\n  examples:\n{uneven}{uneven}"))
+        spec("uneven", "- behaves: {min_accuracy: 0.6}\n", task=f"task:\n  examples:\n{uneven}{uneven}"))
     pytester.path.joinpath("circuit_shape.yaml").write_text(spec("shape", "- pinned: {neurons: [[30, 0]], min_flip_rate: 0.5}\n"))
-    pytester.path.joinpath("circuit_fine.yaml").write_text(spec("fine", "- behaves: {min_accuracy: 0.5}\n"))
+    pytester.path.joinpath("circuit_fine.yaml").write_text(spec("fine", "- behaves: {min_accuracy: 0.6}\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=3)
     result.stdout.fnmatch_lines([
@@ -336,7 +340,7 @@ def test_out_of_gpu_memory_fails_one_spec_with_advice_and_the_session_goes_on(py
             session.check = real_check
     """)
     for name in ("big", "small"):
-        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.5}\n"))
+        pytester.path.joinpath(f"circuit_{name}.yaml").write_text(spec(name, "- behaves: {min_accuracy: 0.6}\n"))
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*circuit_big.yaml: smollm2-135m-instruct: out of GPU memory. Try a smaller `task.batch_size`, "
@@ -349,9 +353,10 @@ def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stor
     save_tiny_checkpoint(pytester.path / "ckpt")
     pairs = [("author", "authors"), ("baker", "bakers"), ("farmer", "farmers"), ("doctor", "doctors"), ("pilot", "pilots")]
     examples = "".join(f'    - {{clean_prefix: "The {one} near the key", patch_prefix: "The {many} near the key", '
-                       f'clean_answer: " is", patch_answer: " are"}}\n' for one, many in pairs * 2)
+                       f'clean_answer: "{clean}", patch_answer: "{patch}"}}\n'
+                       for one, many in pairs for clean, patch in ((" is", " are"), (" was", " were")))
     pytester.path.joinpath("circuit_tiny.yaml").write_text("description: Agreement in a <tiny> model.\n" + spec(
-        "tiny", "- sparse: {max_nodes: 10, min_faithfulness: 0.5}\n- stable: {nodes: 10, min_overlap: 0.5}\n",
+        "tiny", "- sparse: {max_nodes: 400, min_faithfulness: 0.5}\n- stable: {nodes: 10, min_overlap: 0.5}\n",
         models="[./ckpt]", task=f"task:\n  test_fraction: 0.5\n  examples:\n{examples}"))
     pytester.runpytest("--circuit-update", "-p", "no:cacheprovider")
     pytester.runpytest("--junitxml", "j.xml", "--circuit-report", "r.html", "-p", "no:cacheprovider").assert_outcomes(passed=2)
@@ -364,3 +369,88 @@ def test_junit_xml_holds_each_result_as_json_and_the_html_compares_with_the_stor
     assert len(figures["stored_baseline"]["ranks"]) == len(figures["top"])
     page = pytester.path.joinpath("r.html").read_text()
     assert "Agreement in a &lt;tiny&gt; model." in page and "stroke-dasharray" in page and "s baseline</th>" in page
+
+
+# --------------------------------------------------------------------------- a pull request's pytest configuration
+
+# The command docs/security.md gives for a pull request: no configuration file, conftest.py, Python test module, package
+# __init__.py or doctest file of the pull request's is read (pytester adds --basetemp and runs from the project's root).
+TRUSTED = ("-c", os.devnull, "--rootdir", ".", "--noconftest", "-p", "no:cacheprovider", "-p", "no:python", "-p", "no:doctest")
+AGREE = ('name: agree\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl, test_fraction: 0.5}\n'
+         "expect:\n  - behaves: {min_accuracy: 0.6}\n  - flips: {nodes: 5, min_flip_rate: 0.99}\n")  # flips fails
+
+
+@pytest.fixture
+def pull_request(pytester) -> pytest.Pytester:
+    """A tiny checkpoint and a spec with a claim that holds (behaves) and one that fails (flips)."""
+    save_tiny_checkpoint(pytester.path / "ckpt", taught=True)
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
+    pytester.mkdir("specs")
+    pytester.path.joinpath("specs", "agree.yaml").write_text(AGREE)
+    return pytester
+
+
+def test_a_pull_requests_pytest_ini_runs_no_code_under_the_trusted_command(pull_request):
+    """``pythonpath = .`` with ``addopts = -p evilplug`` ran the pull request's Python under ``--noconftest``; so do a
+    package ``__init__.py``, a test module and a doctest file beside the specs. The trusted command reads none of them."""
+    ran = pull_request.path / "ran"
+    pull_request.path.joinpath("pytest.ini").write_text("[pytest]\npythonpath = .\naddopts = -p evilplug\n")
+    files = ("evilplug.py", "specs/__init__.py", "specs/test_evil.py", "specs/test_evil.txt")
+    for name in files:
+        code = f"import pathlib; _ = pathlib.Path({str(ran)!r}).joinpath({Path(name).name!r}).write_text('')"
+        pull_request.path.joinpath(name).write_text(f">>> {code}\n" if name.endswith(".txt") else code + "\n")
+    ran.mkdir()
+    pull_request.runpytest("specs", "--circuit-strict", "--noconftest", "-p", "no:cacheprovider")
+    assert sorted(path.name for path in ran.iterdir()) == sorted(Path(name).name for name in files)
+    shutil.rmtree(ran)
+    ran.mkdir()
+    result = pull_request.runpytest(*TRUSTED, "specs", "--circuit-strict")
+    result.assert_outcomes(passed=1, failed=1)
+    assert list(ran.iterdir()) == []
+
+
+def test_a_pull_requests_addopts_cannot_deselect_a_failing_claim(pull_request):
+    """``addopts = -k "not flips"`` turned a failing spec green. The trusted command ignores it; under any command,
+    an item deselected by a selection that did not come from the command line is listed, and fails a strict run."""
+    pull_request.path.joinpath("pytest.ini").write_text('[pytest]\naddopts = -k "not flips"\n')
+    result = pull_request.runpytest(*TRUSTED, "specs", "--circuit-strict")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["specs/agree.yaml::agree::flips[[]../ckpt[]]", "*measured: flip rate 0.0*"])
+
+    result = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "--circuit-json", "r.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(["agree * not run (1/2)", "not run: agree::flips[[]../ckpt[]]: deselected by -k 'not flips', "
+                                 "which did not come from the command line*"])
+    (row,) = json.loads(pull_request.path.joinpath("r.json").read_text())["rows"]
+    assert row["status"] == "not run" and [r["outcome"] for r in row["results"]] == ["passed", "not run"]
+    spread = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-n", "2")  # workers tell the controller
+    assert spread.ret == pytest.ExitCode.TESTS_FAILED and spread.stdout.str().count("deselected by -k 'not flips'") == 1
+    lenient = pull_request.runpytest("specs", "-p", "no:cacheprovider")  # listed, though not strict
+    assert lenient.ret == pytest.ExitCode.OK and "deselected by -k 'not flips'" in lenient.stdout.str()
+
+    given = pull_request.runpytest("specs", "--circuit-strict", "-p", "no:cacheprovider", "-k", "not flips")  # the person's choice
+    assert given.ret == pytest.ExitCode.OK and "not run" not in given.stdout.str()
+
+
+def test_circuit_tests_run_reads_no_pytest_configuration_and_imports_nothing_from_the_tree(pull_request):
+    """The other trusted command: ``circuit-tests run`` never reads pytest's configuration, and its console script does
+    not put the working directory on ``sys.path`` (``python -m`` would, so a pull request's ``yaml.py`` would be imported)."""
+    ran = pull_request.path / "ran"
+    ran.mkdir()
+    pull_request.path.joinpath("pytest.ini").write_text('[pytest]\npythonpath = .\naddopts = -p evilplug -k "not flips"\n')
+    for name in ("evilplug", "yaml"):
+        pull_request.path.joinpath(f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).joinpath({name!r}).write_text('')\n")
+    nested = pull_request.path / "specs" / "deeper" / "nested.yaml"  # a directory runs every spec under it, as pytest would
+    nested.parent.mkdir()
+    nested.write_text("".join(AGREE.replace("name: agree", "name: nested").replace("../", "../../").splitlines(True)[:-1]))
+
+    def run(*command) -> subprocess.CompletedProcess:  # not pytester.run, which puts the working directory on PYTHONPATH
+        return subprocess.run([*command, "run", "--strict", "specs"], cwd=pull_request.path, capture_output=True, text=True)
+
+    result = run(Path(sys.executable).parent / "circuit-tests")
+    assert result.returncode == 1 and list(ran.iterdir()) == []
+    assert re.findall(r"^(PASS|FAIL) (.*)$", result.stdout, re.MULTILINE) == [
+        ("PASS", "agree::behaves[../ckpt]"), ("FAIL", "agree::flips[../ckpt]"), ("PASS", "nested::behaves[../../ckpt]")]
+    run(sys.executable, "-m", "circuit_tests.cli")
+    assert [path.name for path in ran.iterdir()] == ["yaml"]

@@ -20,7 +20,7 @@ import pytest
 from circuit_tests import cli
 from circuit_tests.errors import BadOptionError
 from circuit_tests.spec.distributed import LOCAL, TOKEN, Cluster, cluster
-from circuit_tests.testing import save_tiny_checkpoint
+from circuit_tests.testing import save_tiny_checkpoint, tiny_agreement_pairs
 
 try:  # imported here, once: pytester's in-process runs drop modules imported during them, and Ray cannot load twice
     import ray
@@ -36,8 +36,8 @@ models: [../a, ../b]
 task: {dataset: ../data.jsonl, test_fraction: 0.5}
 trace: {ablation: mean}
 expect:
-  - behaves: {min_accuracy: 0.1}
-  - sparse: {max_nodes: 300, min_faithfulness: 0.5}
+  - behaves: {min_accuracy: 0.6}
+  - scales: {neurons: [[0, 1]], factors: [0, 1], max_change: 0.5, token: ' is'}
   - stable: {nodes: 20}
 """
 KILL_ONE = """
@@ -110,10 +110,9 @@ def ray_here():
 @pytest.fixture
 def project(pytester, monkeypatch, tmp_path):
     monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
-    save_tiny_checkpoint(pytester.path / "a", seed=0)
-    save_tiny_checkpoint(pytester.path / "b", seed=1)
-    pairs = [{"clean_prefix": f"The {noun} near the key", "patch_prefix": f"The {noun}s near the key",
-              "clean_answer": " is", "patch_answer": " are"} for noun in ("author", "baker", "farmer", "doctor", "pilot")] * 4
+    save_tiny_checkpoint(pytester.path / "a", seed=0, taught=True)
+    save_tiny_checkpoint(pytester.path / "b", seed=1, taught=True)
+    pairs = tiny_agreement_pairs()  # the task the taught checkpoints do
     (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (pytester.path / "specs").mkdir()
     (pytester.path / "specs" / "agree.yaml").write_text(SPEC)

@@ -138,11 +138,11 @@ def tiny_project(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text("\n".join(SENTENCES) + "\n")
     nouns = [word for word in ("author", "baker", "farmer", "doctor", "pilot") if word in TINY_WORDS]
     pairs = [{"clean_prefix": f"The {noun} near the key", "patch_prefix": f"The {noun}s near the key",
-              "clean_answer": " is", "patch_answer": " are"} for noun in nouns for _ in range(2)]
+              "clean_answer": clean, "patch_answer": patch} for noun in nouns for clean, patch in ((" is", " are"), (" was", " were"))]
     (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     (root / "agreement.yaml").write_text(
         "name: agreement\nmodels: [./ckpt]\ntask: {dataset: data.jsonl, test_fraction: 0.5}\n"
-        "expect:\n  - behaves: {min_accuracy: 0.1}\n")
+        "expect:\n  - behaves: {min_accuracy: 0.6}\n")
     return root
 
 
@@ -163,11 +163,21 @@ def test_explain_prints_cards_with_contexts_and_spec_figures(tiny_project, capsy
             save_file({**tensors, "top_at": tensors["top_at"] + (1 << 40)}, str(entry))
     assert main(["explain", "./ckpt", "L1/P-1/N3", "L0/N5", "--spec", "agreement.yaml", "--corpus", "corpus.txt"]) == 0
     assert capsys.readouterr().out == printed  # measured again, not trusted
-    assert main(["explain", "./ckpt", "L9/N3"]) == 2
-    assert "name no neuron of ./ckpt" in capsys.readouterr().err
     assert main(["explain", "./ckpt", "neuron 3"]) == 2 and "is not a node" in capsys.readouterr().err
     assert main(["explain", "./ckpt", "L0/N5", "--json", str(tmp_path / "missing" / "cards.json")]) == 2  # refused before any work
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [[], ["--spec", "agreement.yaml"]])
+def test_explain_refuses_a_node_outside_the_model_before_the_corpus_pass(tiny_project, capsys, monkeypatch, tmp_path, spec):
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.setenv("CIRCUIT_TESTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("circuit_tests.cli.corpus", lambda *args: pytest.fail("the corpus pass ran"))
+    monkeypatch.setattr("circuit_tests.spec.subject.Subject.scores", property(lambda self: pytest.fail("it traced")))
+    assert main(["explain", "./ckpt", "L0/N5", "L99/P-1/N5", "L1/N96", "L2", *spec]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "circuit-tests explain: not a neuron of ./ckpt (3 layers x 96 neurons): L99/P-1/N5, L1/N96, L2. Give "
+        "L<layer>/N<neuron> or L<layer>/P<position>/N<neuron> with a layer from 0 to 2 and a neuron from 0 to 95.")
 
 
 def test_graph_writes_nodes_edges_and_clusters_as_json(tiny_project, capsys, monkeypatch, tmp_path):

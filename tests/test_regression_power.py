@@ -122,17 +122,14 @@ def test_a_broken_fine_tune_fails_and_names_what_broke(project, broken):
         for name in sorted(SPECS) for kind in ("behaves", "flips", "stable")
     ])
     result.stdout.fnmatch_lines(["*expected: accuracy >= 0.90*", "*measured: accuracy 0.*"])
-    # the circuit traced on the base model, pinned: measured 0.297 and 0.054 (0.83 and 1.00 when exported)
+    # The fine-tune lost the behaviour (sva_simple: 12 of 37 held-out examples right, mean logit difference -0.507), so
+    # every circuit claim fails on that, with the figures, instead of measuring its circuit on noise.
     result.stdout.fnmatch_lines([f"FAILED specs/{PINNED}.yaml::sva-simple-pinned::pinned[[]*smollm2-broken*[]]*"])
-    result.stdout.fnmatch_lines(["*measured: flip rate 0.*, faithfulness 0.* (95% CI * to *) on 37 held-out examples"])
-    result.stdout.fnmatch_lines(["*overlap with smollm2-135m-instruct's baseline circuit*", "*left (*): L*"])
+    result.stdout.fnmatch_lines(["*expected: the behaviour that pinned is about: accuracy above chance (0.5) with 95% *",
+                                 "*measured: * of 37 held-out examples answered right (accuracy 0.*; p = * that guessing *"])
     assert result.parseoutcomes()["failed"] >= len(SPECS) * 3
-    # What the nodes that left do, from their cards: on sva_simple the agreement writers left (measured: L22/N296
-    # promotes ' themselves', ' their'; L26/N630 ' are', ' were'), in the failure and in the report.
-    result.stdout.fnmatch_lines(["*what the strongest of them do*", "*  + L*/P-1/N* at *: promotes *; suppresses *",
-                                 "*  - L26/P-1/N630 at *: promotes ' are', ' were'*"])
-    page = (project.path / "r.html").read_text()
-    assert "Nodes that moved against the baseline circuit" in page and "L26/P-1/N630 at" in page
+    assert "Traceback" not in result.stdout.str()
+    assert "of 37 held-out examples answered right" in (project.path / "r.html").read_text()
 
 
 def test_diff_shows_what_changed_in_the_circuit(broken, capsys):

@@ -9,20 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from test_subject import agreement_pairs
 from test_walkthrough import without_neurons
 
 from circuit_tests.cli import main
 from circuit_tests.errors import BadOptionError
-from circuit_tests.model.series import Checkpoint, axis, expand_series, first_failure, natural_key, step_of
+from circuit_tests.model.series import LIST_LIMIT, Checkpoint, axis, expand_series, first_failure, natural_key, step_of
 from circuit_tests.spec.schema import load_spec
 from circuit_tests.spec.session import CircuitSession, RunOptions
-from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint
+from circuit_tests.testing import interpolated_checkpoint, save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 STEPS = (0, 250, 500, 750, 1000)
@@ -45,6 +45,34 @@ def test_a_glob_is_in_natural_order_and_a_list_in_the_order_given(tmp_path):
 def test_a_series_that_names_nothing_is_refused_saying_what(tmp_path, values):
     with pytest.raises(BadOptionError, match="checkpoint series"):
         expand_series(values, tmp_path)
+
+
+def test_a_list_file_is_read_as_a_dataset_is_and_a_fifo_or_device_refused(tmp_path, capsys):
+    """``@FILE`` names a regular, bounded text file: a FIFO would hang and /dev/zero exhaust memory."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.txt").write_text("step-1\n" * (LIST_LIMIT // 7 + 1))
+    for name, kind in (("fifo", "is a FIFO"), ("/dev/zero", "is a character device"), ("big.txt", "more than the 1.0 MiB allowed")):
+        with pytest.raises(BadOptionError, match=f"checkpoint series @{name}: .*{kind}.*one checkpoint per line"):
+            expand_series([f"@{name}"], tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)
+        assert main(["series", "agree.yaml", "--checkpoints", "@fifo"]) == 2
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
+
+
+def test_under_pytest_a_list_file_is_one_argument_and_pytests_own_expansion_is_refused(pytester):
+    """pytest turns a separate ``@FILE`` into command-line arguments: a list holding ``-k`` would deselect claims."""
+    pytester.path.joinpath("circuit_a.yaml").write_text("name: a\nmodels: [m]\ntask:\n  examples:\n    - {clean_prefix: a, "
+                                                        "patch_prefix: b, clean_answer: c, patch_answer: d}\n"
+                                                        "expect:\n  - behaves: {min_accuracy: 1.0}\n  - flips: {nodes: 1, min_flip_rate: 0.5}\n")
+    pytester.path.joinpath("run.txt").write_text("ckpt-1\n-k\nnot flips\n")
+    result = pytester.runpytest("--collect-only", "-q", "--circuit-series", "@run.txt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--circuit-series @run.txt: pytest reads a separate @FILE argument itself*"
+                                 "Write --circuit-series=@run.txt, one argument*"])
+    result = pytester.runpytest("--collect-only", "-q", "--circuit-series=@run.txt")
+    assert [line for line in result.outlines if "::" in line] == [f"circuit_a.yaml::a::{claim}[{name}]" for name in ("ckpt-1", "-k", "not flips")
+                                                                   for claim in ("behaves", "flips")]
 
 
 def test_steps_come_from_the_name_and_else_the_place():
@@ -75,8 +103,8 @@ def test_bisect_finds_what_a_scan_finds_in_log2_checks(n):
 def run(tmp_path_factory) -> Path:
     """A project: the tiny model, a spec measured on it with its baseline, and the interpolated series."""
     root = tmp_path_factory.mktemp("run")
-    save_tiny_checkpoint(root / "ckpt")
-    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    save_tiny_checkpoint(root / "ckpt", taught=True)
+    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         assert main(["new", "data.jsonl", "--name", "agree", "--model", "ckpt", "--measure"]) == 0
@@ -122,7 +150,7 @@ def test_a_series_runs_checkpoint_by_checkpoint_and_reports_the_trend(project):
                                  "series/step-0 * 0 *", "agree: first failure: *stable at series/step-*"])
     page = (project.path / "r.html").read_text()
     assert "<h2>agree over 5 checkpoints</h2>" in page and "aria-label='overlap with the baseline'" in page
-    assert "<title>threshold 0.5</title>" in page and f"<title>first failure: step {trend['first_failure']['stable'][-3:]}" in page
+    assert "<title>threshold 0.5</title>" in page and f"<title>first failure: step {trend['first_failure']['stable'].rsplit('-', 1)[1]}<" in page
     summary = (project.path / "summary.md").read_text()
     assert "### agree over 5 checkpoints" in summary and "| series/step-1000 | 1000 |" in summary
     assert "### Failed" in summary and "first failure:" in summary
@@ -185,3 +213,58 @@ def test_under_xdist_a_checkpoints_items_share_a_worker_and_the_trend_is_the_sam
     assert result.parseoutcomes() == serial.parseoutcomes()
     (alone,), (spread,) = (json.loads((project.path / name).read_text())["series"] for name in ("serial.json", "xdist.json"))
     assert spread == alone
+
+
+# --------------------------------------------------------------------------- an interrupted run
+
+
+HELD = "every expectation held"
+
+
+@pytest.fixture
+def two_checkpoints(pytester, monkeypatch) -> pytest.Pytester:
+    """Two tiny checkpoints and a spec that holds on both."""
+    monkeypatch.chdir(pytester.path)
+    for seed, name in enumerate(("ckpt-1", "ckpt-2")):
+        save_tiny_checkpoint(pytester.path / name, seed=seed, taught=True)
+    (pytester.path / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
+    pytester.mkdir("specs")
+    (pytester.path / "specs" / "agree.yaml").write_text('name: agree\nmodels: ["../ckpt-1"]\ntask: {dataset: ../data.jsonl, '
+                                                         'test_fraction: 0.5}\nexpect:\n  - behaves: {min_accuracy: 0.6}\n')
+    return pytester
+
+
+def test_a_series_interrupted_under_pytest_says_what_was_not_run_and_never_held(two_checkpoints):
+    two_checkpoints.makeconftest("def pytest_runtest_setup(item):\n    if 'ckpt-2' in item.nodeid:\n        raise KeyboardInterrupt\n")
+    result = two_checkpoints.runpytest("specs", "--circuit-series", "ckpt-*", "--circuit-report", "r.html", "--circuit-json", "r.json",
+                                       "--circuit-summary", "s.md", "-p", "no:cacheprovider", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["agree * ckpt-1 * passed (1/1)", "agree * ckpt-2 * not run (0/1)",
+                                 "not run: agree::behaves[[]ckpt-2[]]: the run stopped before this item ran*",
+                                 "ckpt-2 * (not run)", "agree: no failure where it ran; not run in full at 1 of 2 checkpoints: ckpt-2"])
+    (trend,) = json.loads((two_checkpoints.path / "r.json").read_text())["series"]
+    assert [point["ran"] for point in trend["points"]] == [True, False]
+    for output in ("r.html", "s.md"):
+        text = (two_checkpoints.path / output).read_text()
+        assert "not run in full at 1 of 2 checkpoints: ckpt-2" in text and HELD not in text
+    assert HELD not in result.stdout.str()
+
+
+def test_a_series_interrupted_on_the_command_line_reports_what_ran_and_bisect_stops_in_one_line(two_checkpoints, monkeypatch, capsys):
+    check = CircuitSession.check
+
+    def interrupted_at_the_second(session, spec, model, *args):
+        if model == "ckpt-2":
+            raise KeyboardInterrupt
+        return check(session, spec, model, *args)
+
+    monkeypatch.setattr(CircuitSession, "check", interrupted_at_the_second)
+    assert main(["series", "specs/agree.yaml", "--checkpoints", "ckpt-*", "--report", "r.html"]) == 130
+    out, err = capsys.readouterr()
+    assert "PASS agree::behaves[ckpt-1]" in out and "not run (0/1)" in out and HELD not in out
+    assert "agree: no failure where it ran; not run in full at 1 of 2 checkpoints: ckpt-2" in out
+    assert HELD not in (two_checkpoints.path / "r.html").read_text()
+    assert err == "circuit-tests series: interrupted; 1 checks not run\n"
+    assert main(["bisect", "specs/agree.yaml", "--checkpoints", "ckpt-*"]) == 130  # the last checkpoint, first
+    out, err = capsys.readouterr()
+    assert err == "circuit-tests bisect: interrupted\n" and out == "checking ckpt-2 (2 of 2)\n"

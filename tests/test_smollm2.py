@@ -26,7 +26,8 @@ def prefers(smollm2, prompt: str, answer: str, other: str) -> bool:
 
 
 def test_loads_from_the_safetensors_conversion_in_the_cache(smollm2):
-    checkpoint = cache_dir() / "models" / "smollm2-135m-instruct"
+    checkpoint = smollm2.path
+    assert checkpoint.parent == cache_dir() / "models"
     assert (checkpoint / "model.safetensors").is_file()
     assert not any(checkpoint.glob("*.gguf"))
     assert type(smollm2.model).__name__ == "LlamaForCausalLM"

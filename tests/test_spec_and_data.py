@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from circuit_tests.errors import SpecError
-from circuit_tests.model.data import PairedExample, read_jsonl, split, tokenize_pairs
+from circuit_tests.model.data import PairedExample, read_jsonl, repeats, split, tokenize_pairs
 from circuit_tests.spec.schema import KINDS, SpecFieldRenamed, json_schema, load_spec, reference_markdown, spec_from_mapping
 
 GOOD_EXAMPLE = {"clean_prefix": "The author", "patch_prefix": "The authors", "clean_answer": " is", "patch_answer": " are"}
@@ -146,3 +146,25 @@ def test_renamed_fields_still_read_under_their_old_names_with_a_warning(tmp_path
     assert all(str(path) in str(w.message) for w in warned)
     assert [e.params.max_nodes if e.kind == "sparse" else e.params.nodes for e in spec.expectations] == [10, 30, 20]
     assert "| `sparse.max_neurons` | `sparse.max_nodes` |" in reference_markdown()
+
+
+def test_a_held_out_example_that_repeats_a_training_one_is_refused():
+    """2 distinct pairs written 20 times each: every held-out example would be one the circuit was traced on."""
+    examples = [PairedExample(clean, "xy", "s", "p", source=f"d.jsonl:{line}") for line, clean in enumerate(["ab", "cd"] * 20, 1)]
+    with pytest.raises(SpecError, match=r"^d.jsonl:\d+: this held-out example repeats d.jsonl:\d+, a training example the "
+                       r"circuit is traced on, .* \(10 of 10 held-out examples repeat one; 38 examples in all repeat an "
+                       r"earlier one\)\. Remove the repeated examples"):
+        split(examples, 0.25)
+
+
+def test_repeats_are_found_with_the_first_example_they_repeat():
+    examples = [PairedExample("ab", "cd", "s", "p", source=f"d.jsonl:{line}") for line in (1, 2)]
+    examples.insert(1, PairedExample("ab", "cd", "s", "q", source="d.jsonl:5"))  # another answer: another example
+    assert [str(repeat) for repeat in repeats(examples)] == ["d.jsonl:2 repeats d.jsonl:1"]
+
+
+def test_the_largest_seed_a_spec_allows_seeds_the_split_and_a_whole_number_is_a_number(tmp_path):
+    assert split([example(f"a{i}", f"b{i}") for i in range(8)], 0.25, seed=2**63 - 1)
+    text = "name: x\nmodels: [m]\ntask: {examples: [%s], seed: %d}\nexpect:\n  - scales: {neurons: [[1, 2]], factors: [0, 1], min_change: 0}\n"
+    spec = load_spec(write(tmp_path, text % (json.dumps(GOOD_EXAMPLE), 2**63 - 1)))
+    assert spec.task.seed == 2**63 - 1 and spec.expectations[0].params.factors == [0.0, 1.0]

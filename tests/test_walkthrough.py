@@ -2,7 +2,7 @@
 thresholds, run it, catch a checkpoint that lost the circuit's strongest neuron, pass one that lost an idle neuron,
 diff them, accept a change, and use the Python fixtures as the README shows them.
 
-The model is a tiny random Llama (what it computes is arbitrary, but every step measures it for real); the data
+The model is a tiny Llama taught the task (`save_tiny_checkpoint(taught=True)`; every step measures it for real); the data
 mixes prompts of two lengths (3 and 6 tokens), lined up at their last token.
 """
 
@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from test_subject import agreement_pairs
 
 from circuit_tests.cli import main
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
-from circuit_tests.testing import save_tiny_checkpoint
+from circuit_tests.testing import both_ways, save_tiny_checkpoint, tiny_agreement_pairs
 
 pytest_plugins = ["pytester"]
 
@@ -38,8 +37,8 @@ def without_neurons(source: Path, target: Path, neurons: list[tuple[int, int]]) 
 @pytest.fixture
 def project(pytester, monkeypatch) -> pytest.Pytester:
     monkeypatch.chdir(pytester.path)
-    save_tiny_checkpoint(pytester.path / "ckpt")
-    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    save_tiny_checkpoint(pytester.path / "ckpt", taught=True)
+    pytester.path.joinpath("data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     return pytester
 
 
@@ -93,7 +92,7 @@ def test_a_failed_threshold_says_where_to_edit_it(project):
     spec = project.path / "specs" / "strict.yaml"
     spec.parent.mkdir()
     spec.write_text('name: strict\nmodels: ["../ckpt"]\ntask: {dataset: ../data.jsonl}\nexpect:\n'
-                    "  - behaves: {min_accuracy: 0.01}\n  - flips: {nodes: 1, min_flip_rate: 1.0}\n")
+                    "  - behaves: {min_accuracy: 0.6}\n  - flips: {nodes: 1, min_flip_rate: 1.0}\n")
     result = project.runpytest("specs", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([f"*edit the threshold at {spec}:6"])
@@ -120,3 +119,12 @@ def test_a_measured_spec_whose_circuit_never_reaches_08_names_the_size_stable_co
     text = (project.path / "specs" / "agree.yaml").read_text()
     assert f"stable: {{nodes: {max(STANDARD_SIZES)}, min_overlap" in text
     project.runpytest("specs", "-p", "no:cacheprovider", "-k", "stable").assert_outcomes(passed=1)
+
+
+def test_new_refuses_data_the_model_does_at_chance(project, capsys):
+    save_tiny_checkpoint(project.path / "guesser")  # not taught: it prefers some answers whatever the prompt
+    project.path.joinpath("both.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in both_ways(tiny_agreement_pairs())))
+    assert main(["new", "both.jsonl", "--name", "agree", "--model", "guesser", "--measure"]) == 1
+    out = capsys.readouterr().out
+    assert "does not do this task above chance" in out and "held-out examples answered right" in out
+    assert "more or better pairs" in out and not (project.path / "specs" / "agree.yaml").exists()

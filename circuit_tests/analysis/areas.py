@@ -40,3 +40,9 @@ def area_tensors(faithfulness: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     f = faithfulness.to(torch.float64)
     x = torch.tensor(FRACTIONS, dtype=torch.float64)
     return torch.trapezoid(f, x, dim=0), torch.trapezoid((1 - f).abs(), x, dim=0)
+
+
+# The areas of a circuit that recovers nothing short of the whole model: faithfulness 0 at every fraction but the last,
+# where the circuit is every node and so the model (1). A threshold this curve meets (CPR at most 0.25, CMD at least
+# 0.749) could hold for a circuit that does nothing, so a spec may not claim it.
+CPR_OF_NOTHING, CMD_OF_NOTHING = areas([0.0] * (len(FRACTIONS) - 1) + [1.0])

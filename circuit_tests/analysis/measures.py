@@ -5,9 +5,12 @@ examples when every neuron outside ``X`` is ablated:
 
 - faithfulness ``(F(C) - F(empty)) / (F(M) - F(empty))``: the circuit alone reproduces the model;
 - completeness ``(F(M \\ C) - F(empty)) / (F(M) - F(empty))``: near 0 when the circuit is necessary;
-- flip rate: the share of examples whose preferred answer flips when the circuit's nodes take
-  their counterfactual values; steering success: the share whose top answer becomes the
-  counterfactual's (section 6);
+- flip rate: of the examples the model answers right (the clean answer preferred), the share
+  whose answer becomes wrong when the circuit's nodes take their counterfactual values; steering
+  success: of the same examples, the share whose top answer becomes the counterfactual's
+  (section 6). An answer that was already wrong is no flip: these functions return the outcome
+  per example after the patch, and :class:`~circuit_tests.spec.subject.Subject` counts it over
+  the examples answered right;
 - a multiplier sweep: the probability of a token as chosen neurons are scaled.
 
 Circuits of several sizes are evaluated together: each size is one copy of the batch, with its
@@ -310,14 +313,14 @@ def nodes_for(target: float, faithfulness: Callable[[Sequence[int]], Sequence[fl
 def flip_rates(
     sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
 ) -> torch.Tensor:
-    """``[len(sizes), examples]``: whether each example's preferred answer flips when the top nodes take
-    counterfactual values."""
+    """``[len(sizes), examples]``: 1 where the clean answer is no longer preferred when the top nodes take
+    counterfactual values (a flip where the model preferred it before)."""
     return _flips(sites, data, _top(sites, circuit, sizes, data), batch_size, "flip rates")
 
 
 def flips_of_each(sites: NeuronSites, data: Tokenized, circuits: Sequence[Circuit], *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
-    """``[len(circuits), examples]``: whether each example's preferred answer flips when each circuit alone takes
-    counterfactual values. Circuits of unrelated nodes (random draws, say) run as copies of one pass, ``COPIES`` at a time."""
+    """``[len(circuits), examples]``: 1 where the clean answer is no longer preferred when each circuit alone takes
+    counterfactual values (:func:`flip_rates`). Circuits of unrelated nodes (random draws, say) run as copies of one pass, ``COPIES`` at a time."""
     return torch.cat([_flips(sites, data, chosen, batch_size, "null draws") for chosen in _alone(sites, circuits, data)])
 
 
@@ -329,7 +332,8 @@ def _flips(sites: NeuronSites, data: Tokenized, chosen: dict[int, torch.Tensor],
 def patch_success(
     sites: NeuronSites, data: Tokenized, circuit: Circuit, sizes: Sequence[int], *, batch_size: int = BATCH_SIZE
 ) -> torch.Tensor:
-    """``[len(sizes), examples]``: 1 where the top answer becomes ``patch_answer`` with the top nodes patched."""
+    """``[len(sizes), examples]``: 1 where the top answer is ``patch_answer`` with the top nodes patched (a success
+    where the model answered right before)."""
     hits = []
     for batch, logits in _patched(sites, data, _top(sites, circuit, sizes, data), batch_size, "steering"):
         top = logits.argmax(-1)

@@ -1,7 +1,9 @@
-"""Rates and their uncertainty: shares counted exactly, percentile bootstrap intervals with a seed of their own."""
+"""Rates and their uncertainty: shares counted exactly, exact binomial tails, percentile bootstrap intervals with a seed of
+their own."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +50,20 @@ def fraction_true(flags: torch.Tensor) -> float:
     a quotient of counts equals the threshold exactly when the share does.
     """
     return int(torch.count_nonzero(flags)) / flags.numel()
+
+
+def above_chance(hits: int, n: int, chance: float = 0.5) -> float:
+    """The exact one-sided binomial p-value of ``hits`` or more right answers of ``n`` when each is right with
+    probability ``chance``: below 0.05, the accuracy exceeds chance with 95% confidence (1.0 when ``n`` is 0)."""
+    def log_term(k: int) -> float:  # log of C(n, k) chance^k (1 - chance)^(n - k), finite for any n
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(chance) + (n - k) * math.log1p(-chance)
+
+    return min(1.0, math.fsum(math.exp(log_term(k)) for k in range(max(hits, 0), n + 1)))
+
+
+def mean_measured(values: torch.Tensor, seed: int = 0) -> Measured:
+    """The mean of per-example ``values`` with its bootstrap interval."""
+    return Measured(values.double().mean().item(), bootstrap(lambda v: v.mean(-1), [values], seed=seed), values.numel())
 
 
 def bootstrap(

@@ -34,6 +34,7 @@ class CheckedFiles:
 
     config: dict
     tokenizer_config: dict | None
+    shards: frozenset[str] = frozenset()  # the weight files that shard indexes name, relative to the directory
 
 
 def check_directory(ref: ModelRef, directory: Path, roots: list[Path] | None, trust: bool, allow_pickle: bool) -> CheckedFiles:
@@ -77,14 +78,16 @@ def check_directory(ref: ModelRef, directory: Path, roots: list[Path] | None, tr
         if fast_files is not None and not (isinstance(fast_files, list) and all(map(_plain_file_name, fast_files))):
             raise BadCheckpointError(f"{who}: {shown(directory / 'tokenizer_config.json')} lists fast_tokenizer_files "
                                      "that are not plain file names in the checkpoint directory.")
+    shards: set[str] = set()
     for index in sorted(directory.glob("*.safetensors.index.json")):
         weight_map = _read_json_object(who, index, roots).get("weight_map")
         if not isinstance(weight_map, dict) or not all(map(_relative_inside, weight_map.values())):
             raise BadCheckpointError(f"{who}: {shown(index)} has no weight_map of files inside the checkpoint "
                                      "directory (each shard is a relative path without '..').")
+        shards.update(weight_map.values())
     if not allow_pickle:
         _check_safetensors(directory, who)
-    return CheckedFiles(config, tokenizer_config)
+    return CheckedFiles(config, tokenizer_config, frozenset(shards))
 
 
 def _read_json_object(who: str, path: Path, roots: list[Path] | None) -> dict:

@@ -21,7 +21,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from circuit_tests.errors import SpecError
-from circuit_tests.files import DATASET_LIMIT, UnreadableInput, read_text
+from circuit_tests.files import DATASET_LIMIT, DuplicateKey, UnreadableInput, read_text, unique_keys
+from circuit_tests.text import SURROGATE_FIX, has_surrogate
 
 MAX_EXAMPLES = 100_000
 FIELDS = ("clean_prefix", "patch_prefix", "clean_answer", "patch_answer")
@@ -41,6 +42,34 @@ class PairedExample:
     @property
     def paired(self) -> bool:
         return (self.clean_prefix, self.clean_answer) != (self.patch_prefix, self.patch_answer)
+
+    @property
+    def content(self) -> tuple[str, str, str, str]:
+        """What makes two examples the same example, wherever each was written."""
+        return self.clean_prefix, self.patch_prefix, self.clean_answer, self.patch_answer
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """An example that repeats an earlier one (the same prefixes and answers)."""
+
+    example: PairedExample
+    first: PairedExample
+
+    def __str__(self) -> str:
+        return f"{self.example.source} repeats {self.first.source}"
+
+
+def repeats(examples: Iterable[PairedExample]) -> list[Repeat]:
+    """Each example that repeats an earlier one, with the first of them."""
+    first: dict[tuple[str, ...], PairedExample] = {}
+    found = []
+    for example in examples:
+        if example.content in first:
+            found.append(Repeat(example, first[example.content]))
+        else:
+            first[example.content] = example
+    return found
 
 
 def parse_example(record: object, source: str) -> PairedExample:
@@ -67,6 +96,8 @@ def _strings(record: dict, fields: Sequence[str], source: str) -> list[str]:
     for name in fields:
         if not isinstance(record[name], str) or not record[name]:
             raise SpecError(f"{source}: field {name!r} must be a non-empty string, got {record[name]!r}.")
+        if has_surrogate(record[name]):
+            raise SpecError(f"{source}: field {name!r} is {record[name]!r}: {SURROGATE_FIX}.")
     return [record[name] for name in fields]
 
 
@@ -85,8 +116,8 @@ def read_jsonl(path: Path, roots: Sequence[Path] | None = None) -> list[PairedEx
                             "a circuit is traced on at most task.max_train examples, and a test split of a few hundred "
                             "pairs gives tight intervals.")
         try:
-            record = json.loads(line, object_pairs_hook=_unique_keys)
-        except _DuplicateKey as key:
+            record = json.loads(line, object_pairs_hook=unique_keys)
+        except DuplicateKey as key:
             raise SpecError(f"{path}:{number}: field {key} is given twice (the second would silently replace the first). "
                             "Keep one.") from None
         except (json.JSONDecodeError, RecursionError) as error:
@@ -96,20 +127,6 @@ def read_jsonl(path: Path, roots: Sequence[Path] | None = None) -> list[PairedEx
     if not examples:
         raise SpecError(f"Dataset {path} has no examples. Add JSON lines with fields {', '.join(FIELDS)}.")
     return examples
-
-
-class _DuplicateKey(Exception):
-    def __str__(self) -> str:
-        return repr(self.args[0])
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    record: dict = {}
-    for key, value in pairs:
-        if key in record:
-            raise _DuplicateKey(key)
-        record[key] = value
-    return record
 
 
 @dataclass(frozen=True)
@@ -293,10 +310,23 @@ def _batch(rows: Sequence[tuple[list[int], list[int], int, int, PairedExample]])
 
 
 def split(examples: Sequence[PairedExample], test_fraction: float, seed: int = 0) -> tuple[list[PairedExample], list[PairedExample]]:
-    """A seeded train/test split; attribution sees only the train part."""
+    """A seeded train/test split; attribution sees only the train part, and no held-out example repeats a training one."""
     if not 0 < test_fraction < 1:
         raise SpecError(f"test_fraction must be between 0 and 1, got {test_fraction}.")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     n_test = max(1, round(test_fraction * len(examples)))
-    test = set(order[:n_test])
-    return [e for i, e in enumerate(examples) if i not in test], [e for i, e in enumerate(examples) if i in test]
+    held = set(order[:n_test])
+    train, test = [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    _refuse_leaks(train, test)
+    return train, test
+
+
+def _refuse_leaks(train: Sequence[PairedExample], test: Sequence[PairedExample]) -> None:
+    """A held-out example the trace was fitted on (the same prefixes and answers) would test the training data."""
+    trained = {example.content: example for example in train}
+    leaks = [Repeat(example, trained[example.content]) for example in test if example.content in trained]
+    if leaks:
+        raise SpecError(f"{leaks[0].example.source}: this held-out example repeats {leaks[0].first.source}, a training "
+                        f"example the circuit is traced on, so the test would measure the training data ({len(leaks)} of "
+                        f"{len(test)} held-out examples repeat one; {len(repeats([*train, *test]))} examples in all repeat "
+                        "an earlier one). Remove the repeated examples: each pair once.")

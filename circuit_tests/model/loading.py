@@ -49,11 +49,12 @@ from circuit_tests.errors import (
     ModelNotAvailableError,
     UnknownModelError,
 )
-from circuit_tests.files import KiB, file_kind, mode_of, read_text
+from circuit_tests.files import KiB, UnreadableInput, file_kind, mode_of, read_text, sha256_of
 from circuit_tests.model.checkpoints import CheckedFiles, check_directory, check_finite, check_vocabulary, remote_code_message
+from circuit_tests.model.fingerprints import fingerprint
 from circuit_tests.model.references import ModelRef, contained, parse_model_ref
-from circuit_tests.model.registry import REGISTRY
-from circuit_tests.text import first_line, quoted, shown
+from circuit_tests.model.registry import REGISTRY, assembled
+from circuit_tests.text import first_line, printable, quoted, shown
 
 CACHE_ENV = "CIRCUIT_TESTS_CACHE"
 
@@ -241,17 +242,16 @@ class _GGUFReadError(Exception):
 def checkpoint_dir(ref: ModelRef) -> Path:
     """A local safetensors checkpoint directory for a registered or GGUF reference."""
     if ref.kind == "registered":
-        target = cache_dir() / "models" / ref.location
+        target = registered_checkpoint(ref.location)
         if (target / "config.json").exists():
             return target
-        fix = f"reinstall its package: `circuit-tests fetch {ref.location}`"
         with tempfile.TemporaryDirectory(dir=_ensure(cache_dir())) as work:
             try:
-                gguf = REGISTRY[ref.location].locate_gguf(Path(work))  # ModelNotAvailableError: package not installed
+                gguf = assembled(REGISTRY[ref.location].gguf_parts(), Path(work))
             except OSError as error:
-                raise BadCheckpointError(f"Model {quoted(ref.name)}: the installed package that ships it is damaged "
-                                         f"({first_line(error)}); {fix}.") from error
-            return _converted(ref, gguf, target, fix)
+                raise BadCheckpointError(f"Model {quoted(ref.name)}: its GGUF file could not be assembled in "
+                                         f"{shown(Path(work))} ({first_line(error)}); free space there.") from error
+            return _converted(ref, gguf, target, _reinstall(ref.location))
     if ref.kind == "gguf":
         gguf = Path(ref.location)
         mode = mode_of(gguf)
@@ -261,11 +261,34 @@ def checkpoint_dir(ref: ModelRef) -> Path:
             raise BadCheckpointError(f"Model {quoted(ref.name)}: {shown(gguf)} is {file_kind(mode)}, not a .gguf file.")
         if ref.project is not None:
             contained(ref.name, gguf, Path(ref.project))
-        info = gguf.stat()
-        digest = hashlib.sha256(f"{gguf}:{info.st_size}:{info.st_mtime_ns}".encode()).hexdigest()
-        return _converted(ref, gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest[:12]}",
+        try:
+            digest = _sha256_of_all([gguf], [Path(ref.project)] if ref.project is not None else None)
+        except UnreadableInput as error:
+            raise BadCheckpointError(f"Model {quoted(ref.name)}: {printable(str(error), one_line=True)}.") from None
+        return _converted(ref, gguf, cache_dir() / "gguf" / f"{gguf.stem}-{digest[:16]}",
                           "check that the file is complete and a model transformers can read from GGUF")
     raise ValueError(f"{ref.kind} references are loaded in place")
+
+
+def registered_checkpoint(name: str) -> Path:
+    """Where the safetensors conversion of a registered model lies in the cache, named by the content of its GGUF
+    file, so that a package that ships other weights is converted again. Raises :class:`ModelNotAvailableError`
+    when the package is not installed."""
+    parts = REGISTRY[name].gguf_parts()
+    try:
+        return cache_dir() / "models" / f"{name}-{_sha256_of_all(parts, None)[:16]}"
+    except UnreadableInput as error:
+        raise BadCheckpointError(f"Model {quoted(name)}: the installed package that ships it is damaged "
+                                 f"({printable(str(error), one_line=True)}); {_reinstall(name)}.") from None
+
+
+def _reinstall(name: str) -> str:
+    return f"reinstall its package: `circuit-tests fetch {name}`"
+
+
+def _sha256_of_all(files: list[Path], roots: list[Path] | None) -> str:
+    """The sha256 of the files' content in order, what a conversion in the cache is named by (never a size or a time)."""
+    return hashlib.sha256(" ".join(sha256_of(file, roots) for file in files).encode()).hexdigest()
 
 
 def _converted(ref: ModelRef, gguf: Path, target: Path, fix: str) -> Path:
@@ -307,12 +330,17 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A frozen model in eval mode, its tokenizer, and where it came from."""
+    """A frozen model in eval mode, its tokenizer, and where it came from.
+
+    ``fingerprint``: the sha256 of the checkpoint files transformers read (:mod:`circuit_tests.model.fingerprints`),
+    taken once as the model loaded; what cached traces and measurements are keyed by.
+    """
 
     ref: ModelRef
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     options: LoadOptions
+    fingerprint: str
     path: Path | None = None  # the directory transformers read (a hub snapshot, a converted GGUF, ...)
     commit: str | None = None  # a hub model's snapshot commit
 
@@ -322,14 +350,12 @@ class LoadedModel:
 
     @property
     def revision(self) -> str:
-        """What identifies these weights: the shipping package, the hub commit, or the files' size and time."""
+        """What names these weights for people: the shipping package, the hub commit, or the start of the fingerprint."""
         if self.ref.kind == "registered":
             return ",".join(REGISTRY[self.ref.location].pip_specs)
         if self.ref.kind == "hub":
             return self.commit or self.ref.revision or "main"
-        files = sorted(Path(self.ref.location).glob("*.safetensors")) or [Path(self.ref.location)]
-        stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        return self.fingerprint[:16]
 
 
 def context_length(model: LoadedModel | PreTrainedModel | transformers.PretrainedConfig) -> int | None:
@@ -360,13 +386,14 @@ def load_model(model: str | ModelRef, options: LoadOptions = LoadOptions()) -> L
     commit = None
     if ref.kind == "hub":
         source, commit = hub_snapshot(ref)
-        roots = None  # the runner's own cache
+        roots = [source.parent.parent]  # the repository's directory in the runner's cache: its snapshots and blobs
     elif ref.kind == "local":
         source = Path(ref.location)
-        roots = [Path(ref.project)] if ref.project is not None else None
+        roots = [Path(ref.project)] if ref.project is not None else None  # the runner's own directory: anywhere
     else:
-        source, roots = checkpoint_dir(ref), None
+        source, roots = checkpoint_dir(ref), [cache_dir()]
     files = check_directory(ref, source, roots, trust, options.allow_pickle)
+    content = fingerprint(source, roots, files.shards, f"Model {quoted(ref.name)}")
     kwargs = dict(
         dtype=options.torch_dtype(),
         attn_implementation="eager",
@@ -385,7 +412,7 @@ def load_model(model: str | ModelRef, options: LoadOptions = LoadOptions()) -> L
     loaded.eval()
     check_finite(loaded, f"Model {quoted(ref.name)}")
     check_vocabulary(ref, tokenizer, loaded)
-    return LoadedModel(ref, loaded, tokenizer, options, source, commit)
+    return LoadedModel(ref, loaded, tokenizer, options, content, source, commit)
 
 
 def _loading(ref: ModelRef, source: Path, part: str, files: CheckedFiles, trust: bool, load: Callable):

@@ -5,7 +5,10 @@ The person running the suite names a series (``--circuit-series``, ``circuit-tes
 
 - a glob of directories, ``ckpts/step-*``: every match, in natural order (``step-900`` before
   ``step-1000``);
-- ``@FILE``: a text file with one checkpoint (or glob) per line, ``#`` starting a comment;
+- ``@FILE``: a list file, read as a dataset is (:func:`~circuit_tests.files.read_text`: a regular file, at most
+  :data:`LIST_LIMIT`, UTF-8), with one checkpoint (or glob) per line, ``#`` starting a comment. Under pytest it is
+  written ``--circuit-series=@FILE``, one argument: pytest expands a separate ``@FILE`` argument into command-line
+  arguments itself (:func:`refuse_pytest_expansion`);
 - a list separated by commas, or the option repeated: kept in the order given;
 - any model name (a directory, a registered name, ``org/model@revision``), as ``--circuit-model`` takes it.
 
@@ -21,10 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from circuit_tests.errors import BadOptionError
+from circuit_tests.errors import BadOptionError, CircuitTestsError
+from circuit_tests.files import MiB, read_text
+from circuit_tests.text import has_control, quoted
 
 _NUMBER = re.compile(r"\d+")
 _GLOB = re.compile(r"[*?[]")
+LIST_LIMIT = 1 * MiB  # a checkpoint list file (@FILE)
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,10 @@ def expand_series(values: Sequence[str], cwd: Path) -> tuple[Checkpoint, ...]:
     for value in values:
         for part in (part.strip() for part in value.split(",")):
             names.extend(_from_file(part[1:], cwd) if part.startswith("@") else _one(part, cwd, value))
+    for name in names:
+        if has_control(name):
+            raise BadOptionError(f"checkpoint series: {quoted(name)} has a control character or a line break in its name, "
+                                 "which test ids and messages would print. Rename the checkpoint, or leave it out.")
     return tuple(Checkpoint(name, step_of(name)) for name in dict.fromkeys(names))
 
 
@@ -58,15 +68,23 @@ def _one(part: str, cwd: Path, value: str) -> list[str]:
 def _from_file(name: str, cwd: Path) -> list[str]:
     path = cwd / name
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadOptionError(f"checkpoint series @{name}: cannot read {path} ({error}). Give a text file with one "
-                             "checkpoint per line.") from None
+        lines = read_text(path, None, LIST_LIMIT).splitlines()  # the person running names it: it may lie anywhere
+    except CircuitTestsError as error:
+        raise BadOptionError(f"checkpoint series @{name}: {error}. Give a text file with one checkpoint per line.") from None
     entries = [line.split("#", 1)[0].strip() for line in lines]
     names = [found for entry in entries if entry for found in _one(entry, cwd, f"@{name}")]
     if not names:
         raise BadOptionError(f"checkpoint series @{name}: {path} lists no checkpoint. Write one per line.")
     return names
+
+
+def refuse_pytest_expansion(args: Sequence[str], option: str) -> None:
+    """A usage error for ``option @FILE`` given as two arguments on pytest's command line ``args``: pytest has already
+    replaced ``@FILE`` by its lines as command-line arguments (a list holding ``-k`` would deselect tests)."""
+    for given, following in zip(args, args[1:]):
+        if given == option and following.startswith("@"):
+            raise BadOptionError(f"{option} {following}: pytest reads a separate @FILE argument itself, each line becoming "
+                                 f"a command-line argument. Write {option}={following}, one argument, for a list of checkpoints.")
 
 
 def natural_key(name: str) -> list:

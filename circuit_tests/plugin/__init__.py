@@ -30,7 +30,8 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
         "a model given here that cannot be loaded fails")),
     ("--circuit-series", dict(action="append", default=[], metavar="CHECKPOINTS",
         help="run every spec against a training run's checkpoints, in order, and report the trend: a glob "
-        "('ckpts/step-*', natural order), a comma-separated list, or @FILE with one per line (repeatable)")),
+        "('ckpts/step-*', natural order), a comma-separated list, or a list file with one per line, given as "
+        "--circuit-series=@FILE (one argument: pytest expands a separate @FILE itself) (repeatable)")),
     ("--circuit-ray", dict(nargs="?", const=True, default=None, metavar="ADDRESS",
         help="measure on a Ray cluster: an actor per checkpoint (no ADDRESS: start Ray on this machine); "
         "reports and baselines stay here")),
@@ -101,7 +102,12 @@ def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Col
         return None
     started(parent.config)
     from circuit_tests.plugin.items import SpecFile
+    from circuit_tests.text import has_control, shown
 
+    if has_control(str(file_path)):  # pytest prints a file's id raw (progress, summary): "x\n::error::" would be a line
+        root = parent.config.rootpath
+        where = file_path.relative_to(root) if file_path.is_relative_to(root) else file_path
+        return SpecFile.from_parent(parent, path=file_path, name=shown(file_path.name), nodeid=shown(where.as_posix()))
     return SpecFile.from_parent(parent, path=file_path)
 
 

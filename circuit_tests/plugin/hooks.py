@@ -20,27 +20,46 @@ import torch
 from circuit_tests.errors import BadOptionError, CircuitTestsError
 from circuit_tests.model.loading import LoadOptions, check_device, check_dtype, deterministic_cuda
 from circuit_tests.model.references import check_trusted
-from circuit_tests.model.series import expand_series
+from circuit_tests.model.series import expand_series, refuse_pytest_expansion
 from circuit_tests.plugin import SESSION
 from circuit_tests.plugin.items import ExpectationItem
 from circuit_tests.spec.baselines import baseline_path
 from circuit_tests.spec.distributed import LOCAL, cluster
-from circuit_tests.spec.report import PROPERTY, decode, github_annotations, github_step_summary
+from circuit_tests.spec.report import NOT_RUN, PROPERTY, decode, github_annotations, github_step_summary
 from circuit_tests.spec.session import CircuitSession, RunOptions
 from circuit_tests.spec.traces import default_trace_cache
-from circuit_tests.text import printable
+from circuit_tests.text import has_control, printable, quoted, shown
 
 WORKER_OUTPUT = "circuit_tests_baselines"
+WORKER_HIDDEN = "circuit_tests_hidden"  # what a worker's foreign selection deselected, for the controller to report
+# Options that deselect collected items (dest -> flag); one that did not come from the command line can hide a claim.
+SELECTION = {"keyword": "-k", "markexpr": "-m", "deselect": "--deselect", "lf": "--lf"}
+STOPPED = "the run stopped before this item ran (interrupted, or -x/--maxfail)"
 
 
 class SessionHooks:
-    """Feeds test reports to the session (on the xdist controller too) and finishes it once."""
+    """Feeds test reports to the session (on the xdist controller too) and finishes it once. A spec item that was
+    collected and never run (the run was interrupted or stopped early), or deselected by a selection that did not come
+    from the command line, is added to the report as :data:`~circuit_tests.spec.report.NOT_RUN`."""
 
     def __init__(self, config: pytest.Config, session: CircuitSession) -> None:
         self.config = config
         self.session = session
+        self.waiting: dict[str, ExpectationItem] = {}  # node id -> a spec item to run that has not reported yet
+        self.deselected: list[ExpectationItem] = []
+        self.hidden: dict[tuple, dict] = {}  # (path, model, expectation) -> the payload of an item hidden from the run
+
+    def pytest_deselected(self, items) -> None:
+        self.deselected += [item for item in items if isinstance(item, ExpectationItem)]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """What this process will run (the xdist controller collects nothing: its workers report)."""
+        if not self.config.option.collectonly:
+            self.waiting = {item.nodeid: item for item in session.items if isinstance(item, ExpectationItem)}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or report.when == "setup" and not report.passed:
+            self.waiting.pop(report.nodeid, None)
         encoded = dict(report.user_properties).get(PROPERTY)
         if encoded is None or (report.when != "call" and not report.failed):
             return
@@ -50,20 +69,44 @@ class SessionHooks:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node, error) -> None:
-        """pytest-xdist: a worker finished; take the baselines it recorded."""
-        self.session.baselines.merge(getattr(node, "workeroutput", {}).get(WORKER_OUTPUT, {}))
+        """pytest-xdist: a worker finished; take the baselines it recorded and the items it saw hidden (every worker
+        collects, and deselects, the same items)."""
+        output = getattr(node, "workeroutput", {})
+        self.session.baselines.merge(output.get(WORKER_OUTPUT, {}))
+        self._hide(output.get(WORKER_HIDDEN, []))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):  # a pytest-xdist worker: the controller writes
             self.config.workeroutput[WORKER_OUTPUT] = self.session.baselines.pending()
+            self.config.workeroutput[WORKER_HIDDEN] = self._deselected_by_foreign_selection()
             return
+        self._hide(self._deselected_by_foreign_selection())
+        for item in self.waiting.values():
+            self.session.report.add(self._planned(item), NOT_RUN, STOPPED)
+        for hidden in self.hidden.values():
+            self.session.report.add(hidden, NOT_RUN)
         self.session.finish()
-        if self.session.problems and session.exitstatus == pytest.ExitCode.OK:
+        if (self.session.problems or self.hidden and self.session.options.strict) and session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def _deselected_by_foreign_selection(self) -> list[dict]:
+        """The payloads, with why, of the spec items deselected by a selection that did not come from the command line
+        (they fail a run under ``--circuit-strict``)."""
+        foreign = selection_not_given(self.config) if self.deselected else []
+        why = (f"deselected by {' '.join(foreign)}, which did not come from the command line (an ini file's addopts, or "
+               "PYTEST_ADDOPTS). Give the selection on the command line; for a pull request, run pytest with a trusted "
+               "-c FILE (docs/security.md).")
+        return [self._planned(item) | {"message": why} for item in self.deselected] if foreign else []
+
+    def _planned(self, item: ExpectationItem) -> dict:
+        return self.session.planned(item.parent.spec, item.model, item.expectation)
+
+    def _hide(self, payloads: list[dict]) -> None:
+        self.hidden.update({(p["path"], p["model"], p["expectation"]): p for p in payloads})
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         for path in self.session.written:
-            terminalreporter.write_line(f"baseline written: {path}")
+            terminalreporter.write_line(f"baseline written: {shown(path)}")
         for problem in self.session.problems:
             terminalreporter.write_line(printable(f"NOT written: {problem}"), red=True)
         report = self.session.report
@@ -79,6 +122,14 @@ class SessionHooks:
                 terminalreporter.write_line(printable(
                     f"stale baseline entries in {baseline_path(Path(row.path))}: {', '.join(row.stale)} (models {Path(row.path).name} no "
                     "longer lists and this run did not test; delete them from the file, or list the models again)", one_line=True))
+
+
+def selection_not_given(config: pytest.Config) -> list[str]:
+    """The deselecting options (:data:`SELECTION`) in force that the command line itself did not give, as ``-k 'not x'``:
+    they came from an ini file's ``addopts`` or ``PYTEST_ADDOPTS``, which a pull request may control."""
+    given = config._parser.parse_known_args(list(config.invocation_params.args))  # the command line alone, as pytest parses it
+    return [f"{flag} {printable(repr(getattr(config.option, dest)))}" for dest, flag in SELECTION.items()
+            if getattr(config.option, dest, None) != getattr(given, dest, None)]
 
 
 def start(config: pytest.Config) -> CircuitSession:
@@ -105,6 +156,7 @@ def run_options(config: pytest.Config) -> RunOptions:
     check_trusted(trusted, config.rootpath)
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     series = config.getoption("circuit_series")
+    refuse_pytest_expansion(config.invocation_params.args, "--circuit-series")
     if config.getoption("circuit_graph") < 0:
         raise BadOptionError(f"--circuit-graph {config.getoption('circuit_graph')}: give how many of each circuit's top nodes "
                              "to draw (0 draws none).")
@@ -112,6 +164,10 @@ def run_options(config: pytest.Config) -> RunOptions:
         raise BadOptionError("--circuit-ray spreads the work over a Ray cluster; pytest-xdist (-n) cannot run beside it.")
     if ray is None and config.getoption("circuit_ray_gpus") is not None:
         raise BadOptionError("--circuit-ray-gpus sets the GPUs of each Ray actor; give --circuit-ray too.")
+    for model in config.getoption("circuit_model"):
+        if has_control(model):
+            raise BadOptionError(f"--circuit-model {quoted(model)}: a model name is one line of printable text (test ids "
+                                 "and messages print it). Give it without control characters or line breaks.")
     if series and config.getoption("circuit_model"):
         raise BadOptionError("--circuit-model and --circuit-series both choose the models to run; give one of them.")
     return RunOptions(

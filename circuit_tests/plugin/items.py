@@ -26,7 +26,7 @@ from circuit_tests.progress import on_terminal
 from circuit_tests.spec.distributed import Work
 from circuit_tests.spec.report import PROPERTY, encode, payload
 from circuit_tests.spec.schema import Expectation, Spec, load_spec
-from circuit_tests.text import printable
+from circuit_tests.text import printable, shown
 
 
 class SpecFile(pytest.File):
@@ -103,7 +103,7 @@ class ExpectationItem(pytest.Item):
         The ``./`` also keeps pytest from reading the id as a Python name (it turns dots into ``::`` there).
         """
         where = Path(os.path.relpath(self.path, self.config.invocation_params.dir)).as_posix()
-        return self.path, None, f"./{where}::{str(self.nodeid).split('::', 1)[1]}"
+        return self.path, None, f"./{shown(where)}::{str(self.nodeid).split('::', 1)[1]}"
 
 
 def _parametrized_id(parent: pytest.Collector, name: str, param: str):

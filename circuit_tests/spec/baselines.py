@@ -12,8 +12,10 @@ run and writes once at the end (under pytest-xdist, workers hand their updates t
 which alone writes). A write takes a file lock, re-reads the file, merges the run's models into it
 (so two runs that each updated some models both keep their entries), and replaces the file
 atomically, keeping its permissions: a killed writer leaves the old file intact. A file that
-cannot be read is never overwritten; it is reported with how to recover it. :func:`entry_for` is
-the format of one model's entry.
+cannot be read is never overwritten; it is reported with how to recover it. That includes a file
+of another ``version``, a key given twice (two entries for one model), and a circuit that lists a
+node twice or a node outside the ``shape`` stored beside it. :func:`entry_for` is the format of
+one model's entry.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ from typing import Annotated, Literal
 
 import torch
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, ValidationInfo, field_validator
 
 import circuit_tests
 from circuit_tests.analysis.attribution import ALIGNMENTS
 from circuit_tests.errors import SpecError
-from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text, replace_atomically, resolved, reviewable_json
+from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, parse_json, read_text, replace_atomically, resolved, reviewable_json
 from circuit_tests.model.loading import cache_dir
-from circuit_tests.spec.circuit_file import Row, Shape
+from circuit_tests.spec.circuit_file import Row, Shape, check_rows, known_version
 from circuit_tests.spec.schema import ModelName, Spec, Stable
 from circuit_tests.spec.subject import Subject
 from circuit_tests.text import printable
@@ -59,16 +61,30 @@ class _Entry(BaseModel):
     circuit: list[Row] = Field(min_length=1)
     align: Literal[ALIGNMENTS] = "start"  # how its positions count (trace.align); entries before 0.2 have none: start
 
+    @field_validator("circuit")
+    @classmethod
+    def _nodes(cls, rows: list[Row], info: ValidationInfo) -> list[Row]:
+        return check_rows(rows, info.data.get("shape"))
+
 
 class _File(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     models: dict[ModelName, _Entry]
+    version: Annotated[StrictInt, known_version(VERSION)]  # after models: a damaged entry is the first problem named
 
 
 def entry_for(subject: Subject, spec: Spec | None = None) -> dict:
     """What ``--circuit-update`` stores for one (spec, model): the circuit and the key metrics, rounded. The
-    circuit reaches the largest size a ``stable`` claim of ``spec`` (default: the subject's) compares."""
+    circuit reaches the largest size a ``stable`` claim of ``spec`` (default: the subject's) compares. Nothing is
+    recorded where the model does not do the task, or where faithfulness is undefined: that circuit would be noise."""
+    if not subject.behaviour.present or not subject.separated:
+        why = (f"it does not do the task ({subject.behaviour})" if not subject.behaviour.present else
+               f"its logit difference with nothing ablated minus that with every node ablated, {subject.figures.separation[0]:.3f}"
+               f" (95% CI {subject.figures.separation[1]:.3f} to {subject.figures.separation[2]:.3f}), includes 0, so "
+               "faithfulness is undefined")
+        raise SpecError(f"{baseline_path(subject.spec.path)}: no baseline recorded for {subject.loaded.ref.name}: {why}. A "
+                        "circuit recorded there would be noise; record one from a checkpoint that does the task.")
     _ = subject.accuracy, subject.curve, subject.flip_rate(30), subject.flip_rate(100)  # what a baseline records
     faithful = subject.figures.nodes_for_08  # the size a `stable` without `nodes` compares
     sizes = [e.params.nodes or faithful or 0 for e in (spec or subject.spec).expectations
@@ -126,10 +142,10 @@ def read_baseline(path: Path) -> dict:
     if not path.exists() and not path.is_symlink():
         return {"models": {}}
     try:
-        content = json.loads(read_text(path, [path.parent], BASELINE_LIMIT), parse_constant=_no_constant)
+        content = parse_json(read_text(path, [path.parent], BASELINE_LIMIT), path, parse_constant=_no_constant)
         _File.model_validate(content)
         return content
-    except (UnreadableInput, ValueError, RecursionError) as error:
+    except (UnreadableInput, ValueError) as error:
         raise SpecError(
             f"{path}: the stored baseline cannot be read ({_reason(error)}). It was left untouched: restore it from "
             "version control, or delete it and run `pytest --circuit-update` to record a new one."
@@ -146,8 +162,6 @@ def _reason(error: Exception) -> str:
         where = ".".join(map(str, first["loc"])) or "the top level"
         more = f", and {error.error_count() - 1} more problems" if error.error_count() > 1 else ""
         return printable(f"field '{where}': {first['msg']}{more}", one_line=True)
-    if isinstance(error, RecursionError):
-        return "nested too deeply"
     return printable(str(error), one_line=True)
 
 

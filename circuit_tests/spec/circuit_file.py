@@ -20,16 +20,17 @@ hostile file fails its spec with one paragraph naming the file, the field and th
 
 from __future__ import annotations
 
-import json
 import math
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from circuit_tests.errors import SpecError
-from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, read_text
-from circuit_tests.model.nodes import Circuit
+from circuit_tests.files import BASELINE_LIMIT, UnreadableInput, parse_json, read_text
+from circuit_tests.model.nodes import Circuit, format_node
 
 if TYPE_CHECKING:
     from circuit_tests.spec.subject import Subject
@@ -46,17 +47,51 @@ class Shape(BaseModel):
     neurons: Index
 
 
+def _known(expected: int, version: int) -> int:
+    if version != expected:
+        raise PydanticCustomError("version", "version {version} is not one this circuit-tests reads (it reads {expected}); "
+                                  "if a later circuit-tests wrote the file, upgrade", {"version": version, "expected": expected})
+    return version
+
+
+def known_version(expected: int) -> AfterValidator:
+    """The check of a format's ``version`` field (a ``StrictInt``: not ``1.0``, not ``true``): ``expected``, else an
+    error that says which versions this circuit-tests reads."""
+    return AfterValidator(partial(_known, expected))
+
+
+def check_rows(rows: list[Row], shape: Shape | None) -> list[Row]:
+    """A stored circuit's rows, refused where a node is listed twice or lies outside the ``shape`` stored with them."""
+    first: dict[tuple, int] = {}
+    for index, (layer, position, neuron, _) in enumerate(rows):
+        node = (layer, position, neuron)
+        if shape is not None and (layer >= shape.layers or neuron >= shape.neurons):
+            raise PydanticCustomError("node", "row {index}, node {node}, is outside the shape stored with it ({layers} layers "
+                                      "x {neurons} neurons)", {"index": index, "node": format_node(node),
+                                                               "layers": shape.layers, "neurons": shape.neurons})
+        if node in first:
+            raise PydanticCustomError("node", "rows {first} and {index} both list the node {node}; keep one",
+                                      {"first": first[node], "index": index, "node": format_node(node)})
+        first[node] = index
+    return rows
+
+
 class CircuitFile(BaseModel):
     """A circuit file as read: validated, unknown keys kept for later versions of the format."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     format: Literal[FORMAT]
-    version: Literal[VERSION]
+    version: Annotated[StrictInt, known_version(VERSION)]
     spec: str = ""
     model: str = ""
     shape: Shape
     nodes: list[Row] = Field(min_length=1)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, rows: list[Row], info: ValidationInfo) -> list[Row]:
+        return check_rows(rows, info.data.get("shape"))
 
     def circuit(self, size: int | None = None) -> Circuit:
         """Its ``size`` strongest nodes (default: all), weighted by |score|."""
@@ -74,7 +109,7 @@ def circuit_json(subject: Subject, size: int) -> dict:
         "trace": {"method": trace.method, "ablation": trace.ablation, "align": trace.align, "nodes": trace.nodes,
                   "split_seed": subject.spec.task.seed},
         "measured": {"nodes": len(circuit), "n_test": figures.n_test, "faithfulness": _rounded(subject.faithfulness_of(circuit).value),
-                     "flip_rate": _rounded(float(subject.flips(circuit).float().mean()))},
+                     "flip_rate": _rounded(subject.flip_rate_of(circuit).value)},
         "nodes": [[*node, round(score, 8)] for node, score in subject.ranked(size)],
     }
 
@@ -87,21 +122,14 @@ def _rounded(value: float) -> float | None:
 def read_circuit(path: Path, roots: list[Path] | None) -> CircuitFile:
     """A circuit file inside ``roots``, validated; :class:`SpecError` (naming the file and the fix) otherwise."""
     try:
-        data = json.loads(read_text(path, roots, BASELINE_LIMIT))
+        data = parse_json(read_text(path, roots, BASELINE_LIMIT), path)
     except UnreadableInput as error:
-        raise SpecError(f"{error}. A circuit file is a JSON file inside the project, written by `circuit-tests export`.") from None
-    except json.JSONDecodeError as error:
-        raise SpecError(f"{path} is not valid JSON ({error}). Export it again with `circuit-tests export`.") from None
+        raise SpecError(f"{error}. A circuit file is a JSON file inside the project, written by `circuit-tests export`: "
+                        "export it again.") from None
     try:
-        read = CircuitFile.model_validate(data)
+        return CircuitFile.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, problem['loc'])) or 'the top level'}: {problem['msg']}"
                              for problem in error.errors(include_url=False)[:5])
         raise SpecError(f"{path} is not a circuit file of format {FORMAT!r} version {VERSION} ({problems}). Export it "
                         "again with `circuit-tests export`, or fix the fields named.") from None
-    seen: set[tuple] = set()
-    for row in read.nodes:
-        if tuple(row[:3]) in seen:
-            raise SpecError(f"{path}: field 'nodes' lists the node {list(row[:3])} twice. Keep one of the two rows.")
-        seen.add(tuple(row[:3]))
-    return read

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from circuit_tests.analysis.cards import Card
-from circuit_tests.analysis.stats import Interval, bootstrap
+from circuit_tests.analysis.stats import Interval, Measured, bootstrap
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import answer_token
 from circuit_tests.model.nodes import Circuit, format_node, format_nodes, in_prompt, moved
@@ -31,6 +31,7 @@ from circuit_tests.spec.schema import (
     Stable,
     Steers,
 )
+from circuit_tests.spec.figures import CHANCE
 from circuit_tests.spec.subject import STANDARD_SIZES, Subject
 
 
@@ -50,8 +51,10 @@ class Outcome:
 
 
 def check(subject: Subject, expectation: Expectation, baselines: BaselineStore) -> Outcome:
-    """Evaluate one expectation of the subject's spec."""
+    """Evaluate one expectation of the subject's spec; a circuit claim only where the model does the task at all."""
     params = expectation.params
+    if about_the_behaviour(params) and not subject.behaviour.present:
+        return _without_behaviour(subject, expectation.kind)
     if isinstance(params, Stable):
         return _stable(subject, params, baselines)
     outcome = CHECKS[type(params)](subject, params)
@@ -80,8 +83,30 @@ def _bound(threshold: float) -> str:
     return f"{threshold:.2f}" if float(f"{threshold:.2f}") == threshold else f"{threshold:g}"
 
 
+def about_the_behaviour(params: object) -> bool:
+    """Whether a claim is about the circuit of the spec's behaviour (the clean answer against the counterfactual one),
+    so that the model must have that behaviour for it to be judged: every claim but ``behaves`` itself, and ``scales``
+    that names its own token (it measures P(token), not a choice between the two answers)."""
+    return not isinstance(params, Behaves) and not (isinstance(params, Scales) and params.token is not None)
+
+
 def _on_test(subject: Subject) -> str:
     return f"on {subject.test.n_examples} held-out examples"
+
+
+def _on_right(subject: Subject, measured: Measured) -> str:
+    """Where a flip or a steer is counted: the held-out examples the model answers right."""
+    return f"on the {measured.n} of {subject.test.n_examples} held-out examples answered right"
+
+
+def _without_behaviour(subject: Subject, kind: str) -> Outcome:
+    """A circuit claim on a model that does not do the task: it fails, whatever its circuit measures."""
+    return Outcome(False, f"the behaviour that {kind} is about: accuracy above chance ({CHANCE:g}) with 95% confidence and a "
+                   "mean logit difference above 0, before any circuit claim is judged",
+                   f"{subject.behaviour} for {subject.loaded.ref.name}",
+                   ("a circuit claim is not judged where the model does not do the task: its flips, faithfulness and "
+                    "steering would measure noise. A checkpoint that lost the behaviour is a regression. If the model never "
+                    "had it on this data, use more or better pairs, or another model.",))
 
 
 def _error(subject: Subject, field: str, problem: str, fix: str) -> SpecError:
@@ -104,16 +129,21 @@ def _check_position(subject: Subject, position: int | None, field: str) -> None:
 
 
 def _undefined(subject: Subject, what: str) -> str:
-    """Why a faithfulness-like ratio is not a number: the model's metric equals that of the model with everything ablated."""
-    model, empty = subject.curve.per_example[-2].mean().item(), subject.curve.per_example[-1].mean().item()
-    return (f"{what} undefined: the logit difference of the model ({model:.3f}) equals that with every node ablated "
-            f"({empty:.3f}), so there is nothing for a circuit to recover {_on_test(subject)}")
+    """Why a faithfulness-like ratio is not a number: F(M) - F(empty), its denominator, is not away from 0
+    (:attr:`Subject.separated`)."""
+    _ = subject.separated
+    gap, low, high = subject.figures.separation
+    model, empty = subject.ends[0].mean().item(), subject.ends[1].mean().item()
+    return (f"{what} undefined: the model no longer separates the answers from what is left with every node ablated. "
+            f"The logit difference of the model ({model:.3f}) minus that with every node ablated ({empty:.3f}) is "
+            f"{gap:.3f} (95% CI {low:.3f} to {high:.3f}), which includes 0, so a ratio over it is noise {_on_test(subject)}")
 
 
 def _behaves(subject: Subject, params: Behaves) -> Outcome:
-    measured = subject.accuracy
-    return Outcome(measured >= params.min_accuracy, f"accuracy >= {_bound(params.min_accuracy)}",
-                   f"accuracy {_shown(measured, params.min_accuracy)} {_on_test(subject)}")
+    measured, behaviour = subject.accuracy, subject.behaviour
+    return Outcome(measured >= params.min_accuracy and behaviour.present,
+                   f"accuracy >= {_bound(params.min_accuracy)}, above chance ({CHANCE:g}) with 95% confidence",
+                   f"accuracy {_shown(measured, params.min_accuracy)} {_on_test(subject)}", (str(behaviour),))
 
 
 def _sparse(subject: Subject, params: Sparse) -> Outcome:
@@ -196,8 +226,9 @@ def _flips(subject: Subject, params: Flips) -> Outcome:
     value, interval = measured.value, measured.interval
     return _against_null(subject, params.vs_random, "flip rate", params.nodes, Outcome(
         value >= params.min_flip_rate,
-        f"patching the top {params.nodes} nodes from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers",
-        f"flip rate {_ci(value, interval, params.min_flip_rate)} {_on_test(subject)}",
+        f"patching the top {params.nodes} nodes from the counterfactual flips >= {_bound(params.min_flip_rate)} of the answers "
+        "the model gets right",
+        f"flip rate {_ci(value, interval, params.min_flip_rate)} {_on_right(subject, measured)}",
         _fewer(subject, params.nodes),
     ))
 
@@ -209,18 +240,18 @@ def _pinned(subject: Subject, params: Pinned) -> Outcome:
             f"layers {params.layers[0]}-{params.layers[1]}" if params.layers else f"{len(circuit)} pinned neurons") + at
     expected, measured, passed = [], [], True
     if params.min_flip_rate is not None:
-        value = subject.pinned(what, circuit, "flip_rate").value
-        passed = value >= params.min_flip_rate
-        expected.append(f"patching {what} from the counterfactual flips >= {_bound(params.min_flip_rate)} of answers")
-        measured.append(f"flip rate {_shown(value, params.min_flip_rate)}")
+        flips = subject.pinned(what, circuit, "flip_rate")
+        passed = flips.value >= params.min_flip_rate
+        expected.append(f"patching {what} from the counterfactual flips >= {_bound(params.min_flip_rate)} of right answers")
+        measured.append(f"flip rate {_shown(flips.value, params.min_flip_rate)} {_on_right(subject, flips)}")
     if params.min_faithfulness is not None:
         found = subject.pinned(what, circuit, "faithfulness")
         expected.append(f"{what} alone are >= {_bound(params.min_faithfulness)} faithful ({subject.spec.trace.ablation} ablation)")
         if not math.isfinite(found.value):
             return Outcome(False, "; ".join(expected), _undefined(subject, "faithfulness"))
         passed = passed and found.value >= params.min_faithfulness
-        measured.append(f"faithfulness {_ci(found.value, found.interval, params.min_faithfulness)}")
-    return Outcome(passed, "; ".join(expected), f"{', '.join(measured)} {_on_test(subject)}")
+        measured.append(f"faithfulness {_ci(found.value, found.interval, params.min_faithfulness)} {_on_test(subject)}")
+    return Outcome(passed, "; ".join(expected), ", ".join(measured))
 
 
 def pinned_nodes(subject: Subject, params: Pinned) -> Circuit:
@@ -276,8 +307,8 @@ def _steers(subject: Subject, params: Steers) -> Outcome:
     return Outcome(
         value >= params.min_success,
         f"patching {what} at every position from the source prompt makes the source's answer the top token in "
-        f">= {_bound(params.min_success)} of prompts",
-        f"success {_ci(value, interval, params.min_success)} {_on_test(subject)}",
+        f">= {_bound(params.min_success)} of the prompts the model answers right",
+        f"success {_ci(value, interval, params.min_success)} {_on_right(subject, measured)}",
     )
 
 
@@ -335,7 +366,7 @@ def _stable(subject: Subject, params: Stable, baselines: BaselineStore) -> Outco
     entered, left = moved(stored.nodes, current.nodes)
     entered_cards, left_cards = subject.describe_moved(entered, left, stored.nodes)
     then_text = f"{then:.3f}" if then is not None else "not stored"
-    now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "")
+    now_text = f"{now:.3f}" if math.isfinite(now) else _undefined(subject, "(faithfulness)")
     sizes = f"{len(stored)} stored nodes" if len(stored) < size else f"{size} nodes"
     keep = f", its top {params.keep_top} nodes all still in the circuit" if params.keep_top else ""
     passed = weighted >= params.min_overlap and faithful_enough and not lost_top

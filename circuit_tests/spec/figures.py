@@ -13,6 +13,35 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+CHANCE = 0.5  # a spec's task is a choice between two answers, the clean and the counterfactual one
+MAX_P = 0.05  # the behaviour exists when accuracy exceeds chance with 95% confidence (one-sided, exact)
+
+
+@dataclass(frozen=True)
+class BehaviourFigures:
+    """Whether the model does the task on the held-out split: every circuit claim is judged only where it does.
+
+    It does when its accuracy exceeds :data:`CHANCE` with 95% confidence (an exact one-sided binomial
+    test) and the 95% bootstrap interval of its mean logit difference lies above 0.
+    """
+
+    right: int  # held-out examples whose clean answer the model prefers
+    n: int  # held-out examples
+    p: float  # the chance of ``right`` or more of ``n`` by guessing (analysis.stats.above_chance)
+    logit_diff: float  # mean logit(clean answer) - logit(counterfactual answer)
+    logit_diff_interval: list[float]
+
+    @property
+    def present(self) -> bool:
+        return self.p < MAX_P and self.logit_diff_interval[0] > 0
+
+    def __str__(self) -> str:
+        low, high = self.logit_diff_interval
+        return (f"{self.right} of {self.n} held-out examples answered right (accuracy {self.right / self.n:.3f}; "
+                f"p = {self.p:.3g} that guessing between the two answers does as well, at most {MAX_P:g} needed); "
+                f"mean logit difference {self.logit_diff:.3f} (95% CI {low:.3f} to {high:.3f}, above 0 needed)")
+
+
 @dataclass(frozen=True)
 class CurveFigures:
     """Faithfulness and completeness of the top-``size`` circuits, per size, with their 95% bootstrap intervals when known."""
@@ -106,7 +135,10 @@ class Figures:
     n_test: int
     n_dropped: int
     dropped: list[str] = field(default_factory=list)  # "FILE:LINE: why", one per dropped example
+    repeated: list[str] = field(default_factory=list)  # "FILE:LINE repeats FILE:LINE", one per repeated example
     accuracy: float | None = None
+    behaviour: BehaviourFigures | None = None  # whether the model does the task at all, before any circuit claim
+    separation: list[float] | None = None  # F(M) - F(empty) and its 95% interval: a ratio over it is undefined near 0
     curve: CurveFigures | None = None
     areas: dict[str, AreaFigures] = field(default_factory=dict)  # MIB's curve and areas, by ranking
     agreement: AgreementFigures | None = None  # agrees_with_patching
@@ -142,8 +174,14 @@ class Figures:
                       "n_train": self.n_train, "n_test": self.n_test, "n_dropped": self.n_dropped}
         if self.dropped:
             data["dropped"] = self.dropped
+        if self.repeated:
+            data["n_repeated"], data["repeated"] = len(self.repeated), self.repeated
         if self.accuracy is not None:
             data["accuracy"] = self.accuracy
+        if self.behaviour is not None:
+            data["behaviour"] = asdict(self.behaviour) | {"present": self.behaviour.present}
+        if self.separation is not None:
+            data["separation"] = self.separation
         if self.curve is not None:
             data["curve"] = {name: value for name, value in asdict(self.curve).items() if value is not None}
             data["nodes_for_0.8"] = self.nodes_for_08
@@ -201,7 +239,10 @@ class Figures:
         return cls(
             model=data.get("model", "-"), revision=data.get("revision", "-"), device=data.get("device", "-"),
             dtype=data.get("dtype", "-"), n_train=data.get("n_train", 0), n_test=data.get("n_test", 0),
-            n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), accuracy=data.get("accuracy"),
+            n_dropped=data.get("n_dropped", 0), dropped=data.get("dropped", []), repeated=data.get("repeated", []),
+            accuracy=data.get("accuracy"),
+            behaviour=BehaviourFigures(**{key: value for key, value in data["behaviour"].items() if key != "present"})
+            if data.get("behaviour") else None, separation=data.get("separation"),
             curve=CurveFigures(**curve) if curve else None,
             areas={ranking: AreaFigures(**area) for ranking, area in data.get("areas", {}).items()},
             agreement=AgreementFigures(**data["agreement"]) if data.get("agreement") else None,

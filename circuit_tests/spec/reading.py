@@ -3,7 +3,7 @@
 :mod:`circuit_tests.analysis.cards` reads a neuron off the checkpoint alone; this module adds what a
 spec knows about a node (the tokens at its position in the held-out prompts, its attribution score
 and rank now, its rank in a stored baseline circuit) and caches the corpus pass like a trace: per
-model revision, dtype, device type, corpus text and library version (:class:`~circuit_tests.spec.traces.TraceCache`).
+checkpoint content, dtype, device type, corpus text and library versions (:class:`~circuit_tests.spec.traces.TraceCache`).
 What ``stable`` names as entered and left, the report's top nodes, ``circuit-tests explain`` and
 ``circuit-tests graph`` all come from :func:`describe`.
 """
@@ -78,6 +78,12 @@ def _fits(found: dict, sites: NeuronSites, ids: Sequence[list[int]]) -> bool:
     return True
 
 
+def names_a_neuron(sites: NeuronSites, node: Node) -> bool:
+    """Whether ``node`` names one neuron of the model (not a whole layer, not outside its layers and neurons)."""
+    layer, _, neuron = node
+    return neuron is not None and 0 <= layer < sites.n_layers and 0 <= neuron < sites.n_neurons
+
+
 def describe(loaded: LoadedModel, sites: NeuronSites, nodes: Sequence[Node], *, scores: Scores | None = None,
              aggregate: bool = False, test: Tokenized | None = None, stored: Sequence[Node] | None = None,
              read: Corpus | None = None) -> list[Card]:
@@ -87,7 +93,7 @@ def describe(loaded: LoadedModel, sites: NeuronSites, nodes: Sequence[Node], *, 
     rank; ``test``, the tokens at its position in those prompts; ``stored`` (a baseline circuit, strongest first), its
     rank there; ``read``, its top-activating contexts.
     """
-    named = [node for node in nodes if node[2] is not None and 0 <= node[0] < sites.n_layers and 0 <= node[2] < sites.n_neurons]
+    named = [node for node in nodes if names_a_neuron(sites, node)]
     if not named:
         return []
     lens = output_lens(sites, [(layer, neuron) for layer, _, neuron in named])

@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from circuit_tests.spec.trend import FIGURES, Trend, cell, first_failure_line, m
 from circuit_tests.text import printable, quoted
 
 PROPERTY = "circuit_tests"
+NOT_RUN = "not run"  # the outcome of an item the run never measured: interrupted, stopped early, or deselected by a
+# selection that did not come from the command line; a row holding one never reads as passed, nor its trend as held
 NOTHING = Figures.from_json({})  # what a row without figures shows: "-" everywhere
 
 
@@ -64,7 +67,7 @@ class Result:
     """One expectation's result."""
 
     expectation: str
-    outcome: str  # passed, failed, skipped
+    outcome: str  # passed, failed, skipped, or NOT_RUN
     message: str
     line: int | None = None  # where the expectation is written in the spec file
 
@@ -85,7 +88,12 @@ class Row:
     @property
     def status(self) -> str:
         outcomes = {result.outcome for result in self.results}
-        return "failed" if "failed" in outcomes else "passed" if "passed" in outcomes else "skipped"
+        return next((outcome for outcome in ("failed", NOT_RUN, "passed") if outcome in outcomes), "skipped")
+
+    @property
+    def complete(self) -> bool:
+        """Whether every item of the row that the run planned was run."""
+        return all(result.outcome != NOT_RUN for result in self.results)
 
 
 class Report:
@@ -128,6 +136,8 @@ class Report:
         ]
         lines = _aligned(cells)
         lines += [printable(line, one_line=True) for row in self.rows.values() for line in self._drops(row)]
+        lines += [printable(f"{NOT_RUN}: {self._label(row)}::{result.expectation}[{row.model}]: {result.message}", one_line=True)
+                  for row, result in self.not_run()]
         for trend in self.trends:
             lines += ["", printable(f"trend of {trend.spec} over {len(trend.points)} checkpoints", one_line=True)]
             lines += _aligned([[printable(cell, one_line=True) for cell in cells] for cells in table(trend)])
@@ -136,6 +146,10 @@ class Report:
                 lines += ["", "faithfulness of each checkpoint's circuit (rows, by step) on each checkpoint (columns)"]
                 lines += _aligned(matrix_table(trend))
         return lines
+
+    def not_run(self) -> list[tuple[Row, Result]]:
+        """Every item the run planned and never measured, with why."""
+        return [(row, result) for row in self.rows.values() for result in row.results if result.outcome == NOT_RUN]
 
     def _drops(self, row: Row, shown: int = 3) -> list[str]:
         """Under the table, what each row dropped: the first few examples, then how many more the reports list."""
@@ -199,7 +213,8 @@ def _place(where: tuple) -> str:
 
 
 def _number(value: float | None, form: str = "{:.2f}") -> str:
-    return "-" if value is None else form.format(value)
+    """A figure as the reports print it: "-" when not measured, "undefined" when not a number (docs/method.md)."""
+    return "-" if value is None else form.format(value) if math.isfinite(value) else "undefined"
 
 
 def _last(rates: dict[int, float]) -> str:
@@ -207,7 +222,7 @@ def _last(rates: dict[int, float]) -> str:
     if not rates:
         return "-"
     size = max(rates)
-    return f"{rates[size]:.2f}@{size}"
+    return f"{_number(rates[size])}@{size}"
 
 
 # --------------------------------------------------------------------------- Markdown and GitHub annotations
@@ -221,10 +236,10 @@ def markdown(report: Report) -> str:
             f"{row.status} ({sum(r.outcome == 'passed' for r in row.results)}/{len(row.results)})"]
            for row, f in ((row, row.figures or NOTHING) for row in report.rows.values())])]
     failures = [(row, r) for row in report.rows.values() for r in row.results if r.outcome == "failed"]
-    if failures:
-        lines += ["", "### Failed", ""]
-        lines += [f"- **{_md(row.spec)}** `{_md(r.expectation)}` on `{_md(row.model)}`: {_md(r.message.splitlines()[0] if r.message else '')}"
-                  for row, r in failures]
+    for title, listed in (("Failed", failures), ("Not run", report.not_run())):
+        lines += ["", f"### {title}", ""] if listed else []
+        lines += [f"- **{_md(row.spec)}** {_code(r.expectation)} on {_code(row.model)}: {_md(r.message.splitlines()[0] if r.message else '')}"
+                  for row, r in listed]
     for trend in report.trends:
         lines += ["", f"### {_md(trend.spec)} over {len(trend.points)} checkpoints", "", *_md_table(table(trend)), "",
                   _md(first_failure_line(trend))]
@@ -239,9 +254,18 @@ def _md_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in body]
 
 
+_MARKUP = re.compile(r"([\\`*_{}\[\]()!|~])")  # what Markdown reads as emphasis, links, images, code and tables
+
+
 def _md(text: str) -> str:
-    """Text from a spec or a model name, inert in Markdown: one line, no markup, no table breaks."""
-    return html.escape(printable(text, one_line=True)).replace("|", "\\|").replace("`", "'")
+    """Text from a spec or a model name, inert in Markdown: one line, HTML escaped, and every character of Markdown's
+    markup backslash-escaped, so that ``![i](URL)`` shows as written instead of loading an image."""
+    return _MARKUP.sub(r"\\\1", html.escape(printable(text, one_line=True), quote=False))
+
+
+def _code(text: str) -> str:
+    """Text from a spec or a model name as a code span, where Markdown reads no markup: one line, no backtick."""
+    return f"`{printable(text, one_line=True).replace('`', chr(39))}`"
 
 
 def annotation(row: Row, result: Result, root: Path) -> str:
@@ -515,7 +539,7 @@ def _node(layer: int, position: int | None, neuron: int, tokens: dict[str, str])
 
 
 def _rates(rates: dict[int, float]) -> str:
-    return ", ".join(f"{value:.2f} at {size}" for size, value in sorted(rates.items())) or "-"
+    return ", ".join(f"{_number(value)} at {size}" for size, value in sorted(rates.items())) or "-"
 
 
 def _curve_svg(curve: CurveFigures | None, stored: BaselineFigures | None, width: int = 420, height: int = 270) -> str:

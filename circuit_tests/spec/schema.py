@@ -46,44 +46,59 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic import Strict as PydanticStrict
 
+from circuit_tests.analysis.areas import CMD_OF_NOTHING, CPR_OF_NOTHING
 from circuit_tests.analysis.attribution import ALIGNMENTS, TRACE_METHODS, AttributionOptions
 from circuit_tests.analysis.measures import ABLATIONS
 from circuit_tests.errors import SpecError
 from circuit_tests.files import SPEC_LIMIT, UnreadableInput, inside, read_text, resolved
-from circuit_tests.model.data import PairedExample, parse_example, read_jsonl
+from circuit_tests.model.data import PairedExample, Repeat, parse_example, read_jsonl, repeats
 from circuit_tests.model.nodes import Circuit
 from circuit_tests.spec.circuit_file import CircuitFile, read_circuit
-from circuit_tests.text import has_control, printable
+from circuit_tests.text import SURROGATE_FIX, has_control, has_surrogate, quoted, shown
 
 # A threshold a claim could meet on any model (a rate of at least 0, completeness of at most 1) is an
 # error: a green run must mean something was measured that could have failed.
 Rate = Annotated[float, Field(gt=0.0, le=1.0)]
 Count = Annotated[int, Field(ge=1)]
 Index = Annotated[int, Field(ge=0)]
-Neuron = tuple[Index, Index]
-Neurons = Annotated[list[Neuron], MinLen(1)]  # annotated_types' bound: pydantic ignores Field() inside a union
+Pair = Annotated[tuple[Index, Index], PydanticStrict(False)]  # a YAML list of two whole numbers (each still strict)
+
+
+def _each_once(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    twice = next((pair for i, pair in enumerate(pairs) if pair in pairs[:i]), None)
+    if twice is not None:
+        raise ValueError(f"lists the neuron {list(twice)} twice: list each neuron once (a repeat would make the claim "
+                         "about fewer neurons than it reads)")
+    return pairs
+
+
+# annotated_types' bound: pydantic ignores Field() inside a union
+Neurons = Annotated[list[Pair], MinLen(1), AfterValidator(_each_once)]
 NAME_PATTERN = r"^[A-Za-z0-9][\w.\-]*$"
 MAX_DEPTH = 12  # nesting of a spec's YAML: a spec needs 6
 
 
 def _no_control(text: str) -> str:
     if has_control(text):
-        raise ValueError(f"must not contain control characters, got {printable(repr(text))}")
+        raise ValueError("must not contain control characters or line breaks")
     return text
 
 
 ModelName = Annotated[str, Field(min_length=1, max_length=1000), AfterValidator(_no_control)]
+FileName = Annotated[str, AfterValidator(_no_control)]  # a file relative to the spec: printed in messages, one line
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors (a typo must never be silently ignored); values are immutable and finite.
+    """Unknown keys are errors (a typo must never be silently ignored); values are immutable, finite and of their type:
+    ``true`` or ``"0.5"`` where a number is meant is an error, never read as 1 or 0.5 (a whole number is a number).
 
     A field renamed in this release still reads under its old name (``RENAMED``), for one release:
     loading such a spec warns with :class:`SpecFieldRenamed`.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
     RENAMED: ClassVar[dict[str, str]] = {}  # old name -> new name
 
     @model_validator(mode="before")
@@ -119,10 +134,10 @@ class Chat(Strict):
 class Task(Strict):
     """The paired prompts, and how they are split into attribution (train) and evaluation (test)."""
 
-    dataset: str | None = Field(None, description="JSON-lines file of paired examples, relative to the spec")
+    dataset: FileName | None = Field(None, description="JSON-lines file of paired examples, relative to the spec")
     examples: list[dict[str, str]] | None = Field(None, description="inline examples, same fields as a dataset line")
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share, never seen by attribution")
-    seed: int = Field(0, description="seed of the train/test split, resampling and bootstraps")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the train/test split, resampling and bootstraps (0 to 2**63 - 1)")
     max_train: Count = Field(128, description="attribute on at most this many training examples")
     batch_size: Count = Field(32, description="examples per forward/backward pass, in attribution and evaluation")
     max_prompt_tokens: Count = Field(512, description="longest prompt allowed, in tokens (never more than the model's context)")
@@ -183,7 +198,8 @@ class Behaves(Claim):
 
     THRESHOLDS = ('min_accuracy',)
 
-    min_accuracy: Rate = Field(description="fraction of test prompts (above 0)")
+    min_accuracy: Rate = Field(gt=0.5, description="fraction of test prompts whose clean answer is preferred (above 0.5: "
+                               "at or below it, guessing between the two answers passes)")
 
 
 class Null(Strict):
@@ -220,10 +236,22 @@ class Area(Claim):
 
     ranking: Literal["absolute", "signed"] = Field("absolute", description="how nodes are ranked: by |score|, or by signed "
                                                    "score, the nodes that carry the behaviour first (both change the result)")
-    min_cpr: float | None = Field(None, gt=0.0, description="area under the faithfulness curve over fractions 0.001 to 1: "
-                                  "at least (above 0; about 1 is a circuit faithful at every size)")
-    max_cmd: float | None = Field(None, ge=0.0, description="area between the curve and 1, |1 - f|: at most (0 is a perfect "
-                                  "circuit)")
+    min_cpr: float | None = Field(None, description="area under the faithfulness curve over fractions 0.001 to 1: at least "
+                                  f"(above {CPR_OF_NOTHING:g}, the CPR of a circuit that recovers nothing short of the whole "
+                                  "model; about 1 is a circuit faithful at every size)")
+    max_cmd: float | None = Field(None, ge=0.0, description="area between the curve and 1, |1 - f|: at most (below "
+                                  f"{CMD_OF_NOTHING:.3f}, the CMD of a circuit that recovers nothing short of the whole model; "
+                                  "0 is a perfect circuit)")
+
+    @field_validator("min_cpr", "max_cmd")
+    @classmethod
+    def _can_fail(cls, value: float | None, info: ValidationInfo) -> float | None:
+        cpr = info.field_name == "min_cpr"
+        if value is None or (value > CPR_OF_NOTHING if cpr else value < CMD_OF_NOTHING):
+            return value
+        bound, side = (f"{CPR_OF_NOTHING:g}", "more") if cpr else (f"{CMD_OF_NOTHING:.3f}", "less")
+        raise ValueError(f"{value:g} would hold for a circuit that recovers nothing short of the whole model (faithfulness 0 "
+                         f"at every size but all nodes, {'CPR' if cpr else 'CMD'} {bound}): give {side} than {bound}")
 
     @model_validator(mode="after")
     def _a_bound(self) -> Area:
@@ -269,9 +297,9 @@ class Pinned(Claim):
 
     THRESHOLDS = ('min_flip_rate', 'min_faithfulness')
 
-    neurons: Neurons | None = Field(None, description="[[layer, neuron], ...]")
-    layers: tuple[Index, Index] | None = Field(None, description="[first, last]: every neuron of these layers")
-    circuit: str | None = Field(None, min_length=1, description="a circuit file written by `circuit-tests export`, relative "
+    neurons: Neurons | None = Field(None, description="[[layer, neuron], ...], each neuron once")
+    layers: Pair | None = Field(None, description="[first, last]: every neuron of these layers")
+    circuit: FileName | None = Field(None, min_length=1, description="a circuit file written by `circuit-tests export`, relative "
                                 "to the spec (docs/circuit-format.md): its nodes, positions included")
     nodes: Count | None = Field(None, description="with circuit: its strongest nodes pinned (default: all of them)")
     position: int | None = Field(None, description="one position (negative counts from the end); default every position")
@@ -313,7 +341,7 @@ class Steers(Claim):
 
     THRESHOLDS = ('min_success',)
 
-    neurons: Count | Neurons = Field(description="the top N (layer, neuron) pairs, or an explicit list")
+    neurons: Count | Neurons = Field(description="the top N (layer, neuron) pairs, or an explicit list (each neuron once)")
     min_success: Rate = Field(description="fraction of test prompts whose top token becomes the source's answer (above 0)")
 
 
@@ -323,14 +351,24 @@ class Scales(Claim):
 
     THRESHOLDS = ('min_change', 'max_change')
 
-    neurons: Neurons = Field(description="[[layer, neuron], ...]")
+    neurons: Neurons = Field(description="[[layer, neuron], ...], each neuron once")
     position: int | None = Field(-1, description="the position scaled (negative counts from the end); null for every position")
-    factors: list[float] = Field([0.0, 1.0, 2.0], min_length=2, description="multipliers, swept in this order")
+    factors: list[float] = Field([0.0, 1.0, 2.0], min_length=2, description="multipliers, swept in this order, each "
+                                 "once (a step between equal factors measures no change, and a bound on it would always hold)")
     token: str | None = Field(None, description="one-token string whose probability is read (default: each prompt's clean answer)")
     min_change: float | None = Field(None, gt=-1.0, le=1.0,
                                      description="P(token) at each factor minus at the one before, mean over test prompts: at least (above -1)")
     max_change: float | None = Field(None, ge=-1.0, lt=1.0,
                                      description="the same change at each step: at most, e.g. 0 for a sweep that must not raise it (below 1)")
+
+    @field_validator("factors")
+    @classmethod
+    def _factors_differ(cls, factors: list[float]) -> list[float]:
+        twice = next((factor for i, factor in enumerate(factors) if factor in factors[:i]), None)
+        if twice is not None:
+            raise ValueError(f"lists the factor {twice:g} twice: list each factor once (a step between equal factors "
+                             "measures no change, so a bound on it would hold on any model)")
+        return factors
 
     @model_validator(mode="after")
     def _a_bound(self) -> Scales:
@@ -433,6 +471,11 @@ class Spec(Strict):
         return self._examples
 
     @property
+    def repeated(self) -> list[Repeat]:
+        """Examples that repeat an earlier one: noted on every item (a held-out repeat of a training one is refused)."""
+        return repeats(self._examples)
+
+    @property
     def expectations(self) -> list[Expectation]:
         """The claims in order, each named as :class:`Claim` says: ``pinned``, ``pinned-3fa2c1``, or its ``id``."""
         return [Expectation(_kind_of(entry), getattr(entry, _kind_of(entry)), index, label,
@@ -475,7 +518,9 @@ def json_schema() -> dict:
 
 def reference_markdown() -> str:
     """Every field of a spec, with type, default and meaning: docs/spec-reference.md is this text."""
-    lines = ["# Spec reference", "", "Generated from the schema by `circuit-tests schema --markdown`; do not edit by hand.", ""]
+    lines = ["# Spec reference", "", "Generated from the schema by `circuit-tests schema --markdown`; do not edit by hand.", "",
+             "Values are read as their type, never converted: `true` or `\"0.5\"` where a number is meant is an error, as is "
+             "`1.0` where a whole number is; a whole number may be given where a float is meant (`min_accuracy: 1`).", ""]
     sections = [("Top level", Spec), ("task", Task), ("task.chat", Chat), ("trace", Trace)] + [(f"expect: `{k}`", m) for k, m in KINDS.items()]
     for title, model in sections:
         lines += [f"## {title}", "", " ".join((model.__doc__ or "").replace("``", "`").split()), "", "| field | type | default | meaning |", "|---|---|---|---|"]
@@ -537,9 +582,10 @@ def _claim_lines(text: str) -> tuple[int, ...]:
 
 
 def parse_yaml(text: str, path: Path) -> object:
-    """The YAML document in ``text``: safe tags only, no aliases, no duplicate keys, nested at most :data:`MAX_DEPTH` deep."""
+    """The YAML document in ``text``: safe tags only, no aliases, no duplicate keys, no lone surrogates, nested at most
+    :data:`MAX_DEPTH` deep."""
     try:
-        _check_depth(text, path)
+        _check_events(text, path)
         return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a SafeLoader)
     except _Repeated as error:
         raise SpecError(f"{path}: {error}") from None
@@ -548,7 +594,7 @@ def parse_yaml(text: str, path: Path) -> object:
         raise SpecError(f"{path}: not valid YAML ({where}). Fix the syntax at the line shown.") from None
 
 
-def _check_depth(text: str, path: Path) -> None:
+def _check_events(text: str, path: Path) -> None:
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -558,6 +604,8 @@ def _check_depth(text: str, path: Path) -> None:
                                 "a spec needs far fewer. Fix the brackets.")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
+        elif isinstance(event, yaml.ScalarEvent) and has_surrogate(event.value):
+            raise SpecError(f"{path}: line {event.start_mark.line + 1}: the text {quoted(event.value)}: {SURROGATE_FIX}.")
 
 
 class _Repeated(Exception):
@@ -630,7 +678,7 @@ def _examples(spec: Spec, path: Path, root: Path | None) -> list[PairedExample]:
     real = resolved(dataset)
     if root is not None and real is not None and not inside(real, [root]):
         raise SpecError(
-            f"{path}: field 'task.dataset' points to {real}, outside the project {root}. "
+            f"{path}: field 'task.dataset' points to {shown(real)}, outside the project {root}. "
             "Keep data inside the project (copy the file under fixtures/) so a spec cannot read arbitrary files."
         )
     try:
@@ -672,6 +720,9 @@ def _fix(problem: dict, field: str) -> str:
         return f" (got {', '.join(map(repr, problem['input']))})"
     if kind == "literal_error":
         return ""  # pydantic already lists the allowed values
+    if kind in ("int_type", "float_type") and isinstance(problem["input"], (bool, str, float)):  # strict: nothing converted
+        wanted = "a whole number" if kind == "int_type" else "a number"
+        return f" (got {problem['input']!r}; write {wanted}: true, false and quoted text are not numbers)"
     if "input" in problem and not isinstance(problem["input"], (dict, list)):
         return f" (got {problem['input']!r})"
     return ""

@@ -151,7 +151,7 @@ class CircuitSession:
             return Verdict("failed", f"{spec.path}: {model}: {OOM_ADVICE}", self._figures(subject))
         except CircuitTestsError as error:
             return Verdict("failed", str(error), self._figures(subject))
-        message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "")
+        message = outcome.message + (f"\nnote: {subject.drop_summary}" if subject.dropped else "") + _repeat_note(spec)
         return Verdict("passed" if outcome.passed else "failed", message, self._figures(subject))
 
     def _checked_remotely(self, work: Work) -> Verdict:
@@ -164,10 +164,16 @@ class CircuitSession:
         self.tested.update((Path(path), key) for path, key in tested)
         return verdict
 
+    def planned(self, spec: Spec, model: str, expectation: Expectation) -> dict:
+        """What one expectation carries to the report before any verdict: where it is written and what it watches
+        (as it stands for an item the run never measured, :data:`~circuit_tests.spec.report.NOT_RUN`)."""
+        return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
+            "watches": watched(expectation)}
+
     def result(self, spec: Spec, model: str, expectation: Expectation, verdict: Verdict) -> dict:
         """What one checked expectation carries to the report (and, under pytest, to its JUnit property)."""
-        return payload(spec.name, model, spec.path, expectation.label, spec.description, expectation.line) | {
-            "message": verdict.message, "figures": verdict.figures, "stale": self.stale(spec), "watches": watched(expectation)}
+        return self.planned(spec, model, expectation) | {"message": verdict.message, "figures": verdict.figures,
+                                                          "stale": self.stale(spec)}
 
     def cross_faithfulness(self, spec: Spec, names: Sequence[str]) -> None:
         """Into the report: ``[a][b]``, the faithfulness on checkpoint ``b`` of the circuit checkpoint ``a``'s row holds
@@ -227,6 +233,15 @@ class CircuitSession:
                 write(path)
             except OSError as error:
                 self.problems.append(f"{path}: the report could not be written ({error.strerror or error}).")
+
+
+def _repeat_note(spec: Spec) -> str:
+    """"note: 3 of 40 examples repeat an earlier one (FILE:LINE repeats FILE:LINE; ...)", the first three named; "" for none."""
+    found = spec.repeated
+    if not found:
+        return ""
+    shown = "; ".join(map(str, found[:3])) + ("; ..." if len(found) > 3 else "")
+    return f"\nnote: {len(found)} of {len(spec.examples)} examples repeat an earlier one ({shown}); each counts again in the figures"
 
 
 def _why_not_skipped(from_command_line: bool) -> str:

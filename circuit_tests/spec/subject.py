@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -41,13 +42,13 @@ from circuit_tests.analysis.measures import (
     preferences,
 )
 from circuit_tests.analysis.selection import matched_random, overlap, top_k
-from circuit_tests.analysis.stats import Measured, bootstrap, fraction_true, pearson
+from circuit_tests.analysis.stats import Measured, above_chance, bootstrap, fraction_true, mean_measured, pearson
 from circuit_tests.errors import SpecError
 from circuit_tests.model.data import PairedExample, Tokenized, TokenLimit, in_chat, split, tokenize_pairs
 from circuit_tests.model.loading import LoadedModel, context_length
 from circuit_tests.model.nodes import Circuit, Node, format_node
 from circuit_tests.model.sites import NeuronSites
-from circuit_tests.spec.figures import AgreementFigures, AreaFigures, CurveFigures, Figures, NullFigures
+from circuit_tests.spec.figures import CHANCE, AgreementFigures, AreaFigures, BehaviourFigures, CurveFigures, Figures, NullFigures
 from circuit_tests.spec.reading import Corpus, describe, graph
 from circuit_tests.spec.schema import Necessary, Sparse, Spec, Stable
 from circuit_tests.spec.traces import TraceCache
@@ -87,9 +88,9 @@ class Subject:
         self.figures = Figures(model=loaded.ref.name, revision=loaded.revision, device=str(loaded.device),
                                dtype=str(loaded.model.dtype).removeprefix("torch."), n_train=len(self.train),
                                n_test=self.test.n_examples, n_dropped=len(self.dropped),
-                               dropped=[str(drop) for drop in self.dropped])
-        self._flips: dict[int, torch.Tensor] = {}  # per-example hits, by circuit size
-        self._steering: dict[tuple, torch.Tensor] = {}  # per-example hits, by patched nodes
+                               dropped=[str(drop) for drop in self.dropped], repeated=[str(r) for r in spec.repeated])
+        self._flips: dict[tuple, torch.Tensor] = {}  # per example, 1 where the clean answer is not preferred when patched, by nodes
+        self._steering: dict[tuple, torch.Tensor] = {}  # per example, 1 where the source's answer is the top one, by nodes
         self._sweeps: dict[tuple, torch.Tensor] = {}  # per-example probabilities, by (nodes, factors, token)
         self._faithful: dict[int, float] = {}  # faithfulness of the top-k circuit, by k
         self._curves: dict[int, Curve] = {}  # curves of single sizes the spec does not name, by size
@@ -199,12 +200,41 @@ class Subject:
 
     @cached_property
     def accuracy(self) -> float:
-        self.figures.accuracy = fraction_true(self.preferences > 0)
+        self.figures.accuracy = fraction_true(self.right)
         return self.figures.accuracy
 
     def accuracy_measured(self) -> Measured:
         """The accuracy with its bootstrap interval over held-out examples."""
-        return self._rate({}, "accuracy", lambda: (self.preferences > 0).float())
+        return self._hit_rate(self.right.float())
+
+    @cached_property
+    def right(self) -> torch.Tensor:
+        """Per held-out example, whether the model as it is prefers the clean answer: the examples a flip or a steer
+        can change (an answer that was already wrong is not flipped by a patch)."""
+        return self.preferences > 0
+
+    @cached_property
+    def behaviour(self) -> BehaviourFigures:
+        """Whether the model does the task at all on the held-out split; a circuit claim is judged only where it does."""
+        right, n = int(self.right.sum()), self.right.numel()
+        logit = mean_measured(self.preferences, self.spec.task.seed)
+        _ = self.accuracy
+        self.figures.behaviour = BehaviourFigures(right, n, above_chance(right, n, CHANCE), logit.value, list(logit.interval))
+        return self.figures.behaviour
+
+    @cached_property
+    def separated(self) -> bool:
+        """Whether ``F(M) - F(empty)`` lies away from 0 with 95% confidence (its bootstrap interval over held-out examples
+        excludes 0). Faithfulness and completeness are ratios over it: where it does not, they are undefined (NaN), noise
+        that no claim may pass on and no report may plot."""
+        gap = mean_measured(self.ends[0] - self.ends[1], self.spec.task.seed)
+        self.figures.separation = [gap.value, *gap.interval]
+        low, high = gap.interval
+        return low > 0 or high < 0
+
+    def _ratios(self, values: Sequence[float]) -> list[float]:
+        """Faithfulness-like ratios as measured, or NaN for each where the model's two ends are not separated."""
+        return list(values) if self.separated else [math.nan] * len(values)
 
     @cached_property
     def preferences(self) -> torch.Tensor:
@@ -217,14 +247,20 @@ class Subject:
         sizes = self._sizes()
         curve = self.faithfulness_curve(self.circuit(max(sizes)), sizes)
         self.figures.curve = CurveFigures(
-            list(curve.sizes), curve.faithfulness, curve.completeness,
+            list(curve.sizes), self._ratios(curve.faithfulness), self._ratios(curve.completeness),
             [list(self._measured(curve, index).interval) for index in range(len(curve.sizes))],
             [list(self._measured(curve, index, complement=True).interval) for index in range(len(curve.sizes))])
-        self._faithful.update(zip(curve.sizes, curve.faithfulness))
+        self._faithful.update(zip(curve.sizes, self._ratios(curve.faithfulness)))
         self.figures.nodes_for_08 = self.nodes_for(0.8)
-        if not self.figures.circuit:  # stable's circuit, of the baseline's size, stays the one the figures hold
+        if not self.figures.circuit and not self._compares_with_baseline:  # stable's circuit is the one the figures hold
             self.figures.circuit = [[*node, score] for node, score in self.ranked(self.figures.nodes_for_08 or UNREACHED)]
         return curve
+
+    @property
+    def _compares_with_baseline(self) -> bool:
+        """Whether the spec has a ``stable`` claim: its circuit, of the baseline's size, is the one the figures hold
+        (whichever item measures first, so that the report's rows do not depend on the order items ran in)."""
+        return any(isinstance(expectation.params, Stable) for expectation in self.spec.expectations)
 
     def nodes_for(self, target: float) -> int | None:
         """The smallest top-k circuit reaching ``target`` faithfulness, searched over sizes up to the
@@ -242,7 +278,7 @@ class Subject:
         missing = [size for size in sizes if size not in self._faithful]
         if missing:
             curve = self.faithfulness_curve(self.circuit(max(missing)), missing, complement=False)
-            self._faithful.update(zip(missing, curve.faithfulness))
+            self._faithful.update(zip(missing, self._ratios(curve.faithfulness)))
         return [self._faithful[size] for size in sizes]
 
     def faithfulness_curve(self, circuit: Circuit, sizes: Sequence[int], complement: bool = True) -> Curve:
@@ -289,11 +325,11 @@ class Subject:
             circuit = top_k(self.scores, sizes[-1], aggregate=self.by_neuron, signed=ranking == "signed")
             curve = self.faithfulness_curve(circuit, sizes, complement=False)
             samples, seed = [curve.per_example[:-2], curve.per_example[-2], curve.per_example[-1]], self.spec.task.seed
-            cpr, cmd = areas(curve.faithfulness)
+            cpr, cmd = self._ratios(areas(curve.faithfulness))
             self.figures.areas[ranking] = AreaFigures(
-                ranking, self.spec.trace.ablation, list(FRACTIONS), sizes, curve.faithfulness,
-                cpr, list(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[0], samples, seed=seed)),
-                cmd, list(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[1], samples, seed=seed)))
+                ranking, self.spec.trace.ablation, list(FRACTIONS), sizes, self._ratios(curve.faithfulness),
+                cpr, self._ratios(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[0], samples, seed=seed)),
+                cmd, self._ratios(bootstrap(lambda *s: area_tensors(faithfulness_from(*s))[1], samples, seed=seed)))
         return self.figures.areas[ranking]
 
     def null(self, figure: str, size: int, draws: int) -> NullFigures:
@@ -305,7 +341,7 @@ class Subject:
             if figure == "faithfulness":
                 value, nulls = self.faithfulness(size).value, self.faithfulness_of_each(randoms)
             else:
-                value, nulls = self.flip_rate(size).value, [fraction_true(flips) for flips in self.flips_of_each(randoms)]
+                value, nulls = self.flip_rate(size).value, [self._among_right(wrong).value for wrong in self.flips_of_each(randoms)]
             self.figures.nulls[key] = NullFigures(figure, size, value, nulls)
         return self.figures.nulls[key]
 
@@ -357,11 +393,11 @@ class Subject:
         kept = self._measure("null draws", {"circuits": [_digest(circuit.nodes) for circuit in circuits], "ablation": ablation,
                              "seed": seed}, {"kept"}, lambda: {"kept": kept_alone(
                                  self.sites, self.test, circuits, ablation, seed, batch_size=self.batch_size, means=self.means)})
-        return faithfulness_from(kept["kept"], self.ends[0], self.ends[1]).tolist()
+        return self._ratios(faithfulness_from(kept["kept"], self.ends[0], self.ends[1]).tolist())
 
     def flips_of_each(self, circuits: Sequence[Circuit]) -> torch.Tensor:
-        """``[len(circuits), held-out examples]``: 1 where patching each circuit alone (random draws, say) flips the
-        preferred answer, measured together (:func:`~circuit_tests.analysis.measures.flips_of_each`)."""
+        """``[len(circuits), held-out examples]``: 1 where the clean answer is not preferred with each circuit alone
+        (random draws, say) patched, measured together (:func:`~circuit_tests.analysis.measures.flips_of_each`)."""
         return self._measure("null flips", {"circuits": [_digest(circuit.nodes) for circuit in circuits]}, {"flips"},
                              lambda: {"flips": flips_of_each(self.sites, self.test, circuits, batch_size=self.batch_size)})["flips"]
 
@@ -386,29 +422,38 @@ class Subject:
         kept = curve.complement if complement else curve.per_example
         samples = [kept[index], curve.per_example[-2], curve.per_example[-1]]
         value = (curve.completeness if complement else curve.faithfulness)[index]
-        return Measured(value, bootstrap(faithfulness_from, samples, seed=self.spec.task.seed), samples[0].shape[-1])
+        interval = bootstrap(faithfulness_from, samples, seed=self.spec.task.seed)
+        value, *interval = self._ratios([value, *interval])
+        return Measured(value, tuple(interval), samples[0].shape[-1])
 
     def flip_rate(self, size: int) -> Measured:
-        measured = self._rate(self._flips, size, lambda: self.flips(self.circuit(size)))
+        """The flip rate of the top ``size`` nodes (:meth:`flip_rate_of`)."""
+        measured = self.flip_rate_of(self.circuit(size))
         self.figures.flip_rate[size] = measured.value
         return measured
 
-    def flips(self, circuit: Circuit) -> torch.Tensor:
-        """Per held-out example, 1 where patching ``circuit`` from the counterfactual flips the preferred answer."""
-        return self._measure("flips", {"circuit": _digest(circuit.nodes)}, {"flips"}, lambda: {
-            "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
+    def flip_rate_of(self, circuit: Circuit) -> Measured:
+        """Of the held-out examples the model answers right, the share whose answer patching ``circuit`` from the
+        counterfactual makes wrong (the clean answer no longer preferred), with its bootstrap interval; ``n`` is how many
+        were answered right."""
+        if circuit.nodes not in self._flips:
+            self._flips[circuit.nodes] = self._measure("flips", {"circuit": _digest(circuit.nodes)}, {"flips"}, lambda: {
+                "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
+        return self._among_right(self._flips[circuit.nodes])
 
     def pinned(self, name: str, circuit: Circuit, figure: str) -> Measured:
         """``figure`` ("flip_rate" or "faithfulness") of a pinned circuit, recorded in the figures under ``name``."""
-        measured = self.faithfulness_of(circuit) if figure == "faithfulness" else self._hit_rate(self.flips(circuit))
+        measured = self.faithfulness_of(circuit) if figure == "faithfulness" else self.flip_rate_of(circuit)
         self.figures.pinned.setdefault(name, {})[figure] = measured.value
         return measured
 
     def steering(self, circuit: Circuit) -> Measured:
-        """How often patching ``circuit`` from the source prompt makes the source's answer the top one."""
-        measured = self._rate(self._steering, circuit.nodes, lambda: self._measure(
-            "steering", {"circuit": _digest(circuit.nodes)}, {"hits"}, lambda: {"hits": patch_success(
-                self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["hits"])
+        """Of the held-out examples the model answers right, the share whose top answer becomes the source's when
+        ``circuit`` is patched from the source prompt; ``n`` is how many were answered right."""
+        if circuit.nodes not in self._steering:
+            self._steering[circuit.nodes] = self._measure("steering", {"circuit": _digest(circuit.nodes)}, {"hits"}, lambda: {
+                "hits": patch_success(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["hits"]
+        measured = self._among_right(self._steering[circuit.nodes])
         self.figures.steering[len(circuit.nodes)] = measured.value
         return measured
 
@@ -434,7 +479,7 @@ class Subject:
         """How the top ``size`` nodes compare with a stored circuit: the overlap weighted by attribution, the
         plain Jaccard overlap of the nodes, and the stored circuit's faithfulness now."""
         jaccard, weighted = overlap(self.circuit(size), stored)
-        now = self.faithfulness_curve(stored, [len(stored)], complement=False).faithfulness[0]
+        now = self._ratios(self.faithfulness_curve(stored, [len(stored)], complement=False).faithfulness)[0]
         self.figures.overlap, self.figures.baseline, self.figures.stored_circuit_faithfulness = weighted, baseline, now
         self.figures.circuit = [[*node, score] for node, score in self.ranked(size)]
         return weighted, jaccard, now
@@ -450,10 +495,10 @@ class Subject:
         self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
         return tensors
 
-    def _rate(self, memo: dict, key: object, compute) -> Measured:
-        if key not in memo:
-            memo[key] = compute()
-        return self._hit_rate(memo[key])
+    def _among_right(self, hits: torch.Tensor) -> Measured:
+        """The rate of ``hits`` (per held-out example) over the examples the model answers right; NaN when there are none."""
+        among = hits[..., self.right]
+        return self._hit_rate(among) if among.numel() else Measured(math.nan, (math.nan, math.nan), 0)
 
     def _hit_rate(self, hits: torch.Tensor) -> Measured:
         return Measured(fraction_true(hits), bootstrap(lambda h: h.mean(-1), [hits], seed=self.spec.task.seed), hits.numel())

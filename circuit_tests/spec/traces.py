@@ -1,7 +1,11 @@
 """Traces and measurements cached on disk, so a re-run with nothing changed skips the forward and backward passes.
 
-A trace is keyed by everything that determines it: the model and its revision, dtype and device
-type, the training data, the attribution options, and the library and torch versions. A
+A trace is keyed by everything that determines it: the content of the checkpoint's files
+(``LoadedModel.fingerprint``, :mod:`circuit_tests.model.fingerprints`: weights, config, generation
+config, tokenizer files; never their names, sizes or times), the model class that ran them (built
+in, or the checkpoint's own code where allowed), dtype and device type, the training
+data, the attribution options, circuit-tests' version and the content of its Python source (a
+version stays 0.1.0 while its code changes), and the versions of torch and transformers. A
 measurement (the per-example results of a faithfulness curve, flips, steering, a sweep, the
 model's preferences) is keyed by the same model fields, the held-out data, and what was measured
 (the circuit's nodes, the sizes, the ablation and its seed, the batch size). Entries are written
@@ -11,6 +15,7 @@ and is computed again (the cache may sit where others can write, so it is checke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 import circuit_tests
@@ -76,11 +82,25 @@ class TraceCache:
         if self.directory is None:
             return None
         key = {
-            "model": loaded.ref.name, "revision": loaded.revision, "dtype": str(loaded.model.dtype),
-            "device": loaded.device.type, "library": circuit_tests.__version__, "torch": torch.__version__, **what,
+            "checkpoint": loaded.fingerprint, "class": f"{type(loaded.model).__module__}.{type(loaded.model).__qualname__}",
+            "dtype": str(loaded.model.dtype), "device": loaded.device.type,
+            "library": circuit_tests.__version__, "source": _library_source(), "torch": torch.__version__,
+            "transformers": transformers.__version__, **what,
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return self.directory / f"{digest}.safetensors"
+
+
+def source_digest(package: Path) -> str:
+    """The sha256 of the Python files under ``package``, each with its path: what the code that measured was."""
+    files = sorted(path.relative_to(package).as_posix() for path in package.rglob("*.py"))
+    listed = [(name, hashlib.sha256((package / name).read_bytes()).hexdigest()) for name in files]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
+
+
+@functools.cache
+def _library_source() -> str:
+    return source_digest(Path(circuit_tests.__file__).parent)
 
 
 def _read(path: Path | None, shape: tuple[int, int]) -> Scores | None:

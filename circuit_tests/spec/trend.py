@@ -59,7 +59,7 @@ class Point:
     x: int  # the step, or the checkpoint's place when steps are not known
     figures: dict[str, float | None]
     failed: list[str] = field(default_factory=list)  # expectations that failed here
-    ran: bool = True  # False: the spec did not run on this checkpoint (deselected, say)
+    ran: bool = True  # False: the spec did not run in full on this checkpoint (interrupted or deselected, say)
 
 
 @dataclass
@@ -110,7 +110,8 @@ def trends(rows: Iterable, series: Sequence[Checkpoint], matrices: dict[str, lis
             row = runs.get(checkpoint.name)
             figures = row.figures if row is not None and row.figures else None
             points.append(Point(checkpoint.name, xs[checkpoint.name], values(figures, previous),
-                                [r.expectation for r in row.results if r.outcome == "failed"] if row else [], row is not None))
+                                [r.expectation for r in row.results if r.outcome == "failed"] if row else [],
+                                row is not None and row.complete))
             previous = figures or previous
         watches = {label: lines for row in runs.values() for label, lines in row.watches.items()}
         found.append(Trend(next(iter(runs.values())).spec, path, points, watches, (matrices or {}).get(path)))
@@ -152,7 +153,7 @@ def table(trend: Trend) -> list[list[str]]:
     """The trend as rows of cells, a header first: checkpoint, step, each figure, the expectations that failed."""
     header = ["checkpoint", "step", *SHORT.values(), "failed"]
     rows = [[p.checkpoint, str(p.x), *(cell(key, p.figures[key]) for key in SHORT),
-             ", ".join(p.failed) if p.ran else "(not run)"] for p in trend.points]
+             ", ".join([*p.failed, *([] if p.ran else ["(not run)"])])] for p in trend.points]
     return [header, *rows]
 
 
@@ -170,8 +171,13 @@ def matrix_table(trend: Trend) -> list[list[str]]:
 
 
 def first_failure_line(trend: Trend) -> str:
-    """``first failure: stable at ckpts/step-6 (step 6); flips at ...`` or that none failed."""
+    """``first failure: stable at ckpts/step-6 (step 6); flips at ...``, then the checkpoints not run in full; that every
+    expectation held only when none failed and every checkpoint ran in full."""
     first = trend.first_failures()
-    if not first:
+    missing = [point.checkpoint for point in trend.points if not point.ran]
+    if not first and not missing:
         return f"{trend.spec}: every expectation held at every checkpoint"
-    return f"{trend.spec}: first failure: " + "; ".join(f"{label} at {point.checkpoint} (step {point.x})" for label, point in first.items())
+    parts = ["first failure: " + "; ".join(f"{label} at {point.checkpoint} (step {point.x})" for label, point in first.items())
+             if first else "no failure where it ran"]
+    parts += [f"not run in full at {len(missing)} of {len(trend.points)} checkpoints: {', '.join(missing)}"] if missing else []
+    return f"{trend.spec}: " + "; ".join(parts)

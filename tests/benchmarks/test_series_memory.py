@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from circuit_tests.testing import save_tiny_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_subject import agreement_pairs  # noqa: E402
+from circuit_tests.testing import save_tiny_checkpoint, tiny_agreement_pairs
 
 CHECKPOINTS = 5
 MEASURE = """
@@ -45,9 +42,9 @@ def project(tmp_path_factory) -> Path:
     first = save_tiny_checkpoint(root / "series" / "step-0", hidden_size=512, intermediate_size=4096)
     for step in range(1, CHECKPOINTS):
         shutil.copytree(first, root / "series" / f"step-{step}")
-    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in agreement_pairs()))
+    (root / "data.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in tiny_agreement_pairs()))
     (root / "spec.yaml").write_text("name: widened\nmodels: [series/step-0]\ntask: {dataset: data.jsonl, test_fraction: 0.5}\n"
-                                    "expect:\n  - behaves: {min_accuracy: 0.01}\n  - flips: {nodes: 5, min_flip_rate: 0.01}\n")
+                                    "expect:\n  - behaves: {min_accuracy: 0.6}\n  - flips: {nodes: 5, min_flip_rate: 0.01}\n")
     return root
 
 
