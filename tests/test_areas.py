@@ -91,6 +91,15 @@ def test_an_area_claim_passes_and_fails_on_its_thresholds(project, loaded):  # n
     assert "faithfulness at each share of nodes" in failed.message
 
 
+def test_an_area_claim_also_gives_cpr_and_cmd_as_mib_pairs_them(project, loaded):  # noqa: F811
+    subject = _subject(project, loaded)
+    outcome = check(subject, subject.spec.expectations[0], BaselineStore())
+    signed, absolute = subject.figures.mib_pair
+    assert (signed.ranking, absolute.ranking) == ("signed", "absolute") and signed.cpr != absolute.cpr
+    assert (f"as MIB pairs them in its published tables (not judged): CPR {signed.cpr:.3f} (95% CI "
+            f"{signed.cpr_interval[0]:.3f} to {signed.cpr_interval[1]:.3f}) from signed ranking, CMD {absolute.cmd:.3f}") in outcome.message
+
+
 def _only(project, loaded, **area):  # noqa: F811
     return _subject(project, loaded, **area).spec.expectations[0]
 
@@ -118,4 +127,9 @@ expect:
     result.stdout.fnmatch_lines(["*cpr/cmd*", "agree*0.*/0.*passed (1/1)"])
     area = json.loads((pytester.path / "out.json").read_text())["rows"][0]["figures"]["areas"]["absolute"]
     assert len(area["faithfulness"]) == len(FRACTIONS) and torch.isfinite(torch.tensor(area["cpr"]))
-    assert "MIB&#x27;s CPR / CMD (absolute ranking, mean ablation)" in (pytester.path / "r.html").read_text()
+    page = (pytester.path / "r.html").read_text()
+    assert "MIB&#x27;s CPR / CMD (absolute ranking, mean ablation)" in page
+    signed, absolute = (json.loads((pytester.path / "out.json").read_text())["rows"][0]["figures"]["areas"][ranking]
+                        for ranking in ("signed", "absolute"))
+    assert (f"MIB&#x27;s CPR / CMD as MIB pairs them (CPR from signed ranking, CMD from absolute ranking, mean ablation)"
+            f"</th><td>{signed['cpr']:.2f} (95% CI") in page and f"/ {absolute['cmd']:.2f} (95% CI" in page

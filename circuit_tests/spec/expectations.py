@@ -178,6 +178,7 @@ def _against_null(subject: Subject, params: Null | None, figure: str, size: int,
 
 def _area(subject: Subject, params: Area) -> Outcome:
     area = subject.area(params.ranking)
+    signed, absolute = subject.area("signed"), subject.area("absolute")  # for the pair MIB's tables print
     bounds = ([f"CPR >= {_bound(params.min_cpr)}"] if params.min_cpr is not None else []) + (
         [f"CMD <= {_bound(params.max_cmd)}"] if params.max_cmd is not None else [])
     expected = (f"over the top 0.1% to 100% of nodes ({area.ranking} ranking, {area.ablation} ablation), "
@@ -187,7 +188,10 @@ def _area(subject: Subject, params: Area) -> Outcome:
     held = (params.min_cpr is None or area.cpr >= params.min_cpr) and (params.max_cmd is None or area.cmd <= params.max_cmd)
     curve = ", ".join(f"{fraction:.1%} ({size}) {value:.3f}" for fraction, size, value in zip(area.fractions, area.sizes, area.faithfulness))
     return Outcome(held, expected, f"CPR {_ci(area.cpr, area.cpr_interval, params.min_cpr)}, CMD "
-                   f"{_ci(area.cmd, area.cmd_interval, params.max_cmd)} {_on_test(subject)}", (f"faithfulness at each share of nodes (nodes): {curve}",))
+                   f"{_ci(area.cmd, area.cmd_interval, params.max_cmd)} {_on_test(subject)}",
+                   (f"faithfulness at each share of nodes (nodes): {curve}",
+                    f"as MIB pairs them in its published tables (not judged): CPR {_ci(signed.cpr, signed.cpr_interval)} "
+                    f"from signed ranking, CMD {_ci(absolute.cmd, absolute.cmd_interval)} from absolute ranking"))
 
 
 def _agrees_with_patching(subject: Subject, params: AgreesWithPatching) -> Outcome:

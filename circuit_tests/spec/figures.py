@@ -160,6 +160,14 @@ class Figures:
     stored_circuit_faithfulness: float | None = None  # the stored circuit's faithfulness now
     stored_baseline: BaselineFigures | None = None  # the baseline the report compares with (added by the session)
 
+    @property
+    def mib_pair(self) -> tuple[AreaFigures, AreaFigures] | None:
+        """The areas as MIB pairs them in its published tables (its ``print_results.py``): CPR from the signed
+        ranking's curve, CMD from the absolute ranking's, as (signed, absolute); ``None`` unless both were measured."""
+        if {"signed", "absolute"} <= self.areas.keys():
+            return self.areas["signed"], self.areas["absolute"]
+        return None
+
     def to_json(self) -> dict:
         """Plain data: the figures measured so far, under the report's keys."""
         data: dict = {"model": self.model, "revision": self.revision, "device": self.device, "dtype": self.dtype,

@@ -370,9 +370,20 @@ def _areas(figures: Figures) -> str:
     return "-" if area is None else f"{_number(area.cpr)}/{_number(area.cmd)}"
 
 
-def _area_text(area: AreaFigures) -> str:
+def _area_text(area: AreaFigures, cmd_from: AreaFigures | None = None) -> str:
+    """CPR / CMD with their intervals, the CMD from ``cmd_from`` where given (MIB's pairing), else from ``area``."""
+    other = cmd_from or area
     return (f"{_number(area.cpr)} (95% CI {_number(area.cpr_interval[0])} to {_number(area.cpr_interval[1])}) / "
-            f"{_number(area.cmd)} (95% CI {_number(area.cmd_interval[0])} to {_number(area.cmd_interval[1])})")
+            f"{_number(other.cmd)} (95% CI {_number(other.cmd_interval[0])} to {_number(other.cmd_interval[1])})")
+
+
+def _mib_pair(figures: Figures) -> list[tuple[str, str]]:
+    """The report's line for CPR and CMD as MIB's published tables pair them, where both rankings were measured."""
+    if figures.mib_pair is None:
+        return []
+    signed, absolute = figures.mib_pair
+    return [(f"MIB's CPR / CMD as MIB pairs them (CPR from signed ranking, CMD from absolute ranking, {signed.ablation} "
+             "ablation)", _area_text(signed, absolute))]
 
 
 def _section(row: Row) -> str:
@@ -384,6 +395,7 @@ def _section(row: Row) -> str:
              ("accuracy", _number(figures.accuracy)), ("nodes for 0.8 faithfulness", _number(figures.nodes_for_08, "{:.0f}")),
              *((f"MIB's CPR / CMD ({area.ranking} ranking, {area.ablation} ablation)", _area_text(area))
                for area in figures.areas.values()),
+             *_mib_pair(figures),
              *((f"{null.figure} of the top {null.size} against {len(null.draws)} random circuits of its shape",
                 f"{null.circuit:.3f} against a mean of {null.circuit - null.margin:.3f}: margin {null.margin:+.3f}, p = {null.p:.3f}")
                for null in figures.nulls.values()),

@@ -147,8 +147,9 @@ class CircuitSession:
             self._record(subject)
             if self.options.graph:
                 subject.graph(self.options.graph)
-            if self.options.areas:
-                subject.area()
+            if self.options.areas:  # both rankings, for the pair MIB's tables print
+                subject.area("absolute")
+                subject.area("signed")
         except ModelNotAvailableError as error:
             may_skip = not (self.options.strict or from_command_line)
             return Verdict("skipped" if may_skip else "failed", str(error) if may_skip else f"{error}{_why_not_skipped(from_command_line)}")
