@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,11 +46,6 @@ def _fixture(name: str) -> ModuleType:
 derived, power = _fixture("derive_checkpoints"), _fixture("regression_power")
 GRADED = derived.graded()  # name -> (kind, lesioned spec, what derives it): each derived once, cached on disk
 TESTED_ELSEWHERE = "benign"  # the benign fine-tune: test_a_benign_fine_tune_passes_and_reports_how_far_the_circuit_moved
-# What CI runs of the graded set: every kind of lesion on the cheapest spec, and the benign change that edits the most
-# neurons, on every spec. The whole set costs about an hour on 2 cores (docs/regressions.md); CIRCUIT_TESTS_GRADED=all
-# runs it all.
-IN_CI = ("sva_simple-top5", "sva_simple-top15", "sva_simple-top50", "sva_simple-top50-halved", "random200")
-ALL_GRADED = "CIRCUIT_TESTS_GRADED"
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +90,7 @@ def test_the_graded_table_lists_the_graded_set_and_names_what_catches_each_lesio
     assert all(table[(name, lesioned)] for name, (kind, lesioned, _) in GRADED.items() if kind == "lesion")
 
 
-def _case(name: str) -> object:
-    """A graded checkpoint as a test case; outside :data:`IN_CI`, skipped unless ``CIRCUIT_TESTS_GRADED=all``, saying so."""
-    skipped = pytest.mark.skipif(os.environ.get(ALL_GRADED) != "all", reason=(
-        f"outside CI's share of the graded set ({ALL_GRADED}=all runs it); `{power.COMMAND}` measures it for the table"))
-    return name if name in IN_CI else pytest.param(name, marks=skipped)
-
-
-@pytest.mark.parametrize("name", [_case(name) for name in GRADED if name != TESTED_ELSEWHERE])
+@pytest.mark.parametrize("name", [name for name in GRADED if name != TESTED_ELSEWHERE])
 def test_a_lesion_fails_its_spec_and_a_benign_change_passes_every_spec_as_the_table_says(name):
     kind, lesioned, make = GRADED[name]
     rows = power.measure(name, kind, power.specs_for(kind, lesioned), make())
