@@ -436,10 +436,7 @@ class Subject:
         """Of the held-out examples the model answers right, the share whose answer patching ``circuit`` from the
         counterfactual makes wrong (the clean answer no longer preferred), with its bootstrap interval; ``n`` is how many
         were answered right."""
-        if circuit.nodes not in self._flips:
-            self._flips[circuit.nodes] = self._measure("flips", {"circuit": _digest(circuit.nodes)}, {"flips"}, lambda: {
-                "flips": flip_rates(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["flips"]
-        return self._among_right(self._flips[circuit.nodes])
+        return self._among_right(self._patched(self._flips, "flips", flip_rates, circuit))
 
     def pinned(self, name: str, circuit: Circuit, figure: str) -> Measured:
         """``figure`` ("flip_rate" or "faithfulness") of a pinned circuit, recorded in the figures under ``name``."""
@@ -450,10 +447,7 @@ class Subject:
     def steering(self, circuit: Circuit) -> Measured:
         """Of the held-out examples the model answers right, the share whose top answer becomes the source's when
         ``circuit`` is patched from the source prompt; ``n`` is how many were answered right."""
-        if circuit.nodes not in self._steering:
-            self._steering[circuit.nodes] = self._measure("steering", {"circuit": _digest(circuit.nodes)}, {"hits"}, lambda: {
-                "hits": patch_success(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})["hits"]
-        measured = self._among_right(self._steering[circuit.nodes])
+        measured = self._among_right(self._patched(self._steering, "steering", patch_success, circuit))
         self.figures.steering[len(circuit.nodes)] = measured.value
         return measured
 
@@ -494,6 +488,16 @@ class Subject:
         tensors = self.traces.measured(self.loaded, key, names, compute, self.test.n_examples)
         self.figures.timings[name] = self.figures.timings.get(name, 0.0) + time.perf_counter() - started
         return tensors
+
+    def _patched(self, memo: dict[tuple, torch.Tensor], name: str, measure: Callable[..., torch.Tensor],
+                 circuit: Circuit) -> torch.Tensor:
+        """Per held-out example, ``measure``'s outcome (:func:`~circuit_tests.analysis.measures.flip_rates` or
+        :func:`~circuit_tests.analysis.measures.patch_success`) with ``circuit`` patched, kept in ``memo`` and cached
+        as ``name``."""
+        if circuit.nodes not in memo:
+            memo[circuit.nodes] = self._measure(name, {"circuit": _digest(circuit.nodes)}, {name}, lambda: {
+                name: measure(self.sites, self.test, circuit, [len(circuit)], batch_size=self.batch_size)[0]})[name]
+        return memo[circuit.nodes]
 
     def _among_right(self, hits: torch.Tensor) -> Measured:
         """The rate of ``hits`` (per held-out example) over the examples the model answers right; NaN when there are none."""
